@@ -1,0 +1,35 @@
+"""graphrewrite: post-hoc compression of trained TensorFlow SavedModels.
+
+``graphrewrite compress in_model out_model --rank=200`` rewrites every weight-bearing op of a
+SavedModel to read its weight through compression_lib's alpha-gated compressed form; this package
+also holds what fine-tuning the result needs. TensorFlow is imported lazily, on first use of a name
+below, so that the command line answers ``--help`` at once.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "compress": ("graphrewrite.pipeline", "compress"),
+    "CompressResult": ("graphrewrite.pipeline", "CompressResult"),
+    "compression_update": ("graphrewrite.update", "compression_update"),
+    "resolve_hparams": ("graphrewrite.hparams", "resolve"),
+    "read_manifest": ("graphrewrite.manifest", "read_dir"),
+    "CompressionCallback": ("graphrewrite.training", "CompressionCallback"),
+    "CompressionHook": ("graphrewrite.training", "CompressionHook"),
+    "export": ("graphrewrite.export", "export"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        module, attr = _LAZY[name]
+        return getattr(importlib.import_module(module), attr)
+    raise AttributeError(f"module 'graphrewrite' has no attribute {name!r}")
+
+
+__all__ = ["__version__", *_LAZY]

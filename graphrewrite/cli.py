@@ -1,0 +1,192 @@
+"""The ``graphrewrite`` command line: a thin click group over graphrewrite's library functions.
+
+Every failure a user can cause ends as one line on stderr (``graphrewrite: error: ...``) and a
+non-zero exit status (see graphrewrite.errors); TensorFlow is imported only by commands that need it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from graphrewrite import __version__
+from graphrewrite.errors import INTERNAL_ERROR_EXIT, GraphrewriteError
+from graphrewrite.hparams import HPARAMS
+from graphrewrite.tfimport import import_tensorflow_quietly
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+def _progress(quiet: bool) -> Callable[[str], None]:
+    def report(message: str) -> None:
+        if not quiet:
+            click.echo(f"graphrewrite: {message}", err=True)
+
+    return report
+
+
+def hparam_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """One option per reference hyperparameter (``--rank`` and ``--rank=200`` alike), plus the
+    reference's ``--compression_hparams`` string and ``--method`` by name."""
+    for param in reversed(HPARAMS):
+        dashed = param.name.replace("_", "-")
+        names = [f"--{param.name}"] + ([f"--{dashed}"] if dashed != param.name else [])
+        fn = click.option(*names, param.name, default=None, metavar=param.type.__name__.upper(),
+                          help=f"{param.help} [reference default: {param.default!r}]")(fn)
+    fn = click.option("--method", default=None, metavar="NAME",
+                      help="compression method by name (none, low_rank, ...); sets compression_option")(fn)
+    fn = click.option("--compression_hparams", "--compression-hparams", "compression_hparams", default=None,
+                      metavar="K=V,...", help="the reference's hyperparameter string; single options win")(fn)
+    return fn
+
+
+def model_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    fn = click.option("--tag-set", "tag_set", default="serve", show_default=True,
+                      help="comma-separated tags of the MetaGraph to use")(fn)
+    fn = click.option("--allow-unsafe-ops", is_flag=True,
+                      help="load models with file/network/process ops (after a warning)")(fn)
+    return fn
+
+
+def _resolve(compression_hparams: str | None, method: str | None, values: dict[str, Any]) -> dict[str, Any]:
+    from graphrewrite.errors import UsageError
+    from graphrewrite.hparams import resolve
+    from graphrewrite.transforms import BY_NAME
+
+    overrides = {p.name: values.pop(p.name) for p in HPARAMS}
+    if method is not None:
+        if method not in BY_NAME:
+            raise UsageError(f"--method: unknown method {method!r} (known: {', '.join(BY_NAME)})")
+        option = BY_NAME[method].option
+        if overrides.get("compression_option") not in (None, str(option)):
+            raise UsageError(f"--method {method} contradicts --compression_option={overrides['compression_option']}")
+        overrides["compression_option"] = option
+    return resolve(compression_hparams, overrides)
+
+
+@click.group(context_settings=CONTEXT)
+@click.version_option(__version__, prog_name="graphrewrite")
+def cli() -> None:
+    """Compress trained TensorFlow SavedModels with compression_lib's alpha-gated factors."""
+
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("in_model", type=click.Path())
+@click.argument("out_model", type=click.Path())
+@hparam_options
+@model_options
+@click.option("--fast", is_flag=True, help="skip reloading and checking the output at alpha = 1")
+@click.option("--overwrite", is_flag=True, help="replace an existing non-empty OUT_MODEL")
+@click.option("--dry-run", is_flag=True, help="print the plan, write nothing")
+@click.option("--json", "as_json", is_flag=True, help="print the result as JSON")
+@click.option("-q", "--quiet", is_flag=True, help="no progress messages on stderr")
+def compress(in_model: str, out_model: str, compression_hparams: str | None, method: str | None,
+             tag_set: str, allow_unsafe_ops: bool, fast: bool, overwrite: bool, dry_run: bool,
+             as_json: bool, quiet: bool, **values: Any) -> None:
+    """Rewrite IN_MODEL into OUT_MODEL with compressed, alpha-gated weights."""
+    from graphrewrite import pipeline, report
+
+    hp = _resolve(compression_hparams, method, values)
+    import_tensorflow_quietly()
+    result = pipeline.compress(
+        in_model, out_model, hp, tags=_tags(tag_set), verify=not fast, overwrite=overwrite,
+        allow_unsafe_ops=allow_unsafe_ops, dry_run=dry_run, progress=_progress(quiet))
+    if as_json:
+        click.echo(json.dumps(report.compress_json(result), indent=1))
+    else:
+        click.echo(report.compress_text(result, in_model))
+
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("model", type=click.Path())
+@hparam_options
+@model_options
+@click.option("--json", "as_json", is_flag=True, help="print JSON instead of a table")
+def inspect(model: str, compression_hparams: str | None, method: str | None, tag_set: str,
+            allow_unsafe_ops: bool, as_json: bool, **values: Any) -> None:
+    """Show the sites of a rewritten MODEL, or what compress would do to an original one."""
+    from graphrewrite import manifest, pipeline, report
+    from graphrewrite.scan import scan
+
+    scan(model)
+    data = manifest.read_dir(model)
+    if data is None:
+        import_tensorflow_quietly()
+        hp = _resolve(compression_hparams, method, values)
+        _, plan, _ = pipeline.plan_model(model, hp, _tags(tag_set), allow_unsafe_ops)
+        data = report.plan_dict(plan)
+    click.echo(json.dumps(report.inspect_json(data), indent=1) if as_json else report.inspect_text(data))
+
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("model", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="print JSON")
+def scan(model: str, as_json: bool) -> None:
+    """List MODEL's tag sets, signatures and unsafe ops, without loading it. Exit 4 if unsafe."""
+    from graphrewrite.errors import UnsafeModelError
+    from graphrewrite.scan import scan as do_scan
+
+    found = do_scan(model)
+    findings = [f for mg in found.meta_graphs for f in mg.findings]
+    if as_json:
+        click.echo(json.dumps({
+            "path": model, "rewritten": found.rewritten,
+            "meta_graphs": [{"tags": list(mg.tags), "signatures": list(mg.signatures),
+                             "object_based": mg.object_based, "ops": mg.op_count,
+                             "unsafe_ops": [vars(f) for f in mg.findings]} for mg in found.meta_graphs],
+        }, indent=1))
+    else:
+        for mg in found.meta_graphs:
+            kind = "TF2 object-based" if mg.object_based else "TF1"
+            click.echo(f"tag set {','.join(mg.tags) or '(none)'}: {kind}, {mg.op_count} ops, "
+                       f"signatures: {', '.join(mg.signatures) or '(none)'}")
+            for finding in mg.findings:
+                click.echo(f"  unsafe: {finding}")
+        click.echo("rewritten by graphrewrite" if found.rewritten else "not rewritten by graphrewrite")
+    if findings:
+        raise UnsafeModelError(f"{model}: {len(findings)} unsafe op(s) found")
+
+
+def _tags(tag_set: str) -> list[str]:
+    return [t.strip() for t in tag_set.split(",") if t.strip()]
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: runs the group and turns every failure into one line and an exit code."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+    try:
+        cli.main(args=argv, prog_name="graphrewrite", standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        click.echo("graphrewrite: error: aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        click.echo(f"graphrewrite: error: {exc.format_message()}", err=True)
+        sys.exit(2)
+    except GraphrewriteError as exc:
+        click.echo(f"graphrewrite: error: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        click.echo("graphrewrite: error: interrupted", err=True)
+        sys.exit(130)
+    except MemoryError:
+        click.echo("graphrewrite: error: out of memory", err=True)
+        sys.exit(INTERNAL_ERROR_EXIT)
+    except Exception as exc:  # noqa: BLE001 - the one place that turns bugs into one line
+        if os.environ.get("GRAPHREWRITE_DEBUG"):
+            raise
+        first = next((ln for ln in str(exc).splitlines() if ln.strip()), "")
+        click.echo(f"graphrewrite: error: internal error: {type(exc).__name__}: {first[:300]} "
+                   "(set GRAPHREWRITE_DEBUG=1 for a traceback)", err=True)
+        sys.exit(INTERNAL_ERROR_EXIT)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,59 @@
+"""Errors the tool reports as one line on stderr, each with its own exit status.
+
+Every failure a user can cause (a bad path, a corrupted model, an impossible option) is raised as
+one of these; the CLI prints ``graphrewrite: error: <message>`` and exits with ``exit_code``. Anything
+else escaping the pipeline is a bug in graphrewrite, reported the same way with status 70.
+"""
+
+from __future__ import annotations
+
+
+class GraphrewriteError(Exception):
+    """Base class: a user-facing failure with a one-line message."""
+
+    exit_code = 1
+
+
+class UsageError(GraphrewriteError):
+    """A bad option, hyperparameter or combination of them."""
+
+    exit_code = 2
+
+
+class InputModelError(GraphrewriteError):
+    """The input is not a readable SavedModel (missing, truncated, corrupted, wrong tags)."""
+
+    exit_code = 3
+
+
+class UnsafeModelError(GraphrewriteError):
+    """The model contains file, network or process ops and --allow-unsafe-ops was not given."""
+
+    exit_code = 4
+
+
+class OutputError(GraphrewriteError):
+    """The output location is unusable (exists, inside the input, unwritable, disk full)."""
+
+    exit_code = 5
+
+
+class VerificationError(GraphrewriteError):
+    """The rewritten model does not reproduce the original at alpha = 1 (nothing was written)."""
+
+    exit_code = 6
+
+
+class AlreadyRewrittenError(GraphrewriteError):
+    """The input was produced by graphrewrite already."""
+
+    exit_code = 7
+
+
+class ExportRefusedError(GraphrewriteError):
+    """Export asked while some alpha > 0, without --force."""
+
+    exit_code = 8
+
+
+INTERNAL_ERROR_EXIT = 70

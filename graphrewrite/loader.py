@@ -1,0 +1,294 @@
+"""Loads a SavedModel into the flat intermediate form (graphrewrite.model).
+
+Two kinds of SavedModel exist:
+
+* object-based (TF2: Keras 3 ``model.export()``, tf.keras/tf_keras, ``tf.saved_model.save`` of a
+  ``tf.Module``): loaded with ``tf.saved_model.load``; each signature and each variant of each
+  exported tf.function is inlined by Grappler into one flat GraphDef whose weights are still reads of
+  captured resource handles (never constants: no 2 GB protobuf, every weight stays trainable).
+* TF1 (``tf.compat.v1.saved_model.Builder``): the MetaGraph is read as a protobuf, each signature's
+  subgraph is extracted, and its ``VariableV2``/``VarHandleOp`` weights become new resource variables
+  holding the checkpoint's values. No TF1 init op is run.
+
+This module and graphrewrite.build are the only ones that touch TensorFlow internals.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+from graphrewrite.errors import InputModelError
+from graphrewrite.graph import Graph
+from graphrewrite.model import Entry, FunctionIR, LoadedModel, VariableInfo, Variant
+from graphrewrite.scan import read_saved_model_proto
+
+# tf.keras internals that duplicate __call__; rebuilding them would only bloat the output.
+_SKIPPED_FUNCTIONS = frozenset({
+    "call_and_return_all_conditional_losses", "call_and_return_conditional_losses",
+    "_default_save_signature",
+})
+_TF1_VARIABLE_OPS = frozenset({"VariableV2", "Variable"})
+_TABLE_OPS = ("HashTable", "MutableHashTable", "LookupTable", "InitializeTable")
+
+
+def inline_function(concrete_function: Any) -> Any:
+    """Grappler function inlining of a ConcreteFunction into one flat GraphDef.
+
+    Control flow (While/If) is kept functional (``lower_control_flow=False``) so that gradients and
+    XLA keep working; its bodies stay in the GraphDef's function library. This wraps a private
+    TensorFlow helper, so it is the one place to fix when TensorFlow moves it.
+    """
+    from tensorflow.python.framework import convert_to_constants
+
+    return convert_to_constants._run_inline_graph_optimization(  # noqa: SLF001
+        concrete_function, lower_control_flow=False, aggressive_inlining=False
+    )
+
+
+def load(path: str, tags: Sequence[str], object_based: bool) -> LoadedModel:
+    """Loads ``path`` (already scanned) into the intermediate form."""
+    if object_based:
+        return _load_object_based(path, tags)
+    return _load_tf1(path, tags)
+
+
+def _clean_name(name: str) -> str:
+    return name[:-2] if name.endswith(":0") else name
+
+
+class _VariableTable:
+    """Assigns stable keys to variables in order of first use."""
+
+    def __init__(self) -> None:
+        self.variables: dict[str, Any] = {}
+        self.infos: dict[str, VariableInfo] = {}
+        self._by_id: dict[int, str] = {}
+
+    def key_of(self, variable: Any, name: str | None = None, trainable: bool | None = None) -> str:
+        ident = id(variable)
+        if ident in self._by_id:
+            return self._by_id[ident]
+        key = f"v{len(self.variables)}"
+        self._by_id[ident] = key
+        self.variables[key] = variable
+        self.infos[key] = VariableInfo(
+            key=key,
+            name=name or _clean_name(variable.name),
+            shape=tuple(int(d) for d in variable.shape),
+            dtype=variable.dtype.name,
+            trainable=bool(variable.trainable if trainable is None else trainable),
+        )
+        return key
+
+
+def _label_reads(graph: Graph, handles: dict[str, str]) -> tuple[dict[str, str], dict[str, str]]:
+    """Extends handle labels through Identity chains and labels the ReadVariableOps of them."""
+    handles = dict(handles)
+    stack = list(handles)
+    while stack:
+        name = stack.pop()
+        for consumer, _ in graph.data_consumers(name):
+            if consumer.op == "Identity" and consumer.name not in handles:
+                handles[consumer.name] = handles[name]
+                stack.append(consumer.name)
+    reads = {}
+    for name, key in handles.items():
+        for consumer, pos in graph.data_consumers(name):
+            if consumer.op == "ReadVariableOp" and pos == 0:
+                reads[consumer.name] = key
+    return handles, reads
+
+
+# ----------------------------------------------------------------------------------------------
+# Object-based (TF2) SavedModels
+# ----------------------------------------------------------------------------------------------
+
+
+def _load_object_based(path: str, tags: Sequence[str]) -> LoadedModel:
+    import tensorflow as tf
+
+    try:
+        obj = tf.saved_model.load(path, tags=list(tags))
+    except (tf.errors.OpError, ValueError, KeyError, OSError, AssertionError) as exc:
+        raise InputModelError(f"{path}: cannot load the SavedModel ({_summary(exc)})") from None
+    table = _VariableTable()
+    captured: list[Any] = []
+    resource_owners = _resource_owners(obj)
+    needed_owners: dict[int, Any] = {}
+    functions: dict[str, FunctionIR] = {}
+    entries: list[Entry] = []
+
+    def add(key: str, concrete: Any) -> Variant:
+        functions[key] = _function_ir(key, concrete, table, captured, resource_owners, needed_owners)
+        return Variant(key, concrete.structured_input_signature, concrete.structured_outputs)
+
+    signature_functions = {}
+    for sig_key in sorted(obj.signatures.keys()):
+        concrete = obj.signatures[sig_key]
+        signature_functions[sig_key] = concrete
+        entries.append(Entry("signature", sig_key, [add(f"signature:{sig_key}", concrete)]))
+    for name, child in sorted(_exported_functions(obj).items()):
+        variants = [add(f"function:{name}#{i}", cf) for i, cf in enumerate(child.concrete_functions)]
+        if variants:
+            entries.append(Entry("function", name, variants))
+    if not entries:
+        raise InputModelError(f"{path}: the SavedModel exports no signature and no function")
+    reg_losses = list(getattr(obj, "regularization_losses", []) or [])
+    return LoadedModel(
+        path=path, kind="tf2", variables=table.variables, infos=table.infos, functions=functions,
+        entries=entries, captured=captured, resources=list(needed_owners.values()),
+        regularization_losses=reg_losses, source=obj, signature_functions=signature_functions,
+    )
+
+
+def _summary(exc: BaseException) -> str:
+    text = getattr(exc, "message", None) or str(exc)
+    lines = [ln.strip() for ln in str(text).splitlines() if ln.strip()]
+    return lines[0][:300] if lines else type(exc).__name__
+
+
+def _exported_functions(obj: Any) -> dict[str, Any]:
+    import tensorflow as tf
+
+    found = {}
+    for name, child in obj._trackable_children(save_type="savedmodel").items():  # noqa: SLF001
+        if not isinstance(child, tf.types.experimental.GenericFunction):
+            continue
+        if name in _SKIPPED_FUNCTIONS or (name.startswith("_") and name != "__call__"):
+            continue
+        found[name] = child
+    return found
+
+
+def _resource_owners(obj: Any) -> dict[int, Any]:
+    """id(resource handle) -> trackable owning it, for captured non-variable resources (tables)."""
+    from tensorflow.python.checkpoint import graph_view, util
+
+    owners = {}
+    for trackable in util.list_objects(graph_view.ObjectGraphView(obj)):
+        handle = getattr(trackable, "_resource_handle", None)
+        if handle is not None and not hasattr(trackable, "assign"):
+            owners[id(handle)] = trackable
+    return owners
+
+
+def _function_ir(key: str, concrete: Any, table: _VariableTable, captured: list[Any],
+                 owners: dict[int, Any], needed: dict[int, Any]) -> FunctionIR:
+    import tensorflow as tf
+
+    graph_def = inline_function(concrete)
+    graph = Graph(graph_def)
+    by_handle = {id(v.handle): v for v in concrete.variables}
+    handles: dict[str, str] = {}
+    captures: dict[str, int] = {}
+    for external, internal in concrete.graph.captures:
+        node = internal.op.name
+        variable = by_handle.get(id(external))
+        if variable is not None:
+            handles[node] = table.key_of(variable)
+            continue
+        if external.dtype == tf.resource and id(external) in owners:
+            needed[id(external)] = owners[id(external)]
+        captures[node] = len(captured)
+        captured.append(external)
+    handles, reads = _label_reads(graph, handles)
+    n_user = len(concrete.inputs) - len(concrete.captured_inputs)
+    return FunctionIR(
+        key=key, graph=graph,
+        inputs=[t.name for t in concrete.inputs[:n_user]],
+        outputs=[t.name for t in concrete.outputs],
+        handles=handles, reads=reads, captures=captures,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# TF1 SavedModels
+# ----------------------------------------------------------------------------------------------
+
+
+def _load_tf1(path: str, tags: Sequence[str]) -> LoadedModel:
+    import tensorflow as tf
+
+    proto = read_saved_model_proto(path)
+    wanted = set(tags)
+    meta = next((mg for mg in proto.meta_graphs if set(mg.meta_info_def.tags) == wanted), None)
+    if meta is None:
+        raise InputModelError(f"{path}: no MetaGraph with tag set {','.join(sorted(wanted))!r}")
+    if not meta.signature_def:
+        raise InputModelError(f"{path}: the TF1 SavedModel has no signature")
+    try:
+        reader = tf.train.load_checkpoint(os.path.join(path, "variables", "variables"))
+    except (tf.errors.OpError, ValueError) as exc:
+        raise InputModelError(f"{path}: cannot read the variables checkpoint ({_summary(exc)})") from None
+    trainable = _tf1_trainable_names(meta)
+    graph_def = meta.graph_def
+    var_nodes = {n.name: n for n in graph_def.node if n.op in _TF1_VARIABLE_OPS or n.op == "VarHandleOp"}
+    table = _VariableTable()
+    functions: dict[str, FunctionIR] = {}
+    entries: list[Entry] = []
+    made: dict[str, Any] = {}
+    for sig_key in sorted(meta.signature_def.keys()):
+        sig = meta.signature_def[sig_key]
+        in_keys, out_keys = sorted(sig.inputs), sorted(sig.outputs)
+        outputs = [sig.outputs[k].name for k in out_keys]
+        if not outputs or any(not name for name in outputs):
+            raise InputModelError(f"{path}: signature {sig_key!r} has an output that is not a dense tensor")
+        sub = tf.compat.v1.graph_util.extract_sub_graph(graph_def, sorted({o.split(":")[0] for o in outputs}))
+        graph = Graph(sub)
+        if any(node.op.startswith(_TABLE_OPS) for node in graph):
+            raise InputModelError(f"{path}: TF1 models with lookup tables are not supported")
+        handles: dict[str, str] = {}
+        reads: dict[str, str] = {}
+        for node in graph:
+            if node.name not in var_nodes:
+                continue
+            if node.name not in made:
+                try:
+                    value = reader.get_tensor(node.name)
+                except (tf.errors.OpError, ValueError):
+                    raise InputModelError(
+                        f"{path}: variable {node.name!r} is missing from the checkpoint") from None
+                made[node.name] = tf.Variable(value, name=node.name, trainable=node.name in trainable)
+            key = table.key_of(made[node.name], name=node.name, trainable=node.name in trainable)
+            if node.op == "VarHandleOp":
+                handles[node.name] = key
+            else:
+                reads[node.name] = key
+        handles, more_reads = _label_reads(graph, handles)
+        reads.update(more_reads)
+        fkey = f"signature:{sig_key}"
+        functions[fkey] = FunctionIR(
+            key=fkey, graph=graph, inputs=[sig.inputs[k].name for k in in_keys], outputs=outputs,
+            handles=handles, reads=reads, captures={},
+        )
+        in_specs = {k: _spec(sig.inputs[k], k) for k in in_keys}
+        out_specs = {k: _spec(sig.outputs[k], k) for k in out_keys}
+        entries.append(Entry("signature", sig_key, [Variant(fkey, ((), in_specs), out_specs)]))
+    # The original model, loaded only to compute reference outputs for verification.
+    source = tf.saved_model.load(path, tags=list(tags))
+    return LoadedModel(
+        path=path, kind="tf1", variables=table.variables, infos=table.infos, functions=functions,
+        entries=entries, captured=[], resources=[], regularization_losses=[], source=source,
+        signature_functions={k: source.signatures[k] for k in source.signatures.keys()},
+    )
+
+
+def _tf1_trainable_names(meta: Any) -> set[str]:
+    from tensorflow.core.framework import variable_pb2
+
+    names = set()
+    for raw in meta.collection_def["trainable_variables"].bytes_list.value:
+        var = variable_pb2.VariableDef()
+        var.ParseFromString(raw)
+        names.add(var.variable_name.split(":")[0])
+    return names
+
+
+def _spec(info: Any, name: str) -> Any:
+    import tensorflow as tf
+
+    shape = None if info.tensor_shape.unknown_rank else [
+        None if d.size < 0 else d.size for d in info.tensor_shape.dim]
+    return tf.TensorSpec(shape, tf.as_dtype(info.dtype), name=name)

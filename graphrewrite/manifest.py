@@ -1,0 +1,130 @@
+"""The manifest: a JSON asset inside every rewritten model saying what the rewrite did.
+
+``inspect``, ``diff``, ``export`` and the Python update helper read it; it is stable JSON that
+scripts may read too (``format`` and ``version`` say which layout).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from graphrewrite import views
+from graphrewrite.errors import InputModelError
+from graphrewrite.plan import RewritePlan, display_op
+from graphrewrite.scan import MANIFEST_ASSET
+
+FORMAT = "graphrewrite-manifest"
+VERSION = 1
+
+
+def build(plan: RewritePlan, source: str, kind: str, tool_version: str,
+          signatures: list[str]) -> dict[str, Any]:
+    """The manifest of a rewrite (before its verification figures are added)."""
+    sites = []
+    for site in plan.sites:
+        first = site.uses[0]
+        sites.append({
+            "id": site.id,
+            "op": site.op,
+            "ops": sorted({display_op(u.op) for u in site.uses}),
+            "op_type": site.op_type,
+            "variable": site.variable.name,
+            "option": int(plan.hparams["compression_option"]),
+            "method": plan.method,
+            "shape": list(site.variable.shape),
+            "matrix": [site.size.m, site.size.n],
+            "view": views.to_json(site.view),
+            "operand": first.operand,
+            "k": site.size.k,
+            "params_before": site.size.params_before,
+            "params_after": site.size.params_after,
+            "details": dict(site.size.details),
+            "uses": [{"function": u.function, "node": u.op, "op_type": u.op_type} for u in site.uses],
+        })
+    skipped = [{"op": s.op, "op_type": s.op_type, "variable": s.variable, "shape": list(s.shape),
+                "reason": s.reason} for s in plan.skipped]
+    before, after = plan.params_before, plan.params_after
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "tool_version": tool_version,
+        "source": {"path": os.path.abspath(source), "kind": kind},
+        "method": plan.method,
+        "hparams": dict(plan.hparams),
+        "signatures": signatures,
+        "sites": sites,
+        "skipped": skipped,
+        "totals": {
+            "sites": len(sites),
+            "skipped": len(skipped),
+            "params_before": before,
+            "params_after": after,
+            "ratio": (after / before) if before else 1.0,
+        },
+    }
+
+
+def write(data: dict[str, Any], path: str) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=1, sort_keys=False)
+        f.write("\n")
+
+
+def read_file(path: str) -> dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputModelError(f"{path}: unreadable graphrewrite manifest ({exc})") from None
+    validate(data, path)
+    return data
+
+
+def read_dir(model_dir: str) -> dict[str, Any] | None:
+    """The manifest of a SavedModel directory, or None if it was not written by graphrewrite."""
+    path = os.path.join(model_dir, "assets", MANIFEST_ASSET)
+    if not os.path.isfile(path):
+        return None
+    return read_file(path)
+
+
+def read_from_object(model: Any) -> dict[str, Any]:
+    """The manifest of a loaded rewritten model (through its asset)."""
+    import tensorflow as tf
+
+    asset = getattr(model, "graphrewrite_manifest", None)
+    if asset is None:
+        raise ValueError("this object is not a model rewritten by graphrewrite (no manifest)")
+    with tf.init_scope():
+        path = asset.asset_path
+        path = path.numpy().decode() if hasattr(path, "numpy") else str(path)
+    return read_file(path)
+
+
+def validate(data: Any, where: str) -> None:
+    """Checks the manifest's layout, so a damaged one gives one clear line, not a KeyError later."""
+    def bad(what: str) -> InputModelError:
+        return InputModelError(f"{where}: damaged graphrewrite manifest ({what})")
+
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise bad("not a graphrewrite manifest")
+    if data.get("version") != VERSION:
+        raise bad(f"version {data.get('version')!r}, expected {VERSION}")
+    for key, kind in (("sites", list), ("skipped", list), ("hparams", dict), ("totals", dict)):
+        if not isinstance(data.get(key), kind):
+            raise bad(f"'{key}' missing or not a {kind.__name__}")
+    for i, site in enumerate(data["sites"]):
+        if not isinstance(site, dict):
+            raise bad(f"site {i} is not an object")
+        for key, kind in (("op", str), ("variable", str), ("shape", list), ("matrix", list),
+                          ("view", list), ("params_before", int), ("params_after", int)):
+            if not isinstance(site.get(key), kind):
+                raise bad(f"site {i}: '{key}' missing or not a {kind.__name__}")
+        if site.get("k") is not None and not isinstance(site["k"], int):
+            raise bad(f"site {i}: 'k' is not an integer")
+        try:
+            views.from_json(site["view"])
+        except (TypeError, ValueError):
+            raise bad(f"site {i}: 'view' is malformed") from None

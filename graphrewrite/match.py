@@ -1,0 +1,131 @@
+"""Finds where weights enter weight-bearing ops, through the wrappers TensorFlow puts around them.
+
+From every read of a variable the matcher walks forward through ``Identity``, ``Cast`` (mixed
+precision), ``Reshape`` and ``Transpose`` with constant arguments (Keras 3 attention projections
+reshape their kernel before a ``BatchMatMulV2``). A walk that ends in the weight operand of a
+MatMul, BatchMatMul, Conv2D or Einsum is a *use*; any other consumer blocks the variable, because
+rewriting only some of its readers would change what the others see. A variable whose handle is
+passed to a While/If body or another function is blocked too: weights inside control flow are
+reported, never silently lost.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from graphrewrite.graph import Graph
+from graphrewrite.model import FunctionIR, VariableInfo
+from graphrewrite.ops import ADAPTERS
+from graphrewrite.views import View, resolve_reshape, shape_after, simplify
+
+_PASS_THROUGH = frozenset({"Identity", "Cast"})
+_CONTROL_FLOW = frozenset({"While", "StatelessWhile", "If", "StatelessIf", "Case", "StatelessCase",
+                           "PartitionedCall", "StatefulPartitionedCall"})
+_FLOAT_DTYPES = frozenset({"float16", "bfloat16", "float32", "float64"})
+
+
+@dataclasses.dataclass(frozen=True)
+class Use:
+    """One weight-bearing op reading a variable as its weight.
+
+    Attributes:
+      function: key of the FunctionIR.
+      op: node name of the op in that function's flat graph.
+      op_type: MatMul, BatchMatMulV2, Conv2D, Einsum, ...
+      operand: input position of the weight.
+      variable: variable key.
+      chain: view steps from the variable to the op's weight operand (Reshape/Transpose wrappers).
+      view: view steps from the variable to the matrix W (chain + the op's own steps).
+      m, n: shape of W.
+    """
+
+    function: str
+    op: str
+    op_type: str
+    operand: int
+    variable: str
+    chain: View
+    view: View
+    m: int
+    n: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Blocker:
+    """Why a variable cannot be rewritten in one function."""
+
+    function: str
+    op: str
+    op_type: str
+    variable: str
+    reason: str
+    at_weight_op: bool  # the blocked reader is a weight-bearing op (so the variable is a candidate)
+
+
+def match_function(fir: FunctionIR, infos: dict[str, VariableInfo]) -> tuple[list[Use], list[Blocker]]:
+    """All uses and blockers of the variables read in one flat function."""
+    graph = fir.graph
+    uses: list[Use] = []
+    blockers: list[Blocker] = []
+    for read, key in fir.reads.items():
+        info = infos[key]
+        stack: list[tuple[str, View]] = [(read, ())]
+        while stack:
+            name, chain = stack.pop()
+            shape = shape_after(info.shape, chain)
+            for consumer, pos in graph.data_consumers(name):
+                step = _wrapper_step(graph, consumer, pos, shape)
+                if step is not None:
+                    if isinstance(step, str):
+                        blockers.append(Blocker(fir.key, consumer.name, consumer.op, key, step, False))
+                    else:
+                        stack.append((consumer.name, chain + step))
+                    continue
+                adapter = ADAPTERS.get(consumer.op)
+                if adapter is None or pos not in adapter.weight_positions(consumer):
+                    reason = f"'{info.name}' is also read by {consumer.op} '{consumer.name}'"
+                    blockers.append(Blocker(fir.key, consumer.name, consumer.op, key, reason, False))
+                    continue
+                if info.dtype not in _FLOAT_DTYPES:
+                    reason = f"'{info.name}' has dtype {info.dtype}, not a floating-point weight"
+                    blockers.append(Blocker(fir.key, consumer.name, consumer.op, key, reason, True))
+                    continue
+                other = consumer.data_inputs[1 - pos].node if len(consumer.data_inputs) == 2 else ""
+                if other in fir.reads or other in fir.captures:
+                    reason = f"both operands of {consumer.op} '{consumer.name}' are weights"
+                    blockers.append(Blocker(fir.key, consumer.name, consumer.op, key, reason, True))
+                    continue
+                described = adapter.describe(consumer, pos, shape)
+                if isinstance(described, str):
+                    blockers.append(Blocker(fir.key, consumer.name, consumer.op, key, described, True))
+                    continue
+                view = simplify(chain + described.steps, info.shape)
+                uses.append(Use(fir.key, consumer.name, consumer.op, pos, key, chain, view,
+                                described.m, described.n))
+    for handle, key in fir.handles.items():
+        for consumer, _ in graph.data_consumers(handle):
+            if consumer.name in fir.reads or consumer.name in fir.handles:
+                continue
+            reason = f"the handle of '{infos[key].name}' goes to {consumer.op} '{consumer.name}'"
+            if consumer.op in _CONTROL_FLOW:
+                reason += " (weights inside control-flow or function bodies are not rewritten)"
+            blockers.append(Blocker(fir.key, consumer.name, consumer.op, key, reason, False))
+    return uses, blockers
+
+
+def _wrapper_step(graph: Graph, node, pos: int, shape: tuple[int, ...]) -> View | str | None:
+    """The view step a wrapper op adds, a reason it cannot be followed, or None if not a wrapper."""
+    if node.op in _PASS_THROUGH:
+        return ()
+    if node.op == "Reshape" and pos == 0:
+        target = graph.constant(node.data_inputs[1].node)
+        resolved = None if target is None else resolve_reshape(shape, target.reshape(-1).tolist())
+        if resolved is None:
+            return f"weight reshaped to a shape that is not a constant ({node.name})"
+        return (("reshape", resolved),)
+    if node.op == "Transpose" and pos == 0:
+        perm = graph.constant(node.data_inputs[1].node)
+        if perm is None:
+            return f"weight transposed by a permutation that is not a constant ({node.name})"
+        return (("transpose", tuple(int(p) for p in perm.reshape(-1))),)
+    return None

@@ -1,0 +1,242 @@
+"""The weight-bearing ops graphrewrite rewrites: MatMul, BatchMatMulV2/V3, Conv2D, Einsum.
+
+One small adapter per op type answers two kinds of question:
+
+* at plan time, from the node alone: which operand can be a weight, and how the operand is seen as
+  the m x n matrix ``W`` with ``y = x @ W`` (its op-level view steps), or why it cannot be;
+* at build time, with tensors: the op itself with a replacement weight, the same op with a low-rank
+  weight computed as two cheap products (``(x @ B) @ C``; a Conv2D becomes a kh x kw x cin -> k
+  convolution followed by a 1 x 1 k -> cout one), or the op applied through a function of the
+  flattened input (for methods with their own cheap product).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+from graphrewrite.graph import Node
+from graphrewrite.views import View
+
+
+@dataclasses.dataclass(frozen=True)
+class OperandView:
+    """How the weight operand of one op is seen as a matrix."""
+
+    steps: View  # operand -> W (m x n)
+    m: int
+    n: int
+
+
+MatrixFn = Callable[[Any], Any]
+
+
+class OpAdapter:
+    """Base of the op adapters (one per op type; subclasses are final)."""
+
+    op_types: ClassVar[tuple[str, ...]]
+
+    def weight_positions(self, node: Node) -> tuple[int, ...]:
+        return (0, 1)
+
+    def describe(self, node: Node, pos: int, shape: tuple[int, ...]) -> OperandView | str:
+        """The operand's matrix view, or the reason this operand cannot be a compressed weight."""
+        raise NotImplementedError
+
+    def apply(self, node: Node, inputs: list[Any]) -> Any:
+        """The original op on ``inputs`` (one of which may be a replacement weight)."""
+        raise NotImplementedError
+
+    def apply_low_rank(self, node: Node, inputs: list[Any], pos: int, b: Any, c: Any) -> Any | None:
+        """The op with weight ``B @ C`` computed without forming it; None if not possible."""
+        return None
+
+    def apply_matrix_fn(self, node: Node, inputs: list[Any], pos: int, fn: MatrixFn) -> Any | None:
+        """The op with ``x @ W`` replaced by ``fn(x)`` on the flattened input; None if unsupported."""
+        return None
+
+
+def _transpose_last2(t: Any) -> Any:
+    import tensorflow as tf
+
+    rank = t.shape.rank
+    perm = list(range(rank - 2)) + [rank - 1, rank - 2]
+    return tf.transpose(t, perm)
+
+
+class _MatMulLike(OpAdapter):
+    """Shared logic of MatMul and BatchMatMul: ``y = op_a(a) @ op_b(b)``; the weight is 2-D."""
+
+    flags: ClassVar[tuple[str, str]]
+
+    def _flags(self, node: Node) -> tuple[bool, bool]:
+        return bool(node.attr(self.flags[0], False)), bool(node.attr(self.flags[1], False))
+
+    def describe(self, node: Node, pos: int, shape: tuple[int, ...]) -> OperandView | str:
+        if len(shape) != 2:
+            return f"the weight operand of {node.op} has shape {list(shape)}, not a matrix (batch dimensions)"
+        ta, tb = self._flags(node)
+        rows, cols = shape
+        if pos == 1:  # y = op_a(x) @ op_b(W): W's matrix is op_b(W)
+            return OperandView((("transpose", (1, 0)),), cols, rows) if tb else OperandView((), rows, cols)
+        # y = op_a(W) @ op_b(x) = (op_b(x)^T @ op_a(W)^T)^T: the matrix is op_a(W)^T
+        return OperandView((), rows, cols) if ta else OperandView((("transpose", (1, 0)),), cols, rows)
+
+    def apply_low_rank(self, node: Node, inputs: list[Any], pos: int, b: Any, c: Any) -> Any:
+        import tensorflow as tf
+
+        ta, tb = self._flags(node)
+        x = inputs[1 - pos]
+        if pos == 1:
+            return tf.matmul(tf.matmul(x, b, adjoint_a=ta), c)
+        return tf.matmul(c, tf.matmul(b, x, adjoint_a=True, adjoint_b=tb), adjoint_a=True)
+
+    def apply_matrix_fn(self, node: Node, inputs: list[Any], pos: int, fn: MatrixFn) -> Any:
+        ta, tb = self._flags(node)
+        x = inputs[1 - pos]
+        if pos == 1:
+            return fn(_transpose_last2(x) if ta else x)
+        return _transpose_last2(fn(x if tb else _transpose_last2(x)))
+
+
+@dataclasses.dataclass(frozen=True)
+class MatMul(_MatMulLike):
+    op_types: ClassVar[tuple[str, ...]] = ("MatMul",)
+    flags: ClassVar[tuple[str, str]] = ("transpose_a", "transpose_b")
+
+    def apply(self, node: Node, inputs: list[Any]) -> Any:
+        import tensorflow as tf
+
+        ta, tb = self._flags(node)
+        return tf.raw_ops.MatMul(a=inputs[0], b=inputs[1], transpose_a=ta, transpose_b=tb)
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchMatMul(_MatMulLike):
+    op_types: ClassVar[tuple[str, ...]] = ("BatchMatMulV2", "BatchMatMulV3", "BatchMatMul")
+    flags: ClassVar[tuple[str, str]] = ("adj_x", "adj_y")
+
+    def describe(self, node: Node, pos: int, shape: tuple[int, ...]) -> OperandView | str:
+        if node.op == "BatchMatMulV3" and len({node.attr("Ta"), node.attr("Tb"), node.attr("Tout")}) != 1:
+            return "BatchMatMulV3 with mixed input/output dtypes is not rewritten"
+        return super().describe(node, pos, shape)
+
+    def apply(self, node: Node, inputs: list[Any]) -> Any:
+        import tensorflow as tf
+
+        adj_x, adj_y = self._flags(node)
+        return tf.matmul(inputs[0], inputs[1], adjoint_a=adj_x, adjoint_b=adj_y)
+
+
+@dataclasses.dataclass(frozen=True)
+class Conv2D(OpAdapter):
+    op_types: ClassVar[tuple[str, ...]] = ("Conv2D",)
+
+    def weight_positions(self, node: Node) -> tuple[int, ...]:
+        return (1,)
+
+    def describe(self, node: Node, pos: int, shape: tuple[int, ...]) -> OperandView | str:
+        if pos != 1:
+            return "the weight is the Conv2D input, not its filter"
+        kh, kw, cin, cout = shape
+        return OperandView((("reshape", (kh * kw * cin, cout)),), kh * kw * cin, cout)
+
+    def _conv(self, node: Node, x: Any, kernel: Any, first: bool) -> Any:
+        import tensorflow as tf
+
+        if first:
+            return tf.raw_ops.Conv2D(
+                input=x, filter=kernel, strides=node.attr("strides"), padding=node.attr("padding"),
+                explicit_paddings=node.attr("explicit_paddings", []) or [],
+                data_format=node.attr("data_format", "NHWC"), dilations=node.attr("dilations", [1, 1, 1, 1]),
+                use_cudnn_on_gpu=bool(node.attr("use_cudnn_on_gpu", True)))
+        return tf.raw_ops.Conv2D(input=x, filter=kernel, strides=[1, 1, 1, 1], padding="VALID",
+                                 data_format=node.attr("data_format", "NHWC"))
+
+    def apply(self, node: Node, inputs: list[Any]) -> Any:
+        return self._conv(node, inputs[0], inputs[1], first=True)
+
+    def apply_low_rank(self, node: Node, inputs: list[Any], pos: int, b: Any, c: Any) -> Any | None:
+        import tensorflow as tf
+
+        x, w = inputs
+        kh, kw, cin, cout = w.shape.as_list()
+        channel_axis = 1 if node.attr("data_format", "NHWC") == "NCHW" else -1
+        if x.shape.rank != 4 or x.shape[channel_axis] != cin:  # grouped convolution: no split
+            return None
+        k = b.shape[-1]
+        first = self._conv(node, x, tf.reshape(b, [kh, kw, cin, k]), first=True)
+        return self._conv(node, first, tf.reshape(c, [1, 1, k, cout]), first=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class Einsum(OpAdapter):
+    op_types: ClassVar[tuple[str, ...]] = ("Einsum",)
+
+    @staticmethod
+    def _parse(node: Node) -> tuple[list[str], str] | None:
+        equation = node.attr("equation", "").replace(" ", "")
+        if "->" not in equation or "." in equation:
+            return None
+        lhs, out = equation.split("->")
+        operands = lhs.split(",")
+        return (operands, out) if len(operands) == 2 else None
+
+    def _letters(self, node: Node, pos: int) -> tuple[str, str, str, str, str] | str:
+        parsed = self._parse(node)
+        if parsed is None:
+            return f"einsum equation {node.attr('equation')!r} is not of the form 'ab,bc->ac' (no '...')"
+        operands, out = parsed
+        w, x = operands[pos], operands[1 - pos]
+        if len(set(w)) != len(w) or len(set(x)) != len(x):
+            return f"einsum equation {node.attr('equation')!r} repeats a letter within an operand"
+        ins = "".join(ch for ch in w if ch in x and ch not in out)
+        outs = "".join(ch for ch in w if ch in out and ch not in x)
+        if len(ins) + len(outs) != len(w):
+            return f"einsum equation {node.attr('equation')!r}: the weight has batch or summed-out axes"
+        if not ins or not outs:
+            return f"einsum equation {node.attr('equation')!r}: the weight has no input or no output axis"
+        return w, x, out, ins, outs
+
+    def describe(self, node: Node, pos: int, shape: tuple[int, ...]) -> OperandView | str:
+        letters = self._letters(node, pos)
+        if isinstance(letters, str):
+            return letters
+        w, _, _, ins, outs = letters
+        perm = tuple(w.index(ch) for ch in ins + outs)
+        m = 1
+        for ch in ins:
+            m *= shape[w.index(ch)]
+        n = 1
+        for ch in outs:
+            n *= shape[w.index(ch)]
+        steps: View = ((("transpose", perm),) if perm != tuple(range(len(w))) else ()) + (("reshape", (m, n)),)
+        return OperandView(steps, m, n)
+
+    def apply(self, node: Node, inputs: list[Any]) -> Any:
+        import tensorflow as tf
+
+        return tf.einsum(node.attr("equation"), inputs[0], inputs[1])
+
+    def apply_low_rank(self, node: Node, inputs: list[Any], pos: int, b: Any, c: Any) -> Any:
+        import tensorflow as tf
+
+        letters = self._letters(node, pos)
+        assert not isinstance(letters, str)
+        w_letters, x_letters, out, ins, outs = letters
+        w = inputs[pos]
+        dims = dict(zip(w_letters, w.shape.as_list()))
+        used = set(w_letters + x_letters + out)
+        z = next(ch for ch in "zyxwvutsrqponmlkjihgfedcbaZYXWVUTSRQPONMLKJIHGFEDCBA" if ch not in used)
+        keep = "".join(ch for ch in x_letters if ch not in ins)
+        k = b.shape[-1]
+        b_r = tf.reshape(b, [dims[ch] for ch in ins] + [k])
+        c_r = tf.reshape(c, [k] + [dims[ch] for ch in outs])
+        t = tf.einsum(f"{x_letters},{ins}{z}->{keep}{z}", inputs[1 - pos], b_r)
+        return tf.einsum(f"{keep}{z},{z}{outs}->{out}", t, c_r)
+
+
+ADAPTERS: dict[str, OpAdapter] = {
+    op: adapter for adapter in (MatMul(), BatchMatMul(), Conv2D(), Einsum()) for op in adapter.op_types
+}

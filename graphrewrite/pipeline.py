@@ -1,0 +1,272 @@
+"""``compress``: scan -> load -> inline -> match -> plan -> build -> save (atomic) -> verify.
+
+The one entry point the CLI and library users call. Nothing is written until the rewritten model
+has been saved into a temporary directory beside the target and, unless ``verify=False``, reloaded
+and checked against the original at alpha = 1; only then is it renamed into place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from graphrewrite import __version__, views
+from graphrewrite import manifest as manifest_lib
+from graphrewrite.errors import (
+    AlreadyRewrittenError,
+    OutputError,
+    UnsafeModelError,
+    VerificationError,
+)
+from graphrewrite.plan import RewritePlan, make_plan
+from graphrewrite.scan import MANIFEST_ASSET, scan
+
+Progress = Callable[[str], None]
+
+
+def _quiet(_: str) -> None:
+    return None
+
+
+@dataclasses.dataclass
+class CompressResult:
+    """What ``compress`` did: the plan, the manifest written, and the verification figures."""
+
+    output: str | None
+    plan: RewritePlan
+    manifest: dict[str, Any] | None
+    verification: dict[str, Any] | None
+
+
+def check_output(input_dir: str, output_dir: str, overwrite: bool) -> None:
+    """Refuses outputs that would clobber the input or an existing model, before any work."""
+    src, dst = os.path.realpath(input_dir), os.path.realpath(output_dir)
+    if dst == src:
+        raise OutputError(f"{output_dir}: the output is the input model itself")
+    if dst.startswith(src + os.sep):
+        raise OutputError(f"{output_dir}: the output is inside the input model")
+    if src.startswith(dst + os.sep):
+        raise OutputError(f"{output_dir}: the input model is inside the output directory")
+    if os.path.lexists(output_dir):
+        if not os.path.isdir(output_dir):
+            raise OutputError(f"{output_dir}: exists and is not a directory")
+        if os.listdir(output_dir) and not overwrite:
+            raise OutputError(f"{output_dir}: exists and is not empty (use --overwrite to replace it)")
+    parent = os.path.dirname(os.path.abspath(output_dir))
+    if not os.path.isdir(parent):
+        raise OutputError(f"{output_dir}: parent directory {parent} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputError(f"{output_dir}: cannot write in {parent} (permission denied)")
+
+
+def plan_model(input_dir: str, hparams: Mapping[str, Any], tags: Sequence[str] = ("serve",),
+               allow_unsafe_ops: bool = False, progress: Progress = _quiet) -> tuple[Any, RewritePlan, Any]:
+    """Scans, loads and plans; returns (loaded model, plan, transform)."""
+    from graphrewrite import loader
+    from graphrewrite.transforms import make as make_transform
+
+    transform = make_transform(hparams)
+    progress(f"scanning {input_dir}")
+    found = scan(input_dir)
+    meta = found.meta_graph(tags)
+    if found.rewritten:
+        raise AlreadyRewrittenError(
+            f"{input_dir}: already rewritten by graphrewrite (export it, or compress the original)")
+    if meta.findings:
+        names = "; ".join(str(f) for f in meta.findings[:5])
+        more = f" and {len(meta.findings) - 5} more" if len(meta.findings) > 5 else ""
+        if not allow_unsafe_ops:
+            raise UnsafeModelError(
+                f"{input_dir}: refusing a model with unsafe ops: {names}{more} (--allow-unsafe-ops overrides)")
+        progress(f"warning: loading a model with unsafe ops: {names}{more}")
+    progress("loading and inlining")
+    model = loader.load(input_dir, tags, meta.object_based)
+    plan = make_plan(model.functions.values(), model.infos, transform)
+    return model, plan, transform
+
+
+def compress(input_dir: str, output_dir: str, hparams: Mapping[str, Any], *,
+             tags: Sequence[str] = ("serve",), verify: bool = True, overwrite: bool = False,
+             allow_unsafe_ops: bool = False, dry_run: bool = False,
+             progress: Progress = _quiet) -> CompressResult:
+    """Rewrites ``input_dir`` into ``output_dir`` (see the module docstring).
+
+    Args:
+      input_dir: a SavedModel directory.
+      output_dir: where the rewritten SavedModel goes (must not exist, or be empty, or --overwrite).
+      hparams: the complete hyperparameters (graphrewrite.hparams.resolve).
+      tags: the MetaGraph tag set to rewrite.
+      verify: reload the output and compare it with the input at alpha = 1 before renaming it.
+      overwrite: replace an existing non-empty output directory.
+      allow_unsafe_ops: load models with file/network/process ops (after a warning).
+      dry_run: plan only; write nothing.
+      progress: called with one-line progress messages.
+    """
+    if not dry_run:
+        check_output(input_dir, output_dir, overwrite)
+    model, plan, transform = plan_model(input_dir, hparams, tags, allow_unsafe_ops, progress)
+    if dry_run:
+        return CompressResult(None, plan, None, None)
+    if transform.option == 0:
+        progress("compression_option=0: nothing is rewritten; writing an unchanged copy")
+        _atomic_write(output_dir, overwrite, lambda tmp: shutil.copytree(input_dir, tmp, dirs_exist_ok=True))
+        return CompressResult(output_dir, plan, None, None)
+
+    from graphrewrite import build as build_lib
+    from graphrewrite import update as update_lib
+
+    initial = build_lib.factorize_all(model, plan, transform, progress)
+    schedule = update_lib.Schedule.from_hparams(hparams)
+
+    def update_factory(root: Any, plan_: RewritePlan, transform_: Any) -> Any:
+        handles = [update_lib.SiteHandle(state, site.view, site.size, transform_, schedule)
+                   for state, site in zip(root.graphrewrite_sites, plan_.sites)]
+        return update_lib.make_update_function(root, handles)
+
+    progress("building the rewritten functions")
+    built = build_lib.build(model, plan, transform, initial, update_factory)
+    signatures = sorted(e.name for e in model.entries if e.kind == "signature")
+    data = manifest_lib.build(plan, input_dir, model.kind, __version__, signatures)
+    verification: dict[str, Any] | None = None
+
+    def write(tmp: str) -> None:
+        nonlocal verification
+        import tensorflow as tf
+
+        with tempfile.TemporaryDirectory(prefix="graphrewrite-manifest-") as scratch:
+            path = os.path.join(scratch, MANIFEST_ASSET)
+            manifest_lib.write(data, path)
+            built.root.graphrewrite_manifest = tf.saved_model.Asset(path)
+            progress(f"saving to {output_dir}")
+            try:
+                tf.saved_model.save(built.root, tmp, signatures=built.signatures,
+                                    options=tf.saved_model.SaveOptions(experimental_custom_gradients=True))
+            except OSError as exc:
+                raise OutputError(f"{output_dir}: cannot write the model ({exc.strerror or exc})") from None
+        if verify:
+            progress("verifying: reloading the output and comparing with the input at alpha = 1")
+            verification = verify_output(model, tmp, plan, transform.blended)
+            data["verification"] = verification
+            manifest_lib.write(data, os.path.join(tmp, "assets", MANIFEST_ASSET))
+
+    _atomic_write(output_dir, overwrite, write)
+    return CompressResult(output_dir, plan, data, verification)
+
+
+def _atomic_write(output_dir: str, overwrite: bool, fill: Callable[[str], None]) -> None:
+    """Fills a fresh temporary directory beside ``output_dir``, then renames it into place."""
+    parent = os.path.dirname(os.path.abspath(output_dir))
+    base = os.path.basename(os.path.normpath(output_dir))
+    try:
+        tmp = tempfile.mkdtemp(prefix=f".{base}.graphrewrite-tmp-", dir=parent)
+    except OSError as exc:
+        raise OutputError(f"{output_dir}: cannot create a temporary directory ({exc.strerror})") from None
+    try:
+        fill(tmp)
+        if os.path.lexists(output_dir):
+            old = tempfile.mkdtemp(prefix=f".{base}.graphrewrite-old-", dir=parent)
+            os.replace(output_dir, os.path.join(old, "previous"))
+            os.replace(tmp, output_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, output_dir)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise OutputError(f"{output_dir}: cannot write the model ({exc.strerror or exc})") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def sample_inputs(specs: Mapping[str, Any], seed: int = 0) -> dict[str, Any] | None:
+    """Deterministic inputs for a signature (unknown dimensions become 2); None if not sampleable."""
+    import tensorflow as tf
+
+    rng = np.random.default_rng(seed)
+    out = {}
+    for name in sorted(specs):
+        spec = specs[name]
+        if spec.shape.rank is None:
+            return None
+        shape = [2 if d is None else d for d in spec.shape.as_list()]
+        if spec.dtype.is_floating:
+            out[name] = tf.constant(rng.standard_normal(shape).astype(spec.dtype.as_numpy_dtype))
+        elif spec.dtype.is_integer or spec.dtype == tf.bool:
+            out[name] = tf.zeros(shape, spec.dtype)
+        else:
+            return None
+    return out
+
+
+def _max_diff(a: Any, b: Any) -> tuple[float, float]:
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    if a.shape != b.shape:
+        return float("inf"), float("inf")
+    diff = float(np.max(np.abs(a - b))) if a.size else 0.0
+    scale = float(np.max(np.abs(a))) if a.size else 0.0
+    return diff, diff / max(scale, 1e-12)
+
+
+def verify_output(model: Any, output_dir: str, plan: RewritePlan, blended: bool = True) -> dict[str, Any]:
+    """Reloads ``output_dir``; every signature must match the input's at alpha = 1.
+
+    Also measures how far the outputs move at alpha = 0 (the one-shot compression error). Methods
+    that replace the weight outright (``blended=False``) have no alpha = 1 state: for them only that
+    initial error is reported.
+    """
+    import tensorflow as tf
+
+    try:
+        rewritten = tf.saved_model.load(output_dir)
+    except Exception as exc:  # noqa: BLE001 - any failure to reload is a verification failure
+        raise VerificationError(f"the rewritten model does not reload ({_first(exc)})") from None
+    report: dict[str, Any] = {"signatures": {}}
+    worst_alpha0 = 0.0
+    for key, original in sorted(model.signature_functions.items()):
+        if key not in rewritten.signatures:
+            raise VerificationError(f"signature {key!r} is missing from the rewritten model")
+        specs = original.structured_input_signature[1]
+        inputs = sample_inputs(specs)
+        if inputs is None:
+            report["signatures"][key] = {"checked": False, "why": "inputs of a type that cannot be sampled"}
+            continue
+        expected = original(**inputs)
+        got = rewritten.signatures[key](**inputs)
+        if set(expected) != set(got):
+            raise VerificationError(f"signature {key!r}: output keys differ ({sorted(expected)} vs {sorted(got)})")
+        worst = 0.0
+        for out_key in sorted(expected):
+            diff, rel = _max_diff(expected[out_key], got[out_key])
+            tol = 1e-3 if expected[out_key].dtype in (tf.float16, tf.bfloat16) else 1e-5
+            if blended and not (rel <= tol or diff <= tol):
+                raise VerificationError(
+                    f"signature {key!r} output {out_key!r} differs from the input model at alpha = 1 "
+                    f"(max abs diff {diff:.3g}, relative {rel:.3g})")
+            worst = max(worst, rel)
+        for site in rewritten.graphrewrite_sites:
+            site.alpha.assign(0.0)
+        compressed = rewritten.signatures[key](**inputs)
+        rel0 = max((_max_diff(expected[k], compressed[k])[1] for k in expected), default=0.0)
+        for site in rewritten.graphrewrite_sites:
+            site.alpha.assign(1.0)
+        worst_alpha0 = max(worst_alpha0, rel0)
+        report["signatures"][key] = {"checked": blended, "max_rel_diff_alpha1": worst,
+                                     "max_rel_diff_alpha0": rel0}
+    report["max_rel_diff_alpha0"] = worst_alpha0
+    return report
+
+
+def _first(exc: BaseException) -> str:
+    lines = [ln for ln in str(exc).splitlines() if ln.strip()]
+    return lines[0][:300] if lines else type(exc).__name__
+
+
+__all__ = ["CompressResult", "check_output", "compress", "plan_model", "sample_inputs", "verify_output",
+           "views"]

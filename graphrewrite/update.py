@@ -1,0 +1,182 @@
+"""The alpha schedule: the update that slides every site from dense (alpha = 1) to compressed.
+
+It follows the reference's TF-path update (``CompressionOp._create_update_op``, seed-spec §4.3), per
+site, at global step ``step``:
+
+    in_range = begin <= step and (end == -1 or step <= end)       (end inclusive)
+    due      = last_update + frequency <= step
+    if in_range and due:
+        if last_update < 0:  factors := factorize(current A)      (first due update only)
+        last_update := step
+        alpha := max(alpha - alpha_decrement_value, 0)
+
+and always sets the model's ``global_step`` to ``step``. Unlike the reference, ``last_update`` is
+kept per site (it shared one counter among all ops of a spec name), and the Python-side update uses
+the same schedule (the reference's never fired with end = -1 and had no frequency gate).
+
+The same code runs eagerly (where the first factorisation uses LAPACK unless ``use_tpu``), inside
+any tf.function or XLA cluster (``tf.linalg.svd``), and under tf.distribute, where it assigns
+through the distributed variables in cross-replica context so every replica sees the same values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import weakref
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from graphrewrite import views
+from graphrewrite.hparams import UpdateOption
+from graphrewrite.transforms import SizePlan, Transform
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+    """The schedule hyperparameters of one site."""
+
+    begin: int
+    end: int
+    frequency: int
+    decrement: float
+    update_option: int
+    use_tpu: bool
+
+    @classmethod
+    def from_hparams(cls, hp: Mapping[str, Any]) -> Schedule:
+        return cls(int(hp["begin_compression_step"]), int(hp["end_compression_step"]),
+                   int(hp["compression_frequency"]), float(hp["alpha_decrement_value"]),
+                   int(hp["update_option"]), bool(hp["use_tpu"]))
+
+
+@dataclasses.dataclass(frozen=True)
+class SiteHandle:
+    """A site's variables with what updating them needs."""
+
+    state: Any
+    view: views.View
+    size: SizePlan
+    transform: Transform
+    schedule: Schedule
+
+    def updates_in(self, python_side: bool) -> bool:
+        """Whether the update of this context moves this site (update_option, seed-spec §4.2)."""
+        if not self.transform.blended or self.schedule.update_option == UpdateOption.NO_UPDATE:
+            return False
+        return python_side or self.schedule.update_option != UpdateOption.PYTHON_UPDATE
+
+
+def _refactor(site: SiteHandle) -> Any:
+    import tensorflow as tf
+
+    matrix = views.apply_tf(site.state.weight.read_value(), site.view)
+    host = not site.schedule.use_tpu or site.schedule.update_option == UpdateOption.PYTHON_UPDATE
+    if tf.executing_eagerly() and host:
+        values = site.transform.factorize(np.asarray(matrix, dtype=np.float32), site.size)
+    else:
+        values = site.transform.factorize_tf(matrix, site.size)
+    assigns = [var.assign(tf.cast(values[name], var.dtype)) for name, var in site.state.factors.items()]
+    with tf.control_dependencies(assigns):
+        return tf.constant(True)
+
+
+def _update_site(site: SiteHandle, step: Any) -> Any:
+    import tensorflow as tf
+
+    sched, state = site.schedule, site.state
+    last = state.last_update.read_value()
+    in_range = step >= sched.begin
+    if sched.end >= 0:
+        in_range = tf.logical_and(in_range, step <= sched.end)
+    due = tf.logical_and(in_range, last + sched.frequency <= step)
+
+    def run() -> Any:
+        refreshed = tf.cond(last < 0, lambda: _refactor(site), lambda: tf.constant(False))
+        with tf.control_dependencies([refreshed]):
+            new_alpha = tf.maximum(state.alpha.read_value() - sched.decrement, 0.0)
+            ops = [state.alpha.assign(new_alpha), state.last_update.assign(step)]
+        with tf.control_dependencies(ops):
+            return tf.constant(True)
+
+    return tf.cond(due, run, lambda: tf.constant(False))
+
+
+def update_sites(sites: Sequence[SiteHandle], step: Any, global_step: Any, python_side: bool) -> dict[str, Any]:
+    """Runs the schedule on every site; returns ``{"alpha": [n] float32, "updated": bool}``."""
+    import tensorflow as tf
+
+    step = tf.cast(step, tf.int64)
+    flags = [tf.constant(False)]
+    for site in sites:
+        if site.updates_in(python_side):
+            flags.append(_update_site(site, step))
+    with tf.control_dependencies(flags):
+        step_set = global_step.assign(step)
+    with tf.control_dependencies([step_set]):
+        alphas = [tf.identity(site.state.alpha.read_value()) for site in sites]
+        alpha = tf.stack(alphas) if alphas else tf.zeros([0], tf.float32)
+        return {"alpha": alpha, "updated": tf.reduce_any(tf.stack(flags))}
+
+
+def make_update_function(root: Any, handles: Sequence[SiteHandle]) -> Any:
+    """The ``compression_update(step)`` tf.function saved with the model (in-graph update)."""
+    import tensorflow as tf
+
+    sites = list(handles)
+
+    @tf.function(input_signature=[tf.TensorSpec([], tf.int64, name="step")])
+    def compression_update(step: Any) -> dict[str, Any]:
+        return update_sites(sites, step, root.global_step, python_side=False)
+
+    return compression_update
+
+
+_HANDLES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def model_handles(model: Any) -> list[SiteHandle]:
+    """The site handles of a loaded rewritten model (from its manifest asset; cached per object)."""
+    from graphrewrite import manifest as manifest_lib
+    from graphrewrite.transforms import make as make_transform
+
+    cached = _HANDLES.get(model)
+    if cached is not None:
+        return cached
+    data = manifest_lib.read_from_object(model)
+    transform = make_transform(data["hparams"])
+    schedule = Schedule.from_hparams(data["hparams"])
+    handles = []
+    for state, site in zip(model.graphrewrite_sites, data["sites"]):
+        size = SizePlan(site["matrix"][0], site["matrix"][1], site["k"], site["params_after"],
+                        site.get("details", {}))
+        handles.append(SiteHandle(state, views.from_json(site["view"]), size, transform, schedule))
+    _HANDLES[model] = handles
+    return handles
+
+
+def compression_update(model: Any, step: Any) -> dict[str, Any]:
+    """Runs the compression schedule of a rewritten model at global step ``step``.
+
+    Correct eagerly, inside a tf.function or XLA cluster, inside ``strategy.run`` and in
+    cross-replica context: under a tf.distribute strategy it assigns through the distributed
+    variables, so every replica holds the same alpha and factors.
+
+    Args:
+      model: the object ``tf.saved_model.load`` returned for a rewritten model (or a re-saved one).
+      step: int scalar, e.g. ``optimizer.iterations``.
+
+    Returns:
+      ``{"alpha": float32 [sites] in manifest order, "updated": bool}``.
+    """
+    import tensorflow as tf
+
+    handles = model_handles(model)
+    if tf.distribute.has_strategy() and not tf.distribute.in_cross_replica_context():
+        def merged(strategy: Any, per_replica_step: Any) -> dict[str, Any]:
+            local = strategy.experimental_local_results(per_replica_step)[0]
+            return update_sites(handles, local, model.global_step, python_side=True)
+
+        return tf.distribute.get_replica_context().merge_call(merged, args=(step,))
+    return update_sites(handles, step, model.global_step, python_side=True)

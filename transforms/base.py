@@ -1,0 +1,119 @@
+"""The one interface every compression method implements.
+
+A method sees a weight only as its matrix view ``W`` (m x n, inputs x outputs: ``y = x @ W``), as a
+numpy array at rewrite time and as a tensor inside the saved functions. It never sees protobufs or
+graphs. What it decides:
+
+* ``check(m, n)``: the size plan (k, parameters after) or a ``Refusal`` with the reason, which
+  ``inspect`` prints ("rank 200 gives k=10 on 10x20: no saving").
+* ``factor_specs(plan)``: the variables it needs (name, shape, dtype, trainable).
+* ``factorize(W)`` (numpy, LAPACK/scipy) and ``factorize_tf(W)`` (in-graph, for the ``use_tpu``
+  update path): initial values of those variables from a weight.
+* ``dense(f)``: the m x n weight the factors imply, ``W_c``; ``matmul(x, f)``: ``x @ W_c`` computed
+  the cheap way (``(x @ B) @ C`` for low rank, never forming ``B @ C``).
+
+Blended methods (``blended = True``) are gated by alpha: ``W = alpha * A + (1 - alpha) * W_c``.
+Others replace the weight outright (options 9, 10, 12, as in the reference).
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class SizePlan:
+    """What a method will build for one m x n matrix.
+
+    Attributes:
+      m: rows of the matrix view (input features).
+      n: columns (output features).
+      k: the inner dimension (rank, dictionary size, centroids, ...) or None where it has none.
+      params_after: number of stored values of the compressed form.
+      details: method-specific sizes, recorded in the manifest.
+    """
+
+    m: int
+    n: int
+    k: int | None
+    params_after: int
+    details: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    @property
+    def params_before(self) -> int:
+        return self.m * self.n
+
+
+@dataclasses.dataclass(frozen=True)
+class Refusal:
+    """A site a method will not rewrite, and why (printed by inspect, kept in the manifest)."""
+
+    reason: str
+
+
+@dataclasses.dataclass(frozen=True)
+class FactorSpec:
+    """One variable a method needs per site."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    trainable: bool
+
+
+class Transform(abc.ABC):
+    """Base of all compression methods; subclasses are final.
+
+    Args:
+      hparams: the complete, validated hyperparameter dict (graphrewrite.hparams.resolve).
+    """
+
+    name: ClassVar[str]
+    option: ClassVar[int]
+    blended: ClassVar[bool] = True
+
+    def __init__(self, hparams: Mapping[str, Any]) -> None:
+        self.hparams = dict(hparams)
+
+    @abc.abstractmethod
+    def check(self, m: int, n: int) -> SizePlan | Refusal:
+        """The size plan for an m x n matrix, or the reason it is not rewritten."""
+
+    @abc.abstractmethod
+    def factor_specs(self, plan: SizePlan) -> list[FactorSpec]:
+        """The variables of one site, in a fixed order."""
+
+    @abc.abstractmethod
+    def factorize(self, matrix: np.ndarray, plan: SizePlan) -> dict[str, np.ndarray]:
+        """Initial values of the factor variables from the weight (numpy)."""
+
+    def factorize_tf(self, matrix: Any, plan: SizePlan) -> dict[str, Any]:
+        """In-graph factorisation for the ``use_tpu`` update path; methods without one refuse."""
+        raise NotImplementedError(f"{self.name} has no in-graph factorisation")
+
+    @abc.abstractmethod
+    def dense(self, factors: Mapping[str, Any], plan: SizePlan) -> Any:
+        """The m x n weight the factors imply (a tensor)."""
+
+    def matmul(self, x: Any, factors: Mapping[str, Any], plan: SizePlan) -> Any:
+        """``x @ dense(factors)`` for x of shape [..., m]; override where a cheaper order exists."""
+        import tensorflow as tf
+
+        w = tf.cast(self.dense(factors, plan), x.dtype)
+        return tf.tensordot(x, w, axes=[[-1], [0]]) if x.shape.rank != 2 else tf.matmul(x, w)
+
+    def low_rank(self, factors: Mapping[str, Any]) -> tuple[Any, Any] | None:
+        """(B, C) with ``W_c = B @ C`` where the method has that form, so convolutions can be split."""
+        return None
+
+    def numpy_dense(self, values: Mapping[str, np.ndarray], plan: SizePlan) -> np.ndarray:
+        """``dense`` on numpy values (for reports); the default runs the TF version eagerly."""
+        import tensorflow as tf
+
+        out = self.dense({k: tf.constant(v) for k, v in values.items()}, plan)
+        return np.asarray(out)
