@@ -21,7 +21,7 @@ import numpy as np
 
 from graphrewrite import blend, views
 from graphrewrite.graph import Graph, Node
-from graphrewrite.model import Entry, FunctionIR, LoadedModel, Variant
+from graphrewrite.model import NO_DEFAULT, Entry, FunctionIR, LoadedModel, Variant
 from graphrewrite.ops import ADAPTERS
 from graphrewrite.plan import RewritePlan, SitePlan, Use
 from graphrewrite.transforms import Transform
@@ -194,12 +194,15 @@ class FunctionBuilder:
                     out = tf.identity(model.variables[fir.reads[name]])
             tensors[f"{name}:0"] = out
 
+        library_imported = False
         for level in range(self.max_level + 1):
             names = self.stage_nodes.get(level, [])
             if names:
                 stage = graph_pb2.GraphDef()
                 stage.versions.CopyFrom(graph.graph_def.versions)
-                stage.library.CopyFrom(graph.graph_def.library)
+                if not library_imported:  # functions stay in the graph for later stages
+                    stage.library.CopyFrom(graph.graph_def.library)
+                    library_imported = True
                 local = set(names)
                 input_map = {}
                 for name in names:
@@ -233,12 +236,17 @@ def _canonical(tensor_name: str) -> str:
 
 
 def _watched_handle(variable: Any) -> Any:
-    """The variable's handle, with the variable marked accessed so an outer tape watches it."""
+    """The variable's captured handle, marked accessed so that an outer tape watches the variable.
+
+    The capture placeholder itself (not an Identity of it) is fed to the imported ops: after a
+    save and reload only placeholders keep their resource handle data, and without it the gradient
+    of a While loop (LSTM) treats the handle as untrainable and returns None.
+    """
     import tensorflow as tf
     from tensorflow.python.eager import tape
 
     tape.variable_accessed(variable)
-    return tf.identity(variable.handle)
+    return tf.compat.v1.get_default_graph().capture(variable.handle)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -310,12 +318,25 @@ def make_callable(entry: Entry, run: Callable[[Variant, list[Any]], list[Any]]) 
 
             return tf.function(positional_fn, input_signature=list(args))
 
+    python_signature = None
+    if entry.parameters is not None:
+        python_signature = inspect.Signature([
+            inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                              default=inspect.Parameter.empty if default is NO_DEFAULT else default)
+            for name, default in entry.parameters])
+
     def dispatch(*call_args: Any, **call_kwargs: Any) -> Any:
+        if python_signature is not None:
+            bound = python_signature.bind(*call_args, **call_kwargs)
+            bound.apply_defaults()
+            call_args, call_kwargs = bound.args, bound.kwargs
         for variant in variants:
             if _matches(variant.input_signature, (call_args, call_kwargs)):
                 return body(variant, _tensor_leaves((call_args, call_kwargs)))
         raise TypeError(f"{entry.name}: no traced variant accepts these arguments")
 
+    if python_signature is not None:
+        dispatch.__signature__ = python_signature  # type: ignore[attr-defined]
     function = tf.function(dispatch)
     for variant in variants:
         args, kwargs = variant.input_signature

@@ -22,9 +22,14 @@ from graphrewrite.tfimport import import_tensorflow_quietly
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 
-def _progress(quiet: bool) -> Callable[[str], None]:
+def _progress(quiet: bool, forced: bool = False) -> Callable[[str], None]:
+    """Progress lines on stderr when it is a terminal (or --progress); never with --quiet.
+
+    Off by default when stderr is a file or pipe, so that a failure there is exactly one line."""
+    show = not quiet and (forced or sys.stderr.isatty())
+
     def report(message: str) -> None:
-        if not quiet:
+        if show:
             click.echo(f"graphrewrite: {message}", err=True)
 
     return report
@@ -85,9 +90,11 @@ def cli() -> None:
 @click.option("--dry-run", is_flag=True, help="print the plan, write nothing")
 @click.option("--json", "as_json", is_flag=True, help="print the result as JSON")
 @click.option("-q", "--quiet", is_flag=True, help="no progress messages on stderr")
+@click.option("--progress", "show_progress", is_flag=True,
+              help="progress messages on stderr even when it is not a terminal")
 def compress(in_model: str, out_model: str, compression_hparams: str | None, method: str | None,
              tag_set: str, allow_unsafe_ops: bool, fast: bool, overwrite: bool, dry_run: bool,
-             as_json: bool, quiet: bool, **values: Any) -> None:
+             as_json: bool, quiet: bool, show_progress: bool, **values: Any) -> None:
     """Rewrite IN_MODEL into OUT_MODEL with compressed, alpha-gated weights."""
     from graphrewrite import pipeline, report
 
@@ -95,7 +102,7 @@ def compress(in_model: str, out_model: str, compression_hparams: str | None, met
     import_tensorflow_quietly()
     result = pipeline.compress(
         in_model, out_model, hp, tags=_tags(tag_set), verify=not fast, overwrite=overwrite,
-        allow_unsafe_ops=allow_unsafe_ops, dry_run=dry_run, progress=_progress(quiet))
+        allow_unsafe_ops=allow_unsafe_ops, dry_run=dry_run, progress=_progress(quiet, show_progress))
     if as_json:
         click.echo(json.dumps(report.compress_json(result), indent=1))
     else:

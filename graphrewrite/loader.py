@@ -21,7 +21,7 @@ from typing import Any
 
 from graphrewrite.errors import InputModelError
 from graphrewrite.graph import Graph
-from graphrewrite.model import Entry, FunctionIR, LoadedModel, VariableInfo, Variant
+from graphrewrite.model import NO_DEFAULT, Entry, FunctionIR, LoadedModel, VariableInfo, Variant
 from graphrewrite.scan import read_saved_model_proto
 
 # tf.keras internals that duplicate __call__; rebuilding them would only bloat the output.
@@ -132,7 +132,7 @@ def _load_object_based(path: str, tags: Sequence[str]) -> LoadedModel:
     for name, child in sorted(_exported_functions(obj).items()):
         variants = [add(f"function:{name}#{i}", cf) for i, cf in enumerate(child.concrete_functions)]
         if variants:
-            entries.append(Entry("function", name, variants))
+            entries.append(Entry("function", name, variants, _parameters(child)))
     if not entries:
         raise InputModelError(f"{path}: the SavedModel exports no signature and no function")
     reg_losses = list(getattr(obj, "regularization_losses", []) or [])
@@ -160,6 +160,17 @@ def _exported_functions(obj: Any) -> dict[str, Any]:
             continue
         found[name] = child
     return found
+
+
+def _parameters(function: Any) -> list[tuple[str, Any]] | None:
+    """The (name, default) parameters of a restored tf.function, or None if not recorded."""
+    spec = getattr(getattr(function, "function_spec", None), "fullargspec", None)
+    if spec is None or spec.varargs or spec.varkw or spec.kwonlyargs:
+        return None
+    args = [a for a in spec.args if a != "self"]
+    defaults = list(spec.defaults or ())
+    required = len(args) - len(defaults)
+    return [(name, NO_DEFAULT if i < required else defaults[i - required]) for i, name in enumerate(args)]
 
 
 def _resource_owners(obj: Any) -> dict[int, Any]:

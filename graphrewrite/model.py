@@ -63,6 +63,11 @@ class Entry:
     kind: str  # "signature" or "function"
     name: str
     variants: list[Variant]
+    # The Python parameters of a function entry: (name, default) pairs, NO_DEFAULT for required.
+    parameters: list[tuple[str, Any]] | None = None
+
+
+NO_DEFAULT = object()
 
 
 @dataclasses.dataclass

@@ -1,0 +1,220 @@
+"""End to end: every kind of SavedModel in, a retrainable low-rank SavedModel out."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from graphrewrite import hparams, manifest
+
+# model -> {variable: (op type, m, n, k)} at rank=200, and the variables skipped with a reason.
+EXPECTED = {
+    "digits_mlp": ({"dense_1/kernel": ("MatMul", 64, 256, 32), "dense_2/kernel": ("MatMul", 256, 128, 64),
+                    "logits/kernel": ("MatMul", 128, 10, 5)}, {}),
+    "digits_cnn": ({"conv_1/kernel": ("Conv2D", 9, 32, 5), "conv_2/kernel": ("Conv2D", 288, 64, 32),
+                    "logits/kernel": ("MatMul", 1024, 10, 5)}, {}),
+    "keras3_multi_input": ({"fa/kernel": ("MatMul", 12, 32, 6), "fb/kernel": ("MatMul", 6, 16, 3),
+                            "head_a/kernel": ("MatMul", 48, 24, 12), "head_b/kernel": ("MatMul", 48, 20, 10)}, {}),
+    "keras3_attention": ({"mha/query/kernel": ("BatchMatMulV2", 32, 64, 16),
+                          "mha/key/kernel": ("BatchMatMulV2", 32, 64, 16),
+                          "mha/value/kernel": ("BatchMatMulV2", 32, 64, 16),
+                          "mha/attention_output/kernel": ("BatchMatMulV2", 64, 32, 16),
+                          "proj/kernel": ("BatchMatMulV2", 32, 48, 16)}, {}),
+    "keras3_mixed_precision": ({"d1/kernel": ("MatMul", 40, 64, 20), "d2/kernel": ("MatMul", 64, 16, 8)}, {}),
+    "keras3_lstm": ({"head/kernel": ("MatMul", 32, 40, 16)},
+                    {"lstm/lstm_cell/kernel": "goes to While", "lstm/lstm_cell/recurrent_kernel": "goes to While"}),
+    "tf_keras_dropout_bn": ({"dense_a/kernel": ("MatMul", 30, 64, 15), "dense_b/kernel": ("MatMul", 64, 20, 10)}, {}),
+    "tf_module_multi_signature": ({"w_t": ("MatMul", 48, 40, 20), "w_e": ("Einsum", 40, 80, 20),
+                                   "w_first": ("MatMul", 40, 30, 15), "kernel": ("Conv2D", 36, 24, 12)}, {}),
+    "tf1_builder": ({"layer1/weights": ("MatMul", 36, 64, 18), "layer2/weights": ("MatMul", 64, 32, 16)}, {}),
+}
+KINDS = sorted(EXPECTED)
+
+
+def outputs(fn, inputs):
+    return {k: v.numpy() for k, v in fn(**{n: tf.constant(x) for n, x in inputs.items()}).items()}
+
+
+@pytest.mark.parametrize("name", KINDS)
+def test_sites_and_skip_reasons(compressed_factory, name):
+    _, out, result, _ = compressed_factory(name, rank=200)
+    sites, skips = EXPECTED[name]
+    got = {s.variable.name: (s.op_type, s.size.m, s.size.n, s.size.k) for s in result.plan.sites}
+    assert got == sites
+    got_skips = {s.variable: s.reason for s in result.plan.skipped}
+    assert set(got_skips) == set(skips)
+    for var, fragment in skips.items():
+        assert fragment in got_skips[var]
+    data = manifest.read_dir(out)
+    assert [s["variable"] for s in data["sites"]] == [s.variable.name for s in result.plan.sites]
+    for s in data["sites"]:
+        op_type, m, n, k = sites[s["variable"]]
+        assert (s["op_type"], s["matrix"], s["k"]) == (op_type, [m, n], k)
+        assert s["params_before"] == m * n and s["params_after"] == k * (m + n)
+        assert s["option"] == 1 and s["method"] == "low_rank"
+        assert not s["variable"].startswith("unknown")
+        assert s["op"] and "StatefulPartitionedCall" not in s["op"]
+    assert data["skipped"] == [{"op": s.op, "op_type": s.op_type, "variable": s.variable,
+                                "shape": list(s.shape), "reason": s.reason} for s in result.plan.skipped]
+    assert data["hparams"]["rank"] == 200
+
+
+@pytest.mark.parametrize("name", KINDS)
+def test_alpha_one_reproduces_every_signature(compressed_factory, name):
+    src, out, result, inputs = compressed_factory(name, rank=200)
+    original = tf.saved_model.load(src)
+    rewritten = tf.saved_model.load(out)
+    assert set(rewritten.signatures) == set(original.signatures) | {"compression_update"}
+    for key, fn in original.signatures.items():
+        new = rewritten.signatures[key]
+        assert new.structured_input_signature[1].keys() == fn.structured_input_signature[1].keys()
+        for k, spec in fn.structured_input_signature[1].items():
+            got = new.structured_input_signature[1][k]
+            assert (got.dtype, got.shape.as_list()) == (spec.dtype, spec.shape.as_list())
+        feed = inputs.get(key) or next(iter(inputs.values()))
+        want, got = outputs(fn, feed), outputs(new, feed)
+        assert want.keys() == got.keys()
+        for k in want:
+            np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-5)
+    assert result.verification["max_rel_diff_alpha0"] > 0  # compression does change something
+
+
+def _loss(model, inputs):
+    total = 0.0
+    for key, feed in inputs.items():
+        out = model.signatures[key](**{n: tf.constant(x) for n, x in feed.items()})
+        total += sum(tf.reduce_sum(tf.cast(v, tf.float32) ** 2) for v in out.values())
+    return total
+
+
+@pytest.mark.parametrize("name", KINDS)
+def test_gradients_reach_every_trainable_weight_and_training_moves_factors(compressed_factory, name):
+    _, out, result, inputs = compressed_factory(name, rank=200)
+    model = tf.saved_model.load(out)
+    for site in model.graphrewrite_sites:
+        site.alpha.assign(0.5)
+    names = [v.name for v in model.trainable_variables]
+    with tf.GradientTape() as tape:
+        loss = _loss(model, inputs)
+    grads = tape.gradient(loss, model.trainable_variables)
+    missing = [n for n, g in zip(names, grads) if g is None]
+    assert not missing
+    before = [s.factors["b"].numpy().copy() for s in model.graphrewrite_sites]
+    tf.keras.optimizers.SGD(1e-3).apply_gradients(zip(grads, model.trainable_variables))
+    after = [s.factors["b"].numpy() for s in model.graphrewrite_sites]
+    assert all(np.abs(a - b).max() > 0 for a, b in zip(after, before))
+
+
+def test_model_contract_attributes(compressed_factory):
+    _, out, result, inputs = compressed_factory("digits_mlp", rank=200)
+    model = tf.saved_model.load(out)
+    assert int(model.global_step.numpy()) == 0
+    assert len(model.graphrewrite_sites) == 3
+    assert list(model.regularization_losses) == []
+    variables = {v.name for v in model.variables}
+    trainable = {v.name for v in model.trainable_variables}
+    assert {"dense_1/kernel:0", "dense_1/kernel/b_matrix:0", "dense_1/kernel/c_matrix:0",
+            "dense_1/kernel/alpha:0", "global_step:0"} <= variables
+    assert "dense_1/kernel/alpha:0" not in trainable and "dense_1/kernel/c_matrix:0" in trainable
+    x = tf.constant(inputs["serving_default"]["pixels"])
+    np.testing.assert_allclose(model(x).numpy(), model.serve(x).numpy())
+    site = model.graphrewrite_sites[0]
+    assert site.weight.name == "dense_1/kernel:0"
+    assert site.factors["b"].shape == (64, 32) and site.factors["c"].shape == (32, 256)
+
+
+def test_initial_factors_are_the_truncated_svd_of_the_weight(compressed_factory):
+    _, out, _, _ = compressed_factory("digits_mlp", rank=200)
+    model = tf.saved_model.load(out)
+    for site in model.graphrewrite_sites:
+        a = site.weight.numpy()
+        b, c = site.factors["b"].numpy(), site.factors["c"].numpy()
+        k = b.shape[1]
+        u, s, vt = np.linalg.svd(a.astype(np.float64), full_matrices=False)
+        np.testing.assert_allclose(b @ c, (u[:, :k] * s[:k]) @ vt[:k], atol=1e-4)
+
+
+def test_alpha_zero_equals_the_factored_model(compressed_factory):
+    _, out, _, inputs = compressed_factory("digits_mlp", rank=200)
+    model = tf.saved_model.load(out)
+    x = inputs["serving_default"]["pixels"]
+    weights = {}
+    for site in model.graphrewrite_sites:
+        site.alpha.assign(0.0)
+        weights[site.weight.name] = site.factors["b"].numpy() @ site.factors["c"].numpy()
+    h = x
+    for layer in ("dense_1", "dense_2", "logits"):
+        kernel = weights[f"{layer}/kernel:0"]
+        bias = next(v for v in model.variables if v.name == f"{layer}/bias:0").numpy()
+        h = h @ kernel + bias
+        if layer != "logits":
+            h = np.maximum(h, 0)
+    np.testing.assert_allclose(model.serve(tf.constant(x)).numpy(), h, rtol=1e-4, atol=1e-4)
+
+
+def test_training_mode_function_of_tf_keras_models_is_kept(compressed_factory):
+    src, out, _, inputs = compressed_factory("tf_keras_dropout_bn", rank=200)
+    original, model = tf.saved_model.load(src), tf.saved_model.load(out)
+    x = tf.constant(inputs["serving_default"]["inputs"])
+    np.testing.assert_allclose(model(x, training=False).numpy(), original(x, training=False).numpy(), atol=1e-5)
+    moving_mean = next(v for v in model.variables if "moving_mean" in v.name)
+    before = moving_mean.numpy().copy()
+    model(x, training=True)  # batch statistics update the moving mean, as in the original
+    assert np.abs(moving_mean.numpy() - before).max() > 0
+
+
+def test_hparams_string_is_recorded(compressed_factory):
+    text = ("name=cifar10_compression,alpha_decrement_value=0.005,begin_compression_step=40000,"
+            "end_compression_step=100000,compression_frequency=100,compression_option=1,use_tpu=True,"
+            "update_option=0,rank=200")
+    expected = hparams.resolve(text)
+    _, out, _, _ = compressed_factory("digits_mlp", **{k: v for k, v in expected.items()})
+    assert manifest.read_dir(out)["hparams"] == expected
+
+
+def test_weights_are_not_embedded_in_the_graph(compressed_factory):
+    # Weights live in the checkpoint only, never as constants in saved_model.pb (2 GB limit).
+    _, out, _, _ = compressed_factory("digits_cnn", rank=200)
+    with open(os.path.join(out, "saved_model.pb"), "rb") as f:
+        proto = f.read()
+    model = tf.saved_model.load(out)
+    floats = [v for v in model.variables if v.dtype == tf.float32 and v.shape.num_elements() >= 64]
+    assert len(floats) >= 8  # 3 kernels, 5 factors (conv_1 bias has 32 values)
+    for v in floats:
+        assert v.numpy().tobytes()[:256] not in proto, v.name
+
+
+def test_saved_model_cli_reads_the_output(compressed_factory):
+    _, out, _, _ = compressed_factory("keras3_multi_input", rank=200)
+    proc = subprocess.run([sys.executable, "-m", "tensorflow.python.tools.saved_model_cli", "show",
+                           "--dir", out, "--all"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "signature_def['serving_default']" in proc.stdout
+    assert "signature_def['compression_update']" in proc.stdout
+    assert "inputs['features']" in proc.stdout and "outputs['score']" in proc.stdout
+
+
+def test_inlining_helper_flattens_nested_functions():
+    from graphrewrite.graph import Graph
+    from graphrewrite.loader import inline_function
+
+    w = tf.Variable(tf.ones([4, 3]))
+
+    @tf.function
+    def inner(x):
+        return tf.matmul(x, w)
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 4])])
+    def outer(x):
+        return inner(x) + 1.0
+
+    graph = Graph(inline_function(outer.get_concrete_function()))
+    ops = {n.op for n in graph}
+    assert "StatefulPartitionedCall" not in ops and "PartitionedCall" not in ops
+    matmul = next(n for n in graph if n.op == "MatMul")
+    assert graph[matmul.data_inputs[1].node].op == "ReadVariableOp"
