@@ -107,6 +107,13 @@ class Transform(abc.ABC):
         w = tf.cast(self.dense(factors, plan), x.dtype)
         return tf.tensordot(x, w, axes=[[-1], [0]]) if x.shape.rank != 2 else tf.matmul(x, w)
 
+    def mask(self, factors: Mapping[str, Any], plan: SizePlan) -> Any | None:
+        """An m x n 0/1 mask applied to the dense path as well (``alpha * (A * M) + ...``), or None.
+
+        Only k-means + pruning (option 8) has one; the compressed path applies it inside ``dense``.
+        """
+        return None
+
     def low_rank(self, factors: Mapping[str, Any]) -> tuple[Any, Any] | None:
         """(B, C) with ``W_c = B @ C`` where the method has that form, so convolutions can be split."""
         return None
