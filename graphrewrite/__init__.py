@@ -21,6 +21,7 @@ _LAZY = {
     "read_manifest": ("graphrewrite.manifest", "read_dir"),
     "CompressionCallback": ("graphrewrite.training", "CompressionCallback"),
     "CompressionHook": ("graphrewrite.training", "CompressionHook"),
+    "RewrittenLayer": ("graphrewrite.training", "RewrittenLayer"),
     "export": ("graphrewrite.export", "export"),
 }
 

@@ -398,7 +398,7 @@ def build(model: LoadedModel, plan: RewritePlan, transform: Transform,
 
     used = [model.variables[k] for k in model.variables]
     new_vars = [v for st in states.values() for v in (*st.factors.values(), st.alpha, st.last_update)]
-    global_step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step",
+    global_step = tf.Variable(0, dtype=tf.int64, trainable=False, name="graphrewrite_global_step",
                               aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
     all_vars = used + new_vars + [global_step]
     root.variables = all_vars
@@ -411,6 +411,10 @@ def build(model: LoadedModel, plan: RewritePlan, transform: Transform,
     update = update_fn_factory(root, plan, transform)
     root.compression_update = update
     signatures["compression_update"] = update.get_concrete_function()
+    # A plain tf.saved_model.save(loaded, dir) keeps only this one as a signature (TensorFlow drops
+    # the others unless given signatures=loaded.signatures).
+    default_key = "serving_default" if "serving_default" in signatures else sorted(signatures)[0]
+    root._default_save_signature = signatures[default_key]
     return Built(root=root, signatures=signatures, states=[states[s.id] for s in plan.sites])
 
 

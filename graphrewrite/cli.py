@@ -88,13 +88,15 @@ def cli() -> None:
 @click.option("--fast", is_flag=True, help="skip reloading and checking the output at alpha = 1")
 @click.option("--overwrite", is_flag=True, help="replace an existing non-empty OUT_MODEL")
 @click.option("--dry-run", is_flag=True, help="print the plan, write nothing")
+@click.option("--allow-larger", is_flag=True,
+              help="also rewrite sites whose compressed form is not smaller (the reference does)")
 @click.option("--json", "as_json", is_flag=True, help="print the result as JSON")
 @click.option("-q", "--quiet", is_flag=True, help="no progress messages on stderr")
 @click.option("--progress", "show_progress", is_flag=True,
               help="progress messages on stderr even when it is not a terminal")
 def compress(in_model: str, out_model: str, compression_hparams: str | None, method: str | None,
              tag_set: str, allow_unsafe_ops: bool, fast: bool, overwrite: bool, dry_run: bool,
-             as_json: bool, quiet: bool, show_progress: bool, **values: Any) -> None:
+             allow_larger: bool, as_json: bool, quiet: bool, show_progress: bool, **values: Any) -> None:
     """Rewrite IN_MODEL into OUT_MODEL with compressed, alpha-gated weights."""
     from graphrewrite import pipeline, report
 
@@ -102,7 +104,8 @@ def compress(in_model: str, out_model: str, compression_hparams: str | None, met
     import_tensorflow_quietly()
     result = pipeline.compress(
         in_model, out_model, hp, tags=_tags(tag_set), verify=not fast, overwrite=overwrite,
-        allow_unsafe_ops=allow_unsafe_ops, dry_run=dry_run, progress=_progress(quiet, show_progress))
+        allow_unsafe_ops=allow_unsafe_ops, dry_run=dry_run, allow_larger=allow_larger,
+        progress=_progress(quiet, show_progress))
     if as_json:
         click.echo(json.dumps(report.compress_json(result), indent=1))
     else:

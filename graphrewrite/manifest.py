@@ -99,8 +99,14 @@ def read_from_object(model: Any) -> dict[str, Any]:
         raise ValueError("this object is not a model rewritten by graphrewrite (no manifest)")
     with tf.init_scope():
         path = asset.asset_path
-        path = path.numpy().decode() if hasattr(path, "numpy") else str(path)
-    return read_file(path)
+        if hasattr(path, "numpy"):
+            value = path.numpy()
+        else:  # loaded into a tf.compat.v1 graph: the asset path is a constant of that graph
+            value = tf.get_static_value(path)
+            if value is None:
+                raise ValueError("cannot read the manifest asset path of this model")
+    value = value.item() if hasattr(value, "item") else value  # numpy bytes scalar
+    return read_file(value.decode() if isinstance(value, bytes) else str(value))
 
 
 def validate(data: Any, where: str) -> None:

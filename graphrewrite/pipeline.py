@@ -66,12 +66,13 @@ def check_output(input_dir: str, output_dir: str, overwrite: bool) -> None:
 
 
 def plan_model(input_dir: str, hparams: Mapping[str, Any], tags: Sequence[str] = ("serve",),
-               allow_unsafe_ops: bool = False, progress: Progress = _quiet) -> tuple[Any, RewritePlan, Any]:
+               allow_unsafe_ops: bool = False, progress: Progress = _quiet,
+               allow_larger: bool = False) -> tuple[Any, RewritePlan, Any]:
     """Scans, loads and plans; returns (loaded model, plan, transform)."""
     from graphrewrite import loader
     from graphrewrite.transforms import make as make_transform
 
-    transform = make_transform(hparams)
+    transform = make_transform(hparams, allow_larger=allow_larger)
     progress(f"scanning {input_dir}")
     found = scan(input_dir)
     meta = found.meta_graph(tags)
@@ -93,7 +94,7 @@ def plan_model(input_dir: str, hparams: Mapping[str, Any], tags: Sequence[str] =
 
 def compress(input_dir: str, output_dir: str, hparams: Mapping[str, Any], *,
              tags: Sequence[str] = ("serve",), verify: bool = True, overwrite: bool = False,
-             allow_unsafe_ops: bool = False, dry_run: bool = False,
+             allow_unsafe_ops: bool = False, dry_run: bool = False, allow_larger: bool = False,
              progress: Progress = _quiet) -> CompressResult:
     """Rewrites ``input_dir`` into ``output_dir`` (see the module docstring).
 
@@ -106,11 +107,12 @@ def compress(input_dir: str, output_dir: str, hparams: Mapping[str, Any], *,
       overwrite: replace an existing non-empty output directory.
       allow_unsafe_ops: load models with file/network/process ops (after a warning).
       dry_run: plan only; write nothing.
+      allow_larger: also rewrite sites whose compressed form is not smaller than the weight.
       progress: called with one-line progress messages.
     """
     if not dry_run:
         check_output(input_dir, output_dir, overwrite)
-    model, plan, transform = plan_model(input_dir, hparams, tags, allow_unsafe_ops, progress)
+    model, plan, transform = plan_model(input_dir, hparams, tags, allow_unsafe_ops, progress, allow_larger)
     if dry_run:
         return CompressResult(None, plan, None, None)
     if transform.option == 0:

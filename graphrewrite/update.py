@@ -145,7 +145,7 @@ def model_handles(model: Any) -> list[SiteHandle]:
     if cached is not None:
         return cached
     data = manifest_lib.read_from_object(model)
-    transform = make_transform(data["hparams"])
+    transform = make_transform(data["hparams"], allow_larger=True)
     schedule = Schedule.from_hparams(data["hparams"])
     handles = []
     for state, site in zip(model.graphrewrite_sites, data["sites"]):

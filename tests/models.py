@@ -173,3 +173,23 @@ BUILDERS = {
     "tf_module_multi_signature": tf_module_multi_signature,
     "tf1_builder": tf1_builder,
 }
+
+
+def matrix_model(path: str, matrices: dict) -> None:
+    """A tf.Module whose signature returns ``x @ W`` for each named weight (all n x n)."""
+    import tensorflow as tf
+
+    class Matrices(tf.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.weights = {k: tf.Variable(np.asarray(v, "float32"), name=k) for k, v in matrices.items()}
+
+    module = Matrices()
+    n = next(iter(matrices.values())).shape[0]
+
+    @tf.function(input_signature=[tf.TensorSpec([None, n], tf.float32, name="x")])
+    def serve(x):
+        return {k: tf.matmul(x, w) for k, w in module.weights.items()}
+
+    module.serve = serve
+    tf.saved_model.save(module, path, signatures={"serving_default": serve})

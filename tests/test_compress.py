@@ -119,7 +119,7 @@ def test_model_contract_attributes(compressed_factory):
     variables = {v.name for v in model.variables}
     trainable = {v.name for v in model.trainable_variables}
     assert {"dense_1/kernel:0", "dense_1/kernel/b_matrix:0", "dense_1/kernel/c_matrix:0",
-            "dense_1/kernel/alpha:0", "global_step:0"} <= variables
+            "dense_1/kernel/alpha:0", "graphrewrite_global_step:0"} <= variables
     assert "dense_1/kernel/alpha:0" not in trainable and "dense_1/kernel/c_matrix:0" in trainable
     x = tf.constant(inputs["serving_default"]["pixels"])
     np.testing.assert_allclose(model(x).numpy(), model.serve(x).numpy())

@@ -21,13 +21,13 @@ REGISTRY: dict[int, type[Transform]] = {t.option: t for t in _ORDERED}
 BY_NAME: dict[str, type[Transform]] = {t.name: t for t in _ORDERED}
 
 
-def make(hparams: Mapping[str, Any]) -> Transform:
+def make(hparams: Mapping[str, Any], allow_larger: bool = False) -> Transform:
     """The method selected by ``hparams['compression_option']``, configured with ``hparams``."""
     option = int(hparams["compression_option"])
     if option not in REGISTRY:
         known = ", ".join(f"{o} ({t.name})" for o, t in REGISTRY.items())
         raise UsageError(f"compression_option={option} is not available; available: {known}")
-    return REGISTRY[option](hparams)
+    return REGISTRY[option](hparams, allow_larger=allow_larger)
 
 
 __all__ = ["BY_NAME", "REGISTRY", "FactorSpec", "Refusal", "SizePlan", "Transform", "make"]

@@ -71,14 +71,17 @@ class Transform(abc.ABC):
 
     Args:
       hparams: the complete, validated hyperparameter dict (graphrewrite.hparams.resolve).
+      allow_larger: also plan sites whose compressed form is not smaller than the weight (the
+        reference compresses those too; graphrewrite refuses them unless asked).
     """
 
     name: ClassVar[str]
     option: ClassVar[int]
     blended: ClassVar[bool] = True
 
-    def __init__(self, hparams: Mapping[str, Any]) -> None:
+    def __init__(self, hparams: Mapping[str, Any], allow_larger: bool = False) -> None:
         self.hparams = dict(hparams)
+        self.allow_larger = allow_larger
 
     @abc.abstractmethod
     def check(self, m: int, n: int) -> SizePlan | Refusal:

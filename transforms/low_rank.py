@@ -55,7 +55,7 @@ class LowRank(Transform):
         rank = int(self.hparams["rank"])
         k = self.choose_k(m, n)
         after = m * k + k * n
-        if after >= m * n:
+        if after >= m * n and not self.allow_larger:
             return Refusal(
                 f"rank={rank} gives k={k} on {m}x{n}: factors ({after} parameters) would not be "
                 f"smaller than the weight ({m * n})"
