@@ -10,9 +10,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("PYTHONHASHSEED", "0")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import pytest  # noqa: E402
-
 import models  # noqa: E402
+import pytest  # noqa: E402
 
 TESTDATA = models.TESTDATA
 

@@ -6,10 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import tensorflow as tf
+from models import matrix_model
 
 import graphrewrite
 from graphrewrite import hparams
-from models import matrix_model
 
 CIFAR_LIKE = dict(name="cifar10_compression", begin_compression_step=1000, end_compression_step=120000,
                   compression_frequency=10, compression_option=1, update_option=0, rank=200)
