@@ -69,14 +69,16 @@ def make_site_state(plan: SitePlan, weight: Any, transform: Transform,
     return _site_state_class()(weight, factors, alpha, last)
 
 
-def site_output(runtime: SiteRuntime, use: Use, node: Node, inputs: list[Any], reads: Mapping[str, Any]) -> Any:
-    """The replacement of one rewritten op (alpha-gated where the method blends)."""
+def site_output(runtime: SiteRuntime, use: Use, node: Node, inputs: list[Any], reads: Mapping[str, Any],
+                export: bool = False) -> Any:
+    """The replacement of one rewritten op: alpha-gated where the method blends, or (``export``)
+    the compressed form alone, which never reads the original weight."""
     import tensorflow as tf
 
     adapter = ADAPTERS[node.op]
     transform, size, pos = runtime.transform, runtime.plan.size, use.operand
-    names = sorted(reads)
-    weight = inputs[pos]
+    names = sorted(n for n in reads if n != "__alpha__")
+    weight = inputs[pos]  # in export mode a TensorSpec: only its shape and dtype are used
     others = [t for i, t in enumerate(inputs) if i != pos]
 
     def with_weight(xs: Sequence[Any], w: Any) -> list[Any]:
@@ -85,7 +87,11 @@ def site_output(runtime: SiteRuntime, use: Use, node: Node, inputs: list[Any], r
         return out
 
     def dense(args: Sequence[Any]) -> Any:
-        return adapter.apply(node, with_weight(args[:-1], args[-1]))
+        w = args[-1]
+        mask = transform.mask(dict(zip(names, args[len(others):-1])), size)
+        if mask is not None:
+            w = w * views.invert_tf(tf.cast(mask, w.dtype), use.op_steps, w.shape.as_list())
+        return adapter.apply(node, with_weight(args[:len(others)], w))
 
     def compressed(args: Sequence[Any]) -> Any:
         xs, factor_values = list(args[: len(others)]), dict(zip(names, args[len(others):]))
@@ -100,56 +106,97 @@ def site_output(runtime: SiteRuntime, use: Use, node: Node, inputs: list[Any], r
         if y is not None:
             return y
         matrix = tf.cast(transform.dense(factor_values, size), weight.dtype)
-        op_steps = use.view[len(use.chain):]
-        w = views.invert_tf(matrix, op_steps, weight.shape.as_list())
+        w = views.invert_tf(matrix, use.op_steps, weight.shape.as_list())
         return adapter.apply(node, with_weight(xs, w))
 
     factor_tensors = [reads[name] for name in names]
-    if not transform.blended:
+    if export or not transform.blended:
         return compressed(others + factor_tensors)
-    return blend.gated(dense, compressed, others + [weight], others + factor_tensors, reads["__alpha__"])
+    has_mask = type(transform).mask is not Transform.mask
+    dense_inputs = others + (factor_tensors if has_mask else []) + [weight]
+    return blend.gated(dense, compressed, dense_inputs, others + factor_tensors, reads["__alpha__"])
 
 
 class FunctionBuilder:
-    """Rebuilds one flat function inside the tf.function being traced (staged import)."""
+    """Rebuilds one flat function inside the tf.function being traced (staged import).
 
-    def __init__(self, fir: FunctionIR, model: LoadedModel, sites: Mapping[str, tuple[SiteRuntime, Use]]) -> None:
+    Args:
+      fir: the flat function.
+      model: what its variables and captures resolve to.
+      sites: op node name -> (site runtime, use) for every rewritten op of this function.
+      export: build the compressed form alone: the reads of compressed weights, their wrappers and
+        everything only they feed are left out, so the original weights are not even captured.
+    """
+
+    def __init__(self, fir: FunctionIR, model: LoadedModel, sites: Mapping[str, tuple[SiteRuntime, Use]],
+                 export: bool = False) -> None:
         self.fir = fir
         self.model = model
         self.sites = dict(sites)
+        self.export = export
         graph = fir.graph
+        self.live = self._live_nodes()
         input_nodes = {name.split(":")[0] for name in fir.inputs}
         controlled_reads = {n for n in fir.reads if any(e.control for e in graph[n].inputs)}
-        self.provided = input_nodes | set(fir.handles) | set(fir.captures) | (set(fir.reads) - controlled_reads)
-        self.python_nodes = controlled_reads | set(self.sites)
+        self.provided = self.live & (input_nodes | set(fir.handles) | set(fir.captures)
+                                     | (set(fir.reads) - controlled_reads))
+        self.python_nodes = self.live & (controlled_reads | set(self.sites))
+        order = [n for n in graph.topological_order() if n in self.live]
         level: dict[str, int] = {}
-        for name in graph.topological_order():
-            if name in self.provided:
-                level[name] = 0
-                continue
-            level[name] = max(
-                (level[e.node] + (1 if e.node in self.python_nodes else 0) for e in graph[name].inputs),
-                default=0)
-        self.levels = level
+        for name in order:
+            level[name] = 0 if name in self.provided else max(
+                (level[e.node] + (1 if e.node in self.python_nodes else 0)
+                 for e in self._edges(graph[name])), default=0)
         self.max_level = max(level.values(), default=0)
         self.stage_nodes: dict[int, list[str]] = {}
         self.stage_python: dict[int, list[str]] = {}
-        for name in graph.topological_order():
-            if name in self.provided:
-                continue
-            bucket = self.stage_python if name in self.python_nodes else self.stage_nodes
-            bucket.setdefault(level[name], []).append(name)
+        for name in order:
+            if name not in self.provided:
+                bucket = self.stage_python if name in self.python_nodes else self.stage_nodes
+                bucket.setdefault(level[name], []).append(name)
         # What each stage must hand on: tensors and ops read by later stages, Python nodes, outputs.
         self.exports: dict[int, set[str]] = {}
         imported = {n for names in self.stage_nodes.values() for n in names}
-        consumers_of = [(graph[n], e) for n in graph.nodes for e in graph[n].inputs]
-        for node, edge in consumers_of:
-            if edge.node in imported and (node.name not in imported or level[node.name] != level[edge.node]):
-                self.exports.setdefault(level[edge.node], set()).add(edge.node if edge.control else edge.tensor)
+        for name in order:
+            for edge in self._edges(graph[name]):
+                if edge.node in imported and (name not in imported or level[name] != level[edge.node]):
+                    self.exports.setdefault(level[edge.node], set()).add(edge.node if edge.control else edge.tensor)
         for name in fir.outputs:
             node = name.split(":")[0]
             if node in imported:
                 self.exports.setdefault(level[node], set()).add(_canonical(name))
+
+    def _dead(self) -> set[str]:
+        """In export mode: reads of compressed weights and the wrappers between them and their ops."""
+        if not self.export:
+            return set()
+        graph, fir = self.fir.graph, self.fir
+        compressed = {use.variable for _, use in self.sites.values()}
+        dead = {n for n, k in {**fir.reads, **fir.handles}.items() if k in compressed}
+        stack = list(dead)
+        while stack:
+            for consumer, _ in graph.data_consumers(stack.pop()):
+                if consumer.name not in self.sites and consumer.name not in dead:
+                    dead.add(consumer.name)
+                    stack.append(consumer.name)
+        return dead
+
+    def _edges(self, node: Node) -> list[Any]:
+        """The inputs a node keeps: all of them, less (in export mode) those from dead nodes."""
+        return [e for e in node.inputs if e.node not in self._dead_nodes]
+
+    def _live_nodes(self) -> set[str]:
+        graph = self.fir.graph
+        self._dead_nodes = self._dead()
+        live: set[str] = set()
+        stack = [name.split(":")[0] for name in self.fir.outputs]
+        while stack:
+            name = stack.pop()
+            if name in live or name in self._dead_nodes:
+                continue
+            live.add(name)
+            stack.extend(e.node for e in graph[name].inputs)
+        return live
 
     def __call__(self, flat_inputs: Sequence[Any], site_reads: Mapping[str, Mapping[str, Any]]) -> list[Any]:
         import tensorflow as tf
@@ -162,16 +209,18 @@ class FunctionBuilder:
             tensors[_canonical(name)] = value
         handle_of, read_of = {}, {}
         for node, key in fir.handles.items():
-            if key not in handle_of:
-                handle_of[key] = _watched_handle(model.variables[key])
-            tensors[f"{node}:0"] = handle_of[key]
+            if node in self.provided:
+                if key not in handle_of:
+                    handle_of[key] = _watched_handle(model.variables[key])
+                tensors[f"{node}:0"] = handle_of[key]
         for node, key in fir.reads.items():
             if node in self.provided:
                 if key not in read_of:
                     read_of[key] = tf.identity(model.variables[key])
                 tensors[f"{node}:0"] = read_of[key]
         for node, index in fir.captures.items():
-            tensors[f"{node}:0"] = tf.identity(model.captured[index])
+            if node in self.provided:
+                tensors[f"{node}:0"] = tf.identity(model.captured[index])
 
         def control_tensor(name: str) -> Any:
             if name in ops:
@@ -184,12 +233,15 @@ class FunctionBuilder:
 
         def python_node(name: str) -> None:
             node = graph[name]
-            data = [tensors[e.tensor] for e in node.data_inputs]
-            controls = [control_tensor(e.node) for e in node.inputs if e.control]
+            edges = self._edges(node)
+            data = [tensors[e.tensor] if e.tensor in tensors else None for e in node.inputs if not e.control]
+            controls = [control_tensor(e.node) for e in edges if e.control]
             with tf.control_dependencies(controls):
                 if name in self.sites:
                     runtime, use = self.sites[name]
-                    out = site_output(runtime, use, node, data, site_reads[runtime.plan.id])
+                    if self.export:
+                        data[use.operand] = _weight_spec(runtime, use, node)
+                    out = site_output(runtime, use, node, data, site_reads[runtime.plan.id], self.export)
                 else:
                     out = tf.identity(model.variables[fir.reads[name]])
             tensors[f"{name}:0"] = out
@@ -211,7 +263,11 @@ class FunctionBuilder:
                     proto.device = ""
                     if "_class" in proto.attr:
                         del proto.attr["_class"]
-                    for edge in graph[name].inputs:
+                    kept = self._edges(graph[name])
+                    if len(kept) != len(graph[name].inputs):
+                        del proto.input[:]
+                        proto.input.extend(e.tensor for e in kept)
+                    for edge in kept:
                         if edge.node in local:
                             continue
                         if edge.control:
@@ -229,6 +285,14 @@ class FunctionBuilder:
             for name in self.stage_python.get(level, []):
                 python_node(name)
         return [tensors[_canonical(name)] for name in fir.outputs]
+
+
+def _weight_spec(runtime: SiteRuntime, use: Use, node: Node) -> Any:
+    """Shape and dtype of a rewritten op's weight operand, without reading the weight."""
+    import tensorflow as tf
+
+    shape = views.shape_after(runtime.plan.variable.shape, use.chain)
+    return tf.TensorSpec(shape, tf.as_dtype(node.attr("T")))
 
 
 def _canonical(tensor_name: str) -> str:
@@ -350,64 +414,68 @@ class Built:
 
     root: Any
     signatures: dict[str, Any]
-    states: list[Any]
 
 
-def build(model: LoadedModel, plan: RewritePlan, transform: Transform,
-          initial: Mapping[str, Mapping[str, np.ndarray]], update_fn_factory: Callable[..., Any]) -> Built:
-    """Creates site variables, rebuilds every exported callable, and assembles the root object."""
+def _rebuild(model: LoadedModel, plan: RewritePlan, runtimes: Mapping[str, SiteRuntime],
+             export: bool) -> tuple[Any, dict[str, Any], list[Any]]:
+    """A root holding every exported callable rebuilt; returns (root, signatures, variables used)."""
     import tensorflow as tf
-
-    states = {}
-    runtimes: dict[str, SiteRuntime] = {}
-    for site in plan.sites:
-        weight = model.variables[site.variable.key]
-        states[site.id] = make_site_state(site, weight, transform, initial[site.id])
-        runtimes[site.id] = SiteRuntime(site, states[site.id], transform)
 
     builders: dict[str, FunctionBuilder] = {}
     for key, fir in model.functions.items():
         bound = {use.op: (runtimes[site.id], use) for site in plan.sites for use in site.uses
                  if use.function == key}
-        builders[key] = FunctionBuilder(fir, model, bound)
+        builders[key] = FunctionBuilder(fir, model, bound, export)
 
     def run(variant: Variant, flat: list[Any]) -> list[Any]:
         builder = builders[variant.function]
-        needed = {rt.plan.id for rt, _ in builder.sites.values()}
         reads = {}
-        for site_id in sorted(needed):
-            state = states[site_id]
+        for site_id in sorted({rt.plan.id for rt, _ in builder.sites.values()}):
+            state = runtimes[site_id].state
             values = {name: tf.identity(v) for name, v in state.factors.items()}
-            values["__alpha__"] = tf.identity(state.alpha)
+            if not export:
+                values["__alpha__"] = tf.identity(state.alpha)
             reads[site_id] = values
         return builder(flat, reads)
 
     root = tf.__internal__.tracking.AutoTrackable()
     signatures = {}
-    callables = {}
     for entry in model.entries:
         fn = make_callable(entry, run)
         if entry.kind == "signature":
-            signatures[entry.name] = fn.get_concrete_function()
+            signatures[entry.name] = fn
         else:
-            callables[entry.name] = fn
-    for name, fn in callables.items():
-        setattr(root, name, fn)
-    if "__call__" not in callables:
-        root.__call__ = callables.get("serve") or _signature_call(model, signatures)
+            setattr(root, entry.name, fn)
+    if not any(e.kind == "function" and e.name == "__call__" for e in model.entries):
+        default = signatures.get("serving_default") or signatures[sorted(signatures)[0]]
+        root.__call__ = getattr(root, "serve", None) or default
+    concrete = {key: fn.get_concrete_function() for key, fn in signatures.items()}
+    used_keys = {k for b in builders.values() for n, k in {**b.fir.reads, **b.fir.handles}.items() if n in b.live}
+    used_keys |= {k for b in builders.values() for n, k in b.fir.reads.items() if n in b.python_nodes}
+    used = [model.variables[k] for k in model.variables if k in used_keys]
+    return root, concrete, used
 
-    used = [model.variables[k] for k in model.variables]
-    new_vars = [v for st in states.values() for v in (*st.factors.values(), st.alpha, st.last_update)]
+
+def build(model: LoadedModel, plan: RewritePlan, transform: Transform,
+          initial: Mapping[str, Mapping[str, np.ndarray]], update_fn_factory: Callable[..., Any]) -> Built:
+    """The rewritten model: site variables, every callable rebuilt with alpha-gated ops, the update."""
+    import tensorflow as tf
+
+    runtimes = {}
+    for site in plan.sites:
+        state = make_site_state(site, model.variables[site.variable.key], transform, initial[site.id])
+        runtimes[site.id] = SiteRuntime(site, state, transform)
+    root, signatures, used = _rebuild(model, plan, runtimes, export=False)
+    states = [runtimes[s.id].state for s in plan.sites]
+    new_vars = [v for st in states for v in (*st.factors.values(), st.alpha, st.last_update)]
     global_step = tf.Variable(0, dtype=tf.int64, trainable=False, name="graphrewrite_global_step",
                               aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
-    all_vars = used + new_vars + [global_step]
-    root.variables = all_vars
-    root.trainable_variables = [v for v in all_vars if v.trainable]
-    root.non_trainable_variables = [v for v in all_vars if not v.trainable]
+    _set_variables(root, used + new_vars + [global_step])
     root.regularization_losses = list(model.regularization_losses)
     root.global_step = global_step
-    root.graphrewrite_sites = [states[s.id] for s in plan.sites]
+    root.graphrewrite_sites = states
     root.graphrewrite_resources = list(model.resources)
+    root.graphrewrite_source_variables = list(model.variables.values())
     update = update_fn_factory(root, plan, transform)
     root.compression_update = update
     signatures["compression_update"] = update.get_concrete_function()
@@ -415,16 +483,24 @@ def build(model: LoadedModel, plan: RewritePlan, transform: Transform,
     # the others unless given signatures=loaded.signatures).
     default_key = "serving_default" if "serving_default" in signatures else sorted(signatures)[0]
     root._default_save_signature = signatures[default_key]
-    return Built(root=root, signatures=signatures, states=[states[s.id] for s in plan.sites])
+    return Built(root=root, signatures=signatures)
 
 
-def _signature_call(model: LoadedModel, signatures: Mapping[str, Any]) -> Any:
-    """``__call__`` for models without one: the default signature, called with keyword tensors."""
-    key = "serving_default" if "serving_default" in signatures else sorted(signatures)[0]
-    concrete = signatures[key]
-    import tensorflow as tf
+def build_export(model: LoadedModel, plan: RewritePlan, transform: Transform, states: Sequence[Any]) -> Built:
+    """The final model: every callable rebuilt with the compressed forms alone (no A, no alpha)."""
+    runtimes = {site.id: SiteRuntime(site, state, transform) for site, state in zip(plan.sites, states)}
+    root, signatures, used = _rebuild(model, plan, runtimes, export=True)
+    factors = [v for state in states for v in state.factors.values()]
+    _set_variables(root, used + factors)
+    root.regularization_losses = []
+    root.graphrewrite_resources = list(model.resources)
+    return Built(root=root, signatures=signatures)
 
-    return tf.function(lambda *args, **kwargs: concrete(*args, **kwargs))
+
+def _set_variables(root: Any, variables: list[Any]) -> None:
+    root.variables = variables
+    root.trainable_variables = [v for v in variables if v.trainable]
+    root.non_trainable_variables = [v for v in variables if not v.trainable]
 
 
 def factorize_all(model: LoadedModel, plan: RewritePlan, transform: Transform,
@@ -440,4 +516,4 @@ def factorize_all(model: LoadedModel, plan: RewritePlan, transform: Transform,
     return out
 
 
-__all__ = ["Built", "FunctionBuilder", "Graph", "build", "factorize_all", "make_callable"]
+__all__ = ["Built", "FunctionBuilder", "Graph", "build", "build_export", "factorize_all", "make_callable"]

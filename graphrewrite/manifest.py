@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from typing import Any
 
 from graphrewrite import views
 from graphrewrite.errors import InputModelError
-from graphrewrite.plan import RewritePlan, display_op
+from graphrewrite.model import VariableInfo
+from graphrewrite.plan import RewritePlan, Use, display_op
 from graphrewrite.scan import MANIFEST_ASSET
 
 FORMAT = "graphrewrite-manifest"
@@ -31,6 +33,7 @@ def build(plan: RewritePlan, source: str, kind: str, tool_version: str,
             "ops": sorted({display_op(u.op) for u in site.uses}),
             "op_type": site.op_type,
             "variable": site.variable.name,
+            "variable_key": site.variable.key,
             "option": int(plan.hparams["compression_option"]),
             "method": plan.method,
             "shape": list(site.variable.shape),
@@ -41,7 +44,9 @@ def build(plan: RewritePlan, source: str, kind: str, tool_version: str,
             "params_before": site.size.params_before,
             "params_after": site.size.params_after,
             "details": dict(site.size.details),
-            "uses": [{"function": u.function, "node": u.op, "op_type": u.op_type} for u in site.uses],
+            "uses": [{"function": u.function, "node": u.op, "op_type": u.op_type, "operand": u.operand,
+                      "chain": views.to_json(u.chain), "op_steps": views.to_json(u.op_steps)}
+                     for u in site.uses],
         })
     skipped = [{"op": s.op, "op_type": s.op_type, "variable": s.variable, "shape": list(s.shape),
                 "reason": s.reason} for s in plan.skipped]
@@ -64,6 +69,28 @@ def build(plan: RewritePlan, source: str, kind: str, tool_version: str,
             "ratio": (after / before) if before else 1.0,
         },
     }
+
+
+def plan_from(data: dict[str, Any], infos: Mapping[str, VariableInfo], transform: Any) -> RewritePlan:
+    """The RewritePlan a manifest records (for export), with ``infos`` keyed by variable key."""
+    from graphrewrite.plan import SitePlan
+    from graphrewrite.transforms import SizePlan
+
+    sites = []
+    try:
+        for site in data["sites"]:
+            info = infos[site["variable_key"]]
+            uses = tuple(
+                Use(u["function"], u["node"], u["op_type"], int(u["operand"]), info.key,
+                    views.from_json(u["chain"]), views.from_json(u["op_steps"]), views.from_json(site["view"]),
+                    int(site["matrix"][0]), int(site["matrix"][1]))
+                for u in site["uses"])
+            size = SizePlan(int(site["matrix"][0]), int(site["matrix"][1]), site["k"], int(site["params_after"]),
+                            dict(site.get("details", {})))
+            sites.append(SitePlan(site["id"], info, uses, views.from_json(site["view"]), size))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise InputModelError(f"damaged graphrewrite manifest ({type(exc).__name__}: {exc})") from None
+    return RewritePlan(tuple(sites), (), dict(data["hparams"]), data.get("method", transform.name))
 
 
 def write(data: dict[str, Any], path: str) -> None:

@@ -35,7 +35,8 @@ class Use:
       operand: input position of the weight.
       variable: variable key.
       chain: view steps from the variable to the op's weight operand (Reshape/Transpose wrappers).
-      view: view steps from the variable to the matrix W (chain + the op's own steps).
+      op_steps: view steps from the weight operand to the matrix W (the op's own).
+      view: view steps from the variable to the matrix W (chain + op_steps, simplified).
       m, n: shape of W.
     """
 
@@ -45,6 +46,7 @@ class Use:
     operand: int
     variable: str
     chain: View
+    op_steps: View
     view: View
     m: int
     n: int
@@ -100,8 +102,8 @@ def match_function(fir: FunctionIR, infos: dict[str, VariableInfo]) -> tuple[lis
                     blockers.append(Blocker(fir.key, consumer.name, consumer.op, key, described, True))
                     continue
                 view = simplify(chain + described.steps, info.shape)
-                uses.append(Use(fir.key, consumer.name, consumer.op, pos, key, chain, view,
-                                described.m, described.n))
+                uses.append(Use(fir.key, consumer.name, consumer.op, pos, key, chain, described.steps,
+                                view, described.m, described.n))
     for handle, key in fir.handles.items():
         for consumer, _ in graph.data_consumers(handle):
             if consumer.name in fir.reads or consumer.name in fir.handles:

@@ -141,10 +141,15 @@ def compress(input_dir: str, output_dir: str, hparams: Mapping[str, Any], *,
         nonlocal verification
         import tensorflow as tf
 
+        from graphrewrite import irstore
+
         with tempfile.TemporaryDirectory(prefix="graphrewrite-manifest-") as scratch:
             path = os.path.join(scratch, MANIFEST_ASSET)
             manifest_lib.write(data, path)
             built.root.graphrewrite_manifest = tf.saved_model.Asset(path)
+            ir_path = os.path.join(scratch, irstore.ASSET)
+            irstore.write(model, ir_path)
+            built.root.graphrewrite_ir = tf.saved_model.Asset(ir_path)
             progress(f"saving to {output_dir}")
             try:
                 tf.saved_model.save(built.root, tmp, signatures=built.signatures,

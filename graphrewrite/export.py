@@ -1,0 +1,193 @@
+"""``export``: the final model, with only the compressed factors.
+
+A rewritten model still carries each original weight A, alpha, the global step and the update
+function. Export rebuilds every signature and function from the source functions kept inside the
+rewritten model (graphrewrite.irstore), putting each site's compressed form alone in place of the
+op (``(x @ B) @ C`` for low rank, a kh x kw x cin -> k convolution followed by a 1 x 1 one for
+Conv2D, codebook lookups for k-means, ...), with the fine-tuned factor values. The weights that were
+not compressed are carried over. Its outputs equal the rewritten model's at alpha = 0.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from graphrewrite import irstore
+from graphrewrite import manifest as manifest_lib
+from graphrewrite.errors import (
+    ExportRefusedError,
+    InputModelError,
+    UnsafeModelError,
+    VerificationError,
+)
+from graphrewrite.model import LoadedModel, VariableInfo
+from graphrewrite.pipeline import _atomic_write, _max_diff, _quiet, check_output, sample_inputs
+from graphrewrite.scan import scan
+
+Progress = Callable[[str], None]
+
+
+@dataclasses.dataclass
+class ExportResult:
+    """What ``export`` wrote and measured."""
+
+    output: str
+    sites: int
+    params_before: int
+    params_after: int
+    bytes_before: int
+    bytes_after: int
+    max_alpha: float
+    output_shift: float | None  # max relative change vs the tuned model as it was (--force only)
+    max_rel_diff_alpha0: float | None  # vs the tuned model at alpha = 0 (verification)
+
+
+def _load_tuned(path: str, tags: Sequence[str], checkpoint: str | None, allow_unsafe_ops: bool) -> tuple[Any, dict]:
+    import tensorflow as tf
+
+    found = scan(path)
+    meta = found.meta_graph(tags)
+    if meta.findings and not allow_unsafe_ops:
+        raise UnsafeModelError(f"{path}: refusing a model with unsafe ops: {meta.findings[0]}")
+    data = manifest_lib.read_dir(path)
+    if data is None:
+        raise InputModelError(f"{path}: not a model rewritten by graphrewrite (no manifest)")
+    try:
+        tuned = tf.saved_model.load(path, tags=list(tags))
+    except (tf.errors.OpError, ValueError, KeyError, OSError) as exc:
+        raise InputModelError(f"{path}: cannot load the SavedModel ({str(exc).splitlines()[0][:300]})") from None
+    for attr in ("graphrewrite_sites", "graphrewrite_source_variables", "graphrewrite_ir"):
+        if not hasattr(tuned, attr):
+            raise InputModelError(f"{path}: the rewritten model lost its '{attr}' (was it re-saved whole?)")
+    if checkpoint is not None:
+        _restore(tuned, checkpoint)
+    return tuned, data
+
+
+def _restore(tuned: Any, checkpoint: str) -> None:
+    """Restores ``tf.train.Checkpoint(model=loaded)`` (or ``root=``) into the loaded model."""
+    import tensorflow as tf
+
+    path = tf.train.latest_checkpoint(checkpoint) if os.path.isdir(checkpoint) else checkpoint
+    if not path:
+        raise InputModelError(f"{checkpoint}: no checkpoint found")
+    errors = []
+    for key in ("model", "root"):
+        try:
+            status = tf.train.Checkpoint(**{key: tuned}).read(path)
+            status.assert_existing_objects_matched()
+            status.expect_partial()
+            return
+        except (AssertionError, ValueError, tf.errors.OpError) as exc:
+            errors.append(str(exc).splitlines()[0][:200])
+    raise InputModelError(f"{checkpoint}: not a checkpoint of this model ({errors[0]})")
+
+
+def _source_model(tuned: Any, data: dict, path: str) -> LoadedModel:
+    import tensorflow as tf
+
+    with tf.init_scope():
+        ir_path = tuned.graphrewrite_ir.asset_path.numpy().decode()
+    variables = list(tuned.graphrewrite_source_variables)
+    resources = list(getattr(tuned, "graphrewrite_resources", []))
+    functions, entries, captured, by_key = irstore.load(irstore.read(ir_path), variables, resources)
+    infos = {key: VariableInfo(key, v.name.split(":")[0], tuple(v.shape), v.dtype.name, v.trainable)
+             for key, v in by_key.items()}
+    return LoadedModel(path=path, kind=data["source"].get("kind", ""), variables=by_key, infos=infos,
+                       functions=functions, entries=entries, captured=captured, resources=resources,
+                       regularization_losses=[], source=tuned,
+                       signature_functions=dict(tuned.signatures.items()))
+
+
+def export(tuned_dir: str, output_dir: str, *, checkpoint: str | None = None, force: bool = False,
+           verify: bool = True, overwrite: bool = False, tags: Sequence[str] = ("serve",),
+           allow_unsafe_ops: bool = False, progress: Progress = _quiet) -> ExportResult:
+    """Writes the final compressed model of a (fine-tuned) rewritten model.
+
+    Args:
+      tuned_dir: a rewritten model, as written by compress or re-saved after fine-tuning.
+      output_dir: where the final model goes.
+      checkpoint: a ``tf.train.Checkpoint(model=loaded)`` to restore into it first.
+      force: export although some alpha > 0 (reports how far the outputs move).
+      verify: reload the output and compare it with the rewritten model at alpha = 0.
+    """
+    import tensorflow as tf
+
+    from graphrewrite.build import build_export
+    from graphrewrite.transforms import make as make_transform
+
+    check_output(tuned_dir, output_dir, overwrite)
+    progress(f"loading {tuned_dir}")
+    tuned, data = _load_tuned(tuned_dir, tags, checkpoint, allow_unsafe_ops)
+    transform = make_transform(data["hparams"], allow_larger=True)
+    states = list(tuned.graphrewrite_sites)
+    alphas = [float(s.alpha.numpy()) for s in states] if transform.blended else []
+    max_alpha = max(alphas, default=0.0)
+    if max_alpha > 0 and not force:
+        busy = sum(a > 0 for a in alphas)
+        raise ExportRefusedError(
+            f"{tuned_dir}: alpha is still {max_alpha:.4g} at {busy} of {len(alphas)} sites; fine-tune "
+            "until alpha = 0, or pass --force to export the compressed form anyway")
+    model = _source_model(tuned, data, tuned_dir)
+    plan = manifest_lib.plan_from(data, model.infos, transform)
+    progress("building the compressed functions")
+    built = build_export(model, plan, transform, states)
+    report: dict[str, Any] = {}
+
+    def write(tmp: str) -> None:
+        progress(f"saving to {output_dir}")
+        tf.saved_model.save(built.root, tmp, signatures=built.signatures)
+        if verify:
+            progress("verifying against the rewritten model at alpha = 0")
+            report.update(_compare(tuned, tmp, alphas))
+
+    _atomic_write(output_dir, overwrite, write)
+    before = sum(int(np.prod(v.shape)) for v in tuned.variables)
+    after = sum(int(np.prod(v.shape)) for v in built.root.variables)
+    return ExportResult(
+        output=output_dir, sites=len(plan.sites), params_before=before, params_after=after,
+        bytes_before=_dir_bytes(os.path.join(tuned_dir, "variables")),
+        bytes_after=_dir_bytes(os.path.join(output_dir, "variables")), max_alpha=max_alpha,
+        output_shift=report.get("shift"), max_rel_diff_alpha0=report.get("alpha0"))
+
+
+def _compare(tuned: Any, exported_dir: str, alphas: list[float]) -> dict[str, float]:
+    """Max relative differences: exported vs tuned at alpha = 0 (must be ~0) and vs tuned as is."""
+    import tensorflow as tf
+
+    exported = tf.saved_model.load(exported_dir)
+    worst0, shift = 0.0, 0.0
+    for key, original in sorted(tuned.signatures.items()):
+        if key == "compression_update" or key not in exported.signatures:
+            continue
+        inputs = sample_inputs(original.structured_input_signature[1])
+        if inputs is None:
+            continue
+        got = exported.signatures[key](**inputs)
+        as_is = original(**inputs)
+        for state in tuned.graphrewrite_sites:
+            state.alpha.assign(0.0)
+        at_zero = original(**inputs)
+        for state, alpha in zip(tuned.graphrewrite_sites, alphas):
+            state.alpha.assign(alpha)
+        for out in at_zero:
+            diff, rel = _max_diff(at_zero[out], got[out])
+            if not (rel <= 1e-4 or diff <= 1e-5):
+                raise VerificationError(
+                    f"signature {key!r} output {out!r} of the exported model differs from the rewritten "
+                    f"model at alpha = 0 (max abs diff {diff:.3g}, relative {rel:.3g})")
+            worst0 = max(worst0, rel)
+            shift = max(shift, _max_diff(as_is[out], got[out])[1])
+    return {"alpha0": worst0, "shift": shift}
+
+
+def _dir_bytes(path: str) -> int:
+    total = 0
+    for base, _, files in os.walk(path):
+        total += sum(os.path.getsize(os.path.join(base, f)) for f in files)
+    return total
