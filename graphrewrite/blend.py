@@ -36,7 +36,8 @@ def _grads(path: Path, xs: Sequence[Any], dy: Any) -> list[Any]:
                         unconnected_gradients=tf.UnconnectedGradients.ZERO)
     out: list[Any] = [None] * len(xs)
     for i, g in zip(floats, got):
-        out[i] = g
+        # Both cond branches must return dense tensors (a gather's gradient is IndexedSlices).
+        out[i] = tf.convert_to_tensor(g)
     return out
 
 

@@ -96,7 +96,7 @@ def site_output(runtime: SiteRuntime, use: Use, node: Node, inputs: list[Any], r
     def compressed(args: Sequence[Any]) -> Any:
         xs, factor_values = list(args[: len(others)]), dict(zip(names, args[len(others):]))
         full = with_weight(xs, weight)
-        pair = transform.low_rank(factor_values)
+        pair = transform.low_rank(factor_values, size)
         if pair is not None:
             b, c = (tf.cast(t, weight.dtype) for t in pair)
             y = adapter.apply_low_rank(node, full, pos, b, c)
@@ -125,7 +125,8 @@ class FunctionBuilder:
       model: what its variables and captures resolve to.
       sites: op node name -> (site runtime, use) for every rewritten op of this function.
       export: build the compressed form alone: the reads of compressed weights, their wrappers and
-        everything only they feed are left out, so the original weights are not even captured.
+        everything only they feed are left out, so the original weights are not even captured
+        (methods without alpha are built that way in the rewritten model too: A is not trained).
     """
 
     def __init__(self, fir: FunctionIR, model: LoadedModel, sites: Mapping[str, tuple[SiteRuntime, Use]],
@@ -167,11 +168,13 @@ class FunctionBuilder:
                 self.exports.setdefault(level[node], set()).add(_canonical(name))
 
     def _dead(self) -> set[str]:
-        """In export mode: reads of compressed weights and the wrappers between them and their ops."""
-        if not self.export:
-            return set()
+        """Reads of weights the rebuilt ops no longer read, and the wrappers between them and their
+        ops: every compressed weight in export mode, else those of methods without alpha."""
         graph, fir = self.fir.graph, self.fir
-        compressed = {use.variable for _, use in self.sites.values()}
+        compressed = {use.variable for runtime, use in self.sites.values()
+                      if self.export or not runtime.transform.blended}
+        if not compressed:
+            return set()
         dead = {n for n, k in {**fir.reads, **fir.handles}.items() if k in compressed}
         stack = list(dead)
         while stack:
@@ -239,7 +242,7 @@ class FunctionBuilder:
             with tf.control_dependencies(controls):
                 if name in self.sites:
                     runtime, use = self.sites[name]
-                    if self.export:
+                    if self.export or not runtime.transform.blended:
                         data[use.operand] = _weight_spec(runtime, use, node)
                     out = site_output(runtime, use, node, data, site_reads[runtime.plan.id], self.export)
                 else:

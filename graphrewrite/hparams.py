@@ -98,6 +98,7 @@ HPARAMS: tuple[HParam, ...] = (
     _P("is_d_matrix_trainable", True, "D factor (input/output compression) is trainable"),
     _P("is_c_matrix_present", True, "accepted for compatibility; set by each method itself"),
     _P("use_lsh", False, "dictionary learning: initialise codes with LSH instead of a KD-tree kNN"),
+    _P("n_iterations", 8, "dictionary learning: least-squares/OMP rounds (the reference's argument, there 1)"),
     _P("num_rows", 10, "accepted for compatibility (used only by the reference's default_matrix())"),
     _P("num_cols", 10, "accepted for compatibility (used only by the reference's default_matrix())"),
     _P("compressor_option", 0, "accepted for compatibility (unused by the reference)"),
@@ -231,7 +232,7 @@ def validate(values: Mapping[str, Any]) -> None:
         raise UsageError(f"hyperparameter rank must be a positive integer, got {values['rank']}")
     if not 0.0 <= values["pruning_fraction"] <= 1.0:
         raise UsageError("hyperparameter pruning_fraction must be in [0, 1]")
-    for key in ("block_size", "input_compression_factor", "input_block_size",
+    for key in ("block_size", "n_iterations", "input_compression_factor", "input_block_size",
                 "output_compression_factor", "output_block_size", "block_compression_factor",
                 "compression_factor", "num_bases", "compression_frequency", "pruning_frequency"):
         if values[key] < 1:

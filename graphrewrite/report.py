@@ -98,10 +98,20 @@ def compress_text(result: Any, source: str) -> str:
                      f"(ratio {after / max(before, 1):.3f})")
     else:
         lines.append("no weight was rewritten" + (f" ({plan.skipped[0].reason})" if plan.skipped else ""))
+    stored = [s.size.details.get("bytes_after") for s in plan.sites]
+    if plan.sites and all(b is not None for b in stored):
+        lines.append(f"stored bytes of the rewritten weights: {4 * before:,} -> {sum(stored):,} "
+                     f"(ratio {sum(stored) / max(4 * before, 1):.3f})")
+    from graphrewrite.transforms import BY_NAME
+
     ver = result.verification
-    if ver is not None:
+    if ver is not None and BY_NAME[plan.method].blended:
         lines.append(f"verified: at alpha = 1 the outputs equal the input model's; at alpha = 0 "
                      f"(one-shot) they move by {ver['max_rel_diff_alpha0']:.2%} (max relative)")
+    elif ver is not None:
+        lines.append(f"note: {plan.method} replaces each weight outright, as the reference does (no alpha): "
+                     f"the outputs start {ver['max_rel_diff_alpha0']:.2%} (max relative) away from the input "
+                     "model's; fine-tune to recover (see the README)")
     for skip in plan.skipped:
         lines.append(f"skipped {skip.op} ({skip.variable}): {skip.reason}")
     return "\n".join(lines)

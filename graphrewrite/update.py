@@ -62,22 +62,53 @@ class SiteHandle:
     schedule: Schedule
 
     def updates_in(self, python_side: bool) -> bool:
-        """Whether the update of this context moves this site (update_option, seed-spec §4.2)."""
-        if not self.transform.blended or self.schedule.update_option == UpdateOption.NO_UPDATE:
+        """Whether the update of this context moves this site's alpha (update_option, seed-spec §4.2):
+        0 everywhere; 1 only from the Python helper; 2 (k-means + pruning: in-graph mask updates,
+        Python k-means and alpha) only from the helper where the method has a mask, else as 0; 3 never."""
+        option = self.schedule.update_option
+        if not self.transform.blended or option == UpdateOption.NO_UPDATE:
             return False
-        return python_side or self.schedule.update_option != UpdateOption.PYTHON_UPDATE
+        python_only = option == UpdateOption.PYTHON_UPDATE or (
+            option == UpdateOption.TF_AND_PYTHON_UPDATE and self.masked)
+        return python_side or not python_only
+
+    @property
+    def masked(self) -> bool:
+        return "mask" in self.state.factors
+
+    def raw_matrix(self) -> Any:
+        """The current weight's matrix view."""
+        return views.apply_tf(self.state.weight.read_value(), self.view)
+
+    def matrix(self) -> Any:
+        """The current weight's matrix view, with the current pruning mask where there is one."""
+        import tensorflow as tf
+
+        matrix = self.raw_matrix()
+        if self.masked:
+            matrix = matrix * tf.cast(self.state.factors["mask"].read_value(), matrix.dtype)
+        return matrix
 
 
 def _refactor(site: SiteHandle) -> Any:
+    """Factors from the current A (the first due update). Methods with a mask keep the current one.
+
+    Dictionary learning has no in-graph factorisation (nor had the reference): where the update
+    runs in a graph, its factors stay those computed from A at rewrite time.
+    """
     import tensorflow as tf
 
-    matrix = views.apply_tf(site.state.weight.read_value(), site.view)
+    matrix = site.matrix()
     host = not site.schedule.use_tpu or site.schedule.update_option == UpdateOption.PYTHON_UPDATE
-    if tf.executing_eagerly() and host:
-        values = site.transform.factorize(np.asarray(matrix, dtype=np.float32), site.size)
-    else:
-        values = site.transform.factorize_tf(matrix, site.size)
-    assigns = [var.assign(tf.cast(values[name], var.dtype)) for name, var in site.state.factors.items()]
+    try:
+        if tf.executing_eagerly() and host:
+            values = site.transform.factorize(np.asarray(matrix, dtype=np.float32), site.size)
+        else:
+            values = site.transform.factorize_tf(matrix, site.size)
+    except NotImplementedError:
+        return tf.constant(False)
+    assigns = [var.assign(tf.cast(values[name], var.dtype)) for name, var in site.state.factors.items()
+               if name != "mask"]
     with tf.control_dependencies(assigns):
         return tf.constant(True)
 
@@ -109,10 +140,14 @@ def update_sites(sites: Sequence[SiteHandle], step: Any, global_step: Any, pytho
 
     step = tf.cast(step, tf.int64)
     flags = [tf.constant(False)]
+    extra = []
     for site in sites:
-        if site.updates_in(python_side):
-            flags.append(_update_site(site, step))
-    with tf.control_dependencies(flags):
+        if site.schedule.update_option != UpdateOption.NO_UPDATE:
+            extra.extend(site.transform.scheduled_updates(site.state.factors, site.raw_matrix, step, site.size))
+        with tf.control_dependencies(extra):
+            if site.updates_in(python_side):
+                flags.append(_update_site(site, step))
+    with tf.control_dependencies(flags + extra):
         step_set = global_step.assign(step)
     with tf.control_dependencies([step_set]):
         alphas = [tf.identity(site.state.alpha.read_value()) for site in sites]

@@ -12,10 +12,20 @@ from typing import Any
 
 from graphrewrite.errors import UsageError
 from graphrewrite.transforms.base import FactorSpec, Refusal, SizePlan, Transform
+from graphrewrite.transforms.block import BlockDiagonal
+from graphrewrite.transforms.dictionary import DictionaryLearning
+from graphrewrite.transforms.input_output import InputOutput
+from graphrewrite.transforms.kmeans import KMeans
+from graphrewrite.transforms.kmeans_pruning import KMeansPruning
 from graphrewrite.transforms.low_rank import LowRank
+from graphrewrite.transforms.mixed_block import MixedBlock
 from graphrewrite.transforms.none import NoCompression
+from graphrewrite.transforms.simhash import Simhash
 
-_ORDERED: tuple[type[Transform], ...] = (NoCompression, LowRank)
+# In the reference's compression_option order.
+_ORDERED: tuple[type[Transform], ...] = (
+    NoCompression, LowRank, Simhash, DictionaryLearning, KMeans, KMeansPruning, InputOutput,
+    BlockDiagonal, MixedBlock)
 
 REGISTRY: dict[int, type[Transform]] = {t.option: t for t in _ORDERED}
 BY_NAME: dict[str, type[Transform]] = {t.name: t for t in _ORDERED}

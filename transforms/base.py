@@ -117,7 +117,17 @@ class Transform(abc.ABC):
         """
         return None
 
-    def low_rank(self, factors: Mapping[str, Any]) -> tuple[Any, Any] | None:
+    def scheduled_updates(self, factors: Mapping[str, Any], matrix: Any, step: Any, plan: SizePlan) -> list[Any]:
+        """Assign ops a method runs at every schedule update besides alpha's (TF; default none).
+
+        Args:
+          factors: the site's factor variables.
+          matrix: a callable returning the current weight's matrix view (read lazily).
+          step: the global step (int64 tensor).
+        """
+        return []
+
+    def low_rank(self, factors: Mapping[str, Any], plan: SizePlan) -> tuple[Any, Any] | None:
         """(B, C) with ``W_c = B @ C`` where the method has that form, so convolutions can be split."""
         return None
 

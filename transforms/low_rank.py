@@ -99,7 +99,7 @@ class LowRank(Transform):
             return tf.matmul(tf.matmul(x, b), c)
         return tf.tensordot(tf.tensordot(x, b, axes=[[-1], [0]]), c, axes=[[-1], [0]])
 
-    def low_rank(self, factors: Mapping[str, Any]) -> tuple[Any, Any]:
+    def low_rank(self, factors: Mapping[str, Any], plan: SizePlan) -> tuple[Any, Any]:
         return factors["b"], factors["c"]
 
     def numpy_dense(self, values: Mapping[str, np.ndarray], plan: SizePlan) -> np.ndarray:
