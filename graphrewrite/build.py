@@ -491,9 +491,21 @@ def build(model: LoadedModel, plan: RewritePlan, transform: Transform,
 
 def build_export(model: LoadedModel, plan: RewritePlan, transform: Transform, states: Sequence[Any]) -> Built:
     """The final model: every callable rebuilt with the compressed forms alone (no A, no alpha)."""
-    runtimes = {site.id: SiteRuntime(site, state, transform) for site, state in zip(plan.sites, states)}
+    import tensorflow as tf
+
+    runtimes = {}
+    for site, state in zip(plan.sites, states):
+        values = {name: var.numpy() for name, var in state.factors.items()}
+        final, final_values = transform.export_form(values, site.size)
+        if final is not transform:  # a smaller inference form: new variables for it
+            specs = {spec.name: spec for spec in final.factor_specs(site.size)}
+            factors = {name: tf.Variable(np.asarray(value, specs[name].dtype), trainable=specs[name].trainable,
+                                         name=f"{site.variable.name}/{name}_matrix")
+                       for name, value in final_values.items()}
+            state = _site_state_class()(None, factors, None, None)
+        runtimes[site.id] = SiteRuntime(site, state, final)
     root, signatures, used = _rebuild(model, plan, runtimes, export=True)
-    factors = [v for state in states for v in state.factors.values()]
+    factors = [v for rt in runtimes.values() for v in rt.state.factors.values()]
     _set_variables(root, used + factors)
     root.regularization_losses = []
     root.graphrewrite_resources = list(model.resources)

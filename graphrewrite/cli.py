@@ -50,6 +50,34 @@ def hparam_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     return fn
 
 
+def selection_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Site filters and rank policies beyond the reference (graphrewrite.plan.Selection)."""
+    options = [
+        click.option("--energy", type=float, default=None, metavar="SHARE",
+                     help="low rank: keep the fewest singular values holding SHARE of the squared spectrum"),
+        click.option("--max-error", "max_error", type=float, default=None, metavar="ERR",
+                     help="low rank: the fewest singular values with relative Frobenius error below ERR"),
+        click.option("--target-ratio", "target_ratio", type=float, default=None, metavar="RATIO",
+                     help="low rank: per-site k so the rewritten weights keep RATIO of their parameters "
+                          "with the least total error"),
+        click.option("--min-params", "min_params", type=int, default=0, metavar="N",
+                     help="leave weights with fewer than N parameters alone"),
+        click.option("--include", default=None, metavar="REGEX", help="only variables/ops matching REGEX"),
+        click.option("--exclude", default=None, metavar="REGEX", help="leave variables/ops matching REGEX alone"),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def _selection(energy: float | None, max_error: float | None, target_ratio: float | None, min_params: int,
+               include: str | None, exclude: str | None) -> Any:
+    from graphrewrite.plan import Selection
+    from graphrewrite.rankpolicy import Policy
+
+    return Selection(include, exclude, min_params, Policy(energy, max_error, target_ratio))
+
+
 def model_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     fn = click.option("--tag-set", "tag_set", default="serve", show_default=True,
                       help="comma-separated tags of the MetaGraph to use")(fn)
@@ -84,6 +112,7 @@ def cli() -> None:
 @click.argument("in_model", type=click.Path())
 @click.argument("out_model", type=click.Path())
 @hparam_options
+@selection_options
 @model_options
 @click.option("--fast", is_flag=True, help="skip reloading and checking the output at alpha = 1")
 @click.option("--overwrite", is_flag=True, help="replace an existing non-empty OUT_MODEL")
@@ -96,15 +125,18 @@ def cli() -> None:
               help="progress messages on stderr even when it is not a terminal")
 def compress(in_model: str, out_model: str, compression_hparams: str | None, method: str | None,
              tag_set: str, allow_unsafe_ops: bool, fast: bool, overwrite: bool, dry_run: bool,
-             allow_larger: bool, as_json: bool, quiet: bool, show_progress: bool, **values: Any) -> None:
+             allow_larger: bool, as_json: bool, quiet: bool, show_progress: bool, energy: float | None,
+             max_error: float | None, target_ratio: float | None, min_params: int, include: str | None,
+             exclude: str | None, **values: Any) -> None:
     """Rewrite IN_MODEL into OUT_MODEL with compressed, alpha-gated weights."""
     from graphrewrite import pipeline, report
 
     hp = _resolve(compression_hparams, method, values)
+    selection = _selection(energy, max_error, target_ratio, min_params, include, exclude)
     import_tensorflow_quietly()
     result = pipeline.compress(
         in_model, out_model, hp, tags=_tags(tag_set), verify=not fast, overwrite=overwrite,
-        allow_unsafe_ops=allow_unsafe_ops, dry_run=dry_run, allow_larger=allow_larger,
+        allow_unsafe_ops=allow_unsafe_ops, dry_run=dry_run, allow_larger=allow_larger, selection=selection,
         progress=_progress(quiet, show_progress))
     if as_json:
         click.echo(json.dumps(report.compress_json(result), indent=1))
@@ -152,21 +184,40 @@ def export(tuned_model: str, final_model: str, checkpoint: str | None, force: bo
 @cli.command(context_settings=CONTEXT)
 @click.argument("model", type=click.Path())
 @hparam_options
+@selection_options
 @model_options
 @click.option("--json", "as_json", is_flag=True, help="print JSON instead of a table")
+@click.option("--plot", "plot_dir", type=click.Path(), default=None,
+              help="write a singular-value spectrum per site and a parameter overview (PNG) into this directory")
 def inspect(model: str, compression_hparams: str | None, method: str | None, tag_set: str,
-            allow_unsafe_ops: bool, as_json: bool, **values: Any) -> None:
-    """Show the sites of a rewritten MODEL, or what compress would do to an original one."""
+            allow_unsafe_ops: bool, as_json: bool, plot_dir: str | None, energy: float | None,
+            max_error: float | None, target_ratio: float | None, min_params: int, include: str | None,
+            exclude: str | None, **values: Any) -> None:
+    """Show the sites of a rewritten MODEL (with alpha, global step and reconstruction error now),
+    or, for an original MODEL, the plan compress would follow (a dry run)."""
     from graphrewrite import manifest, pipeline, report
+    from graphrewrite.errors import UnsafeModelError
     from graphrewrite.scan import scan
 
-    scan(model)
+    found = scan(model)
     data = manifest.read_dir(model)
+    import_tensorflow_quietly()
     if data is None:
-        import_tensorflow_quietly()
         hp = _resolve(compression_hparams, method, values)
-        _, plan, _ = pipeline.plan_model(model, hp, _tags(tag_set), allow_unsafe_ops)
-        data = report.plan_dict(plan)
+        selection = _selection(energy, max_error, target_ratio, min_params, include, exclude)
+        loaded, plan, _ = pipeline.plan_model(model, hp, _tags(tag_set), allow_unsafe_ops, selection=selection)
+        data = report.plan_dict(plan, model, loaded.kind)
+        if plot_dir:
+            report.add_spectra(data, loaded, plan)
+    else:
+        from graphrewrite.status import rewritten_status
+
+        if found.meta_graph(_tags(tag_set)).findings and not allow_unsafe_ops:
+            raise UnsafeModelError(f"{model}: refusing to load a model with unsafe ops (graphrewrite scan lists them)")
+        data = rewritten_status(model, data, spectra=plot_dir is not None)
+    if plot_dir:
+        written = report.write_plots(data, plot_dir)
+        click.echo(f"wrote {len(written)} plot(s) to {plot_dir}", err=True)
     click.echo(json.dumps(report.inspect_json(data), indent=1) if as_json else report.inspect_text(data))
 
 

@@ -24,6 +24,9 @@ VERSION = 1
 def build(plan: RewritePlan, source: str, kind: str, tool_version: str,
           signatures: list[str]) -> dict[str, Any]:
     """The manifest of a rewrite (before its verification figures are added)."""
+    from graphrewrite.transforms import make
+
+    transform = make(plan.hparams, allow_larger=True)
     sites = []
     for site in plan.sites:
         first = site.uses[0]
@@ -43,6 +46,8 @@ def build(plan: RewritePlan, source: str, kind: str, tool_version: str,
             "k": site.size.k,
             "params_before": site.size.params_before,
             "params_after": site.size.params_after,
+            "flops_before": 2 * site.size.m * site.size.n,
+            "flops_after": transform.flops(site.size),
             "details": dict(site.size.details),
             "uses": [{"function": u.function, "node": u.op, "op_type": u.op_type, "operand": u.operand,
                       "chain": views.to_json(u.chain), "op_steps": views.to_json(u.op_steps)}
@@ -58,6 +63,7 @@ def build(plan: RewritePlan, source: str, kind: str, tool_version: str,
         "source": {"path": os.path.abspath(source), "kind": kind},
         "method": plan.method,
         "hparams": dict(plan.hparams),
+        "options": dict(plan.options),
         "signatures": signatures,
         "sites": sites,
         "skipped": skipped,
@@ -67,6 +73,8 @@ def build(plan: RewritePlan, source: str, kind: str, tool_version: str,
             "params_before": before,
             "params_after": after,
             "ratio": (after / before) if before else 1.0,
+            "flops_before": sum(s["flops_before"] for s in sites),
+            "flops_after": sum(s["flops_after"] for s in sites),
         },
     }
 

@@ -24,10 +24,11 @@ from graphrewrite.errors import (
     UnsafeModelError,
     VerificationError,
 )
-from graphrewrite.plan import RewritePlan, make_plan
+from graphrewrite.plan import RewritePlan, Selection, make_plan
 from graphrewrite.scan import MANIFEST_ASSET, scan
 
 Progress = Callable[[str], None]
+DEFAULT_SELECTION = Selection()
 
 
 def _quiet(_: str) -> None:
@@ -67,7 +68,7 @@ def check_output(input_dir: str, output_dir: str, overwrite: bool) -> None:
 
 def plan_model(input_dir: str, hparams: Mapping[str, Any], tags: Sequence[str] = ("serve",),
                allow_unsafe_ops: bool = False, progress: Progress = _quiet,
-               allow_larger: bool = False) -> tuple[Any, RewritePlan, Any]:
+               allow_larger: bool = False, selection: Selection = DEFAULT_SELECTION) -> tuple[Any, RewritePlan, Any]:
     """Scans, loads and plans; returns (loaded model, plan, transform)."""
     from graphrewrite import loader
     from graphrewrite.transforms import make as make_transform
@@ -88,14 +89,22 @@ def plan_model(input_dir: str, hparams: Mapping[str, Any], tags: Sequence[str] =
         progress(f"warning: loading a model with unsafe ops: {names}{more}")
     progress("loading and inlining")
     model = loader.load(input_dir, tags, meta.object_based)
-    plan = make_plan(model.functions.values(), model.infos, transform)
+
+    def spectrum(key: str, view: views.View) -> np.ndarray:
+        import scipy.linalg
+
+        progress(f"singular values of {model.infos[key].name}")
+        matrix = views.apply_numpy(model.variables[key].numpy(), view).astype(np.float32, copy=False)
+        return scipy.linalg.svdvals(matrix, check_finite=False)
+
+    plan = make_plan(model.functions.values(), model.infos, transform, selection, spectrum)
     return model, plan, transform
 
 
 def compress(input_dir: str, output_dir: str, hparams: Mapping[str, Any], *,
              tags: Sequence[str] = ("serve",), verify: bool = True, overwrite: bool = False,
              allow_unsafe_ops: bool = False, dry_run: bool = False, allow_larger: bool = False,
-             progress: Progress = _quiet) -> CompressResult:
+             selection: Selection = DEFAULT_SELECTION, progress: Progress = _quiet) -> CompressResult:
     """Rewrites ``input_dir`` into ``output_dir`` (see the module docstring).
 
     Args:
@@ -108,11 +117,13 @@ def compress(input_dir: str, output_dir: str, hparams: Mapping[str, Any], *,
       allow_unsafe_ops: load models with file/network/process ops (after a warning).
       dry_run: plan only; write nothing.
       allow_larger: also rewrite sites whose compressed form is not smaller than the weight.
+      selection: site filters and rank policy (graphrewrite.plan.Selection).
       progress: called with one-line progress messages.
     """
     if not dry_run:
         check_output(input_dir, output_dir, overwrite)
-    model, plan, transform = plan_model(input_dir, hparams, tags, allow_unsafe_ops, progress, allow_larger)
+    model, plan, transform = plan_model(input_dir, hparams, tags, allow_unsafe_ops, progress, allow_larger,
+                                        selection)
     if dry_run:
         return CompressResult(None, plan, None, None)
     if transform.option == 0:

@@ -10,15 +10,66 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+import numpy as np
+
+from graphrewrite import rankpolicy
+from graphrewrite.errors import UsageError
 from graphrewrite.match import Blocker, Use, match_function
 from graphrewrite.model import FunctionIR, VariableInfo
+from graphrewrite.rankpolicy import Policy
 from graphrewrite.transforms import Refusal, SizePlan, Transform
 from graphrewrite.views import View
 
-__all__ = ["RewritePlan", "SitePlan", "Skip", "Use", "display_op", "make_plan"]
+Spectrum = Callable[[str, View], np.ndarray]  # (variable key, view) -> singular values, descending
+
+
+@dataclasses.dataclass(frozen=True)
+class Selection:
+    """Which sites to consider and how to choose k (beyond the reference, all optional).
+
+    Attributes:
+      include: regex; only variables or ops whose name it matches (``re.search``) are candidates.
+      exclude: regex; variables or ops whose name it matches are left alone.
+      min_params: weights with fewer parameters are left alone.
+      policy: spectrum-based choice of k (low rank only).
+    """
+
+    include: str | None = None
+    exclude: str | None = None
+    min_params: int = 0
+    policy: Policy = dataclasses.field(default_factory=Policy)
+
+    def __post_init__(self) -> None:
+        for flag, pattern in (("--include", self.include), ("--exclude", self.exclude)):
+            if pattern is not None:
+                try:
+                    re.compile(pattern)
+                except re.error as exc:
+                    raise UsageError(f"{flag}: {pattern!r} is not a regular expression ({exc})") from None
+        if self.min_params < 0:
+            raise UsageError("--min-params must be >= 0")
+        given = [v for v in (self.policy.energy, self.policy.max_error, self.policy.target_ratio) if v is not None]
+        if len(given) > 1:
+            raise UsageError("--energy, --max-error and --target-ratio exclude each other")
+        for name, value in (("--energy", self.policy.energy), ("--max-error", self.policy.max_error),
+                            ("--target-ratio", self.policy.target_ratio)):
+            if value is not None and not 0.0 < value <= 1.0:
+                raise UsageError(f"{name} must be in (0, 1], got {value}")
+
+    def refuses(self, variable: str, ops: list[str], size: int) -> str | None:
+        names = [variable, *ops]
+        if self.include is not None and not any(re.search(self.include, n) for n in names):
+            return f"not matched by --include {self.include!r}"
+        if self.exclude is not None and any(re.search(self.exclude, n) for n in names):
+            return f"excluded by --exclude {self.exclude!r}"
+        if size < self.min_params:
+            return f"{size} parameters, fewer than --min-params {self.min_params}"
+        return None
+
+__all__ = ["RewritePlan", "Selection", "SitePlan", "Skip", "Use", "display_op", "make_plan"]
 
 _CALL_PREFIX = re.compile(r"^((StatefulPartitionedCall|PartitionedCall)(_\d+)?/)+")
 
@@ -66,6 +117,7 @@ class RewritePlan:
     skipped: tuple[Skip, ...]
     hparams: Mapping[str, Any]
     method: str
+    options: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # selection, allow_larger
 
     @property
     def params_before(self) -> int:
@@ -77,8 +129,20 @@ class RewritePlan:
 
 
 def make_plan(functions: Iterable[FunctionIR], infos: Mapping[str, VariableInfo],
-              transform: Transform) -> RewritePlan:
-    """Matches every function and groups the results by variable."""
+              transform: Transform, selection: Selection | None = None,
+              spectrum: Spectrum | None = None) -> RewritePlan:
+    """Matches every function and groups the results by variable.
+
+    Args:
+      functions: the model's flat functions.
+      infos: its variables.
+      transform: the compression method.
+      selection: site filters and the rank policy.
+      spectrum: singular values of a weight's view; needed by spectrum-based policies.
+    """
+    selection = selection or Selection()
+    if selection.policy.uses_spectrum and (transform.name != "low_rank" or spectrum is None):
+        raise UsageError("--energy, --max-error and --target-ratio choose ranks: low rank (option 1) only")
     uses: dict[str, list[Use]] = {}
     blockers: dict[str, list[Blocker]] = {}
     functions_list = list(functions)
@@ -90,6 +154,7 @@ def make_plan(functions: Iterable[FunctionIR], infos: Mapping[str, VariableInfo]
             blockers.setdefault(blocker.variable, []).append(blocker)
     sites: list[SitePlan] = []
     skipped: list[Skip] = []
+    ready: list[tuple] = []
     candidates = list(uses) + [k for k, bs in blockers.items() if k not in uses and any(b.at_weight_op for b in bs)]
     # Sites in the order their first reader appears in the graphs (input side first).
     position = {}
@@ -117,10 +182,48 @@ def make_plan(functions: Iterable[FunctionIR], infos: Mapping[str, VariableInfo]
             skipped.append(Skip(op_name, op_type, info.name, info.shape, reason))
             continue
         view, m, n = views_seen.pop()
-        decision = transform.check(m, n)
+        refused = selection.refuses(info.name, sorted({display_op(u.op) for u in found}), m * n)
+        if refused:
+            skipped.append(Skip(op_name, op_type, info.name, info.shape, refused))
+            continue
+        ready.append((key, op_name, op_type, view, m, n, tuple(found)))
+    decisions = _decide(ready, infos, transform, selection.policy, spectrum)
+    for (key, op_name, op_type, view, _, _, found), decision in zip(ready, decisions):
+        info = infos[key]
         if isinstance(decision, Refusal):
             skipped.append(Skip(op_name, op_type, info.name, info.shape, decision.reason))
+        else:
+            sites.append(SitePlan(f"site_{len(sites):03d}", info, found, view, decision))
+    options = {"include": selection.include, "exclude": selection.exclude, "min_params": selection.min_params,
+               "policy": selection.policy.describe(int(transform.hparams["rank"])),
+               "allow_larger": transform.allow_larger}
+    return RewritePlan(tuple(sites), tuple(skipped), dict(transform.hparams), transform.name, options)
+
+
+def _decide(ready: list[tuple], infos: Mapping[str, VariableInfo], transform: Transform, policy: Policy,
+            spectrum: Spectrum | None) -> list[SizePlan | Refusal]:
+    """The size plan or refusal of every candidate, by the reference's rule or a spectrum policy."""
+    if not policy.uses_spectrum:
+        return [transform.check(m, n) for _, _, _, _, m, n, _ in ready]
+    assert spectrum is not None
+    spectra = [spectrum(key, view) for key, _, _, view, _, _, _ in ready]
+    shapes = [(m, n) for _, _, _, _, m, n, _ in ready]
+    why = policy.describe(int(transform.hparams["rank"]))
+    if policy.target_ratio is not None:
+        ks = rankpolicy.target_ratio_ks(spectra, shapes, policy.target_ratio)
+    elif policy.energy is not None:
+        ks = [rankpolicy.energy_k(s, policy.energy) for s in spectra]
+    else:
+        ks = [rankpolicy.max_error_k(s, policy.max_error) for s in spectra]
+    out: list[SizePlan | Refusal] = []
+    for s, (m, n), k in zip(spectra, shapes, ks):
+        if k is None:
+            out.append(Refusal(f"{why} leaves it dense (its singular values are worth their parameters)"))
             continue
-        assert isinstance(decision, SizePlan)
-        sites.append(SitePlan(f"site_{len(sites):03d}", info, tuple(found), view, decision))
-    return RewritePlan(tuple(sites), tuple(skipped), dict(transform.hparams), transform.name)
+        decision = transform.with_k(m, n, k, why)  # type: ignore[attr-defined]
+        if isinstance(decision, SizePlan):
+            details = {"policy": why, "kept_energy": rankpolicy.kept_energy(s, k),
+                       "relative_error": rankpolicy.relative_error(s, k)}
+            decision = dataclasses.replace(decision, details={**decision.details, **details})
+        out.append(decision)
+    return out

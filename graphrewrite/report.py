@@ -9,7 +9,8 @@ from graphrewrite import __version__
 from graphrewrite import manifest as manifest_lib
 from graphrewrite.plan import RewritePlan
 
-_SITE_KEYS = ("op", "variable", "option", "method", "op_type", "shape", "k", "params_before", "params_after")
+_SITE_KEYS = ("op", "variable", "option", "method", "op_type", "shape", "matrix", "k", "params_before",
+              "params_after", "flops_before", "flops_after")
 
 
 def plan_dict(plan: RewritePlan, path: str = "", kind: str = "", signatures: Sequence[str] = ()) -> dict[str, Any]:
@@ -25,6 +26,9 @@ def inspect_json(data: dict[str, Any]) -> dict[str, Any]:
     for site in data["sites"]:
         entry = {key: site.get(key) for key in _SITE_KEYS}
         entry["ratio"] = site["params_after"] / site["params_before"] if site["params_before"] else 1.0
+        for key in ("policy", "kept_energy", "relative_error"):
+            if key in site.get("details", {}):
+                entry[key] = site["details"][key]
         for extra in ("alpha", "reconstruction_error"):
             if extra in site:
                 entry[extra] = site[extra]
@@ -37,7 +41,7 @@ def inspect_json(data: dict[str, Any]) -> dict[str, Any]:
         "totals": data["totals"],
         "hparams": data["hparams"],
     }
-    for extra in ("global_step", "verification"):
+    for extra in ("global_step", "verification", "options"):
         if extra in data:
             out[extra] = data[extra]
     return out
@@ -54,20 +58,23 @@ def _table(rows: list[list[str]], header: list[str]) -> str:
 def inspect_text(data: dict[str, Any]) -> str:
     state = "rewritten model" if data.get("rewritten", True) else "plan (dry run, nothing written)"
     hp = data["hparams"]
-    out = [f"{state}: method {data.get('method')} (compression_option={hp.get('compression_option')}, "
-           f"rank={hp.get('rank')})"]
+    policy = (data.get("options") or {}).get("policy") or f"rank={hp.get('rank')}"
+    out = [f"{state}: method {data.get('method')} (compression_option={hp.get('compression_option')}, {policy})"]
+    if "global_step" in data:
+        out.append(f"global step {data['global_step']}")
     if data["sites"]:
+        live = "alpha" in data["sites"][0]
+        header = ["op", "variable", "type", "shape", "k", "params", "ratio", "FLOPs/row"]
+        header += ["alpha", "error now"] if live else []
         rows = []
         for s in data["sites"]:
             row = [s["op"], s["variable"], s.get("op_type", ""), "x".join(map(str, s["shape"])),
-                   "-" if s.get("k") is None else str(s["k"]), f"{s['params_before']:,}",
-                   f"{s['params_after']:,}", f"{s['params_after'] / max(s['params_before'], 1):.3f}"]
-            if "alpha" in s:
-                row.append(f"{s['alpha']:.4f}")
+                   "-" if s.get("k") is None else str(s["k"]), f"{s['params_before']:,} -> {s['params_after']:,}",
+                   f"{s['params_after'] / max(s['params_before'], 1):.3f}",
+                   f"{s.get('flops_before', 0):,} -> {s.get('flops_after', 0):,}"]
+            if live:
+                row += [f"{s['alpha']:.4f}", f"{s['reconstruction_error']:.4f}"]
             rows.append(row)
-        header = ["op", "variable", "type", "shape", "k", "before", "after", "ratio"]
-        if data["sites"] and "alpha" in data["sites"][0]:
-            header.append("alpha")
         out.append(_table(rows, header))
     else:
         out.append("no sites")
@@ -76,8 +83,43 @@ def inspect_text(data: dict[str, Any]) -> str:
         out.extend(f"  {s['op']} ({s.get('variable')}): {s['reason']}" for s in data["skipped"])
     t = data["totals"]
     out.append(f"total: {t['sites']} sites, {t['skipped']} skipped, parameters {t['params_before']:,} -> "
-               f"{t['params_after']:,} ({t['ratio']:.3f}x)")
+               f"{t['params_after']:,} ({t['ratio']:.3f}x), FLOPs per row {t.get('flops_before', 0):,} -> "
+               f"{t.get('flops_after', 0):,}")
     return "\n".join(out)
+
+
+def add_spectra(data: dict[str, Any], model: Any, plan: RewritePlan) -> None:
+    """Adds each planned site's singular values (for plots of a dry run)."""
+    import numpy as np
+
+    from graphrewrite import views
+
+    for entry, site in zip(data["sites"], plan.sites):
+        matrix = views.apply_numpy(model.variables[site.variable.key].numpy(), site.view)
+        entry["singular_values"] = np.linalg.svd(matrix.astype(np.float64), compute_uv=False).tolist()
+
+
+def write_plots(data: dict[str, Any], directory: str) -> list[str]:
+    """A spectrum PNG per low-rank site with its chosen k, and an overview PNG of parameters."""
+    import os
+    import re
+
+    import numpy as np
+
+    from graphrewrite import plots, rankpolicy
+
+    os.makedirs(directory, exist_ok=True)
+    written = []
+    for site in data["sites"]:
+        s = np.asarray(site.get("singular_values", []))
+        if not s.size or site.get("k") is None:
+            continue
+        name = re.sub(r"[^A-Za-z0-9_.-]", "_", site["variable"])
+        written.append(plots.spectrum_png(os.path.join(directory, f"spectrum_{name}.png"), site["variable"],
+                                          s, int(site["k"]), rankpolicy.kept_energy(s, int(site["k"]))))
+    if data["sites"]:
+        written.append(plots.overview_png(os.path.join(directory, "overview.png"), data["sites"]))
+    return written
 
 
 def compress_json(result: Any) -> dict[str, Any]:

@@ -110,6 +110,22 @@ class Transform(abc.ABC):
         w = tf.cast(self.dense(factors, plan), x.dtype)
         return tf.tensordot(x, w, axes=[[-1], [0]]) if x.shape.rank != 2 else tf.matmul(x, w)
 
+    def flops(self, plan: SizePlan) -> int:
+        """Multiply-adds x 2 of ``x @ W_c`` per row of x (per output position of a convolution).
+
+        The default is the dense product ``2 m n``, right for methods that rebuild ``W_c`` (k-means
+        codebook lookups, masks); methods with a cheaper product say so.
+        """
+        return 2 * plan.m * plan.n
+
+    def export_form(self, values: Mapping[str, np.ndarray], plan: SizePlan) -> tuple[Transform, dict[str, np.ndarray]]:
+        """The method and factor values the exported (inference) model stores; by default these.
+
+        A method whose training form stores more than its inference form needs (block-diagonal's
+        ``mask`` method keeps a dense m x n C) converts here.
+        """
+        return self, dict(values)
+
     def mask(self, factors: Mapping[str, Any], plan: SizePlan) -> Any | None:
         """An m x n 0/1 mask applied to the dense path as well (``alpha * (A * M) + ...``), or None.
 

@@ -82,6 +82,19 @@ class BlockDiagonal(Transform):
              "stored_bytes": FLOAT_BYTES * stored},
             f"block_compression_factor={nb} on {m}x{n}", self.allow_larger)
 
+    def flops(self, plan: SizePlan) -> int:
+        return 2 * plan.m * plan.n // (self.blocks if self.method == "loop" else 1)
+
+    def export_form(self, values: Mapping[str, np.ndarray], plan: SizePlan) -> tuple[Transform, dict[str, np.ndarray]]:
+        """The ``mask`` method's dense C becomes the ``loop`` method's diagonal blocks."""
+        if self.method == "loop":
+            return self, dict(values)
+        nb, rows, cols = self.blocks, plan.m // self.blocks, plan.n // self.blocks
+        c = np.asarray(values["c"])
+        blocks = np.stack([c[i * rows:(i + 1) * rows, i * cols:(i + 1) * cols] for i in range(nb)])
+        loop = BlockDiagonal({**self.hparams, "block_method": "loop"}, allow_larger=self.allow_larger)
+        return loop, {"c": blocks}
+
     def factor_specs(self, plan: SizePlan) -> list[FactorSpec]:
         nb, m, n = self.blocks, plan.m, plan.n
         shape = (m, n) if self.method == "mask" else (nb, m // nb, n // nb)

@@ -52,18 +52,20 @@ class LowRank(Transform):
     option = 1
 
     def check(self, m: int, n: int) -> SizePlan | Refusal:
-        rank = int(self.hparams["rank"])
-        k = self.choose_k(m, n)
-        after = m * k + k * n
-        if after >= m * n and not self.allow_larger:
-            return Refusal(
-                f"rank={rank} gives k={k} on {m}x{n}: factors ({after} parameters) would not be "
-                f"smaller than the weight ({m * n})"
-            )
-        return SizePlan(m, n, k, after)
+        return self.with_k(m, n, self.choose_k(m, n), f"rank={int(self.hparams['rank'])}")
 
     def choose_k(self, m: int, n: int) -> int:
         return compressed_rank(m, n, int(self.hparams["rank"]))
+
+    def with_k(self, m: int, n: int, k: int, why: str) -> SizePlan | Refusal:
+        """The plan for a given k (chosen by ``why``, e.g. ``rank=200`` or ``energy=0.95``)."""
+        after = m * k + k * n
+        if after >= m * n and not self.allow_larger:
+            return Refusal(
+                f"{why} gives k={k} on {m}x{n}: factors ({after} parameters) would not be "
+                f"smaller than the weight ({m * n})"
+            )
+        return SizePlan(m, n, k, after)
 
     def factor_specs(self, plan: SizePlan) -> list[FactorSpec]:
         assert plan.k is not None
@@ -98,6 +100,10 @@ class LowRank(Transform):
         if x.shape.rank == 2:
             return tf.matmul(tf.matmul(x, b), c)
         return tf.tensordot(tf.tensordot(x, b, axes=[[-1], [0]]), c, axes=[[-1], [0]])
+
+    def flops(self, plan: SizePlan) -> int:
+        assert plan.k is not None
+        return 2 * plan.k * (plan.m + plan.n)
 
     def low_rank(self, factors: Mapping[str, Any], plan: SizePlan) -> tuple[Any, Any]:
         return factors["b"], factors["c"]

@@ -141,6 +141,10 @@ class Simhash(Transform):
         assert plan.k is not None
         return right_matmul(right_matmul(x, projection(plan.m, plan.k)), self._second(factors, plan))
 
+    def flops(self, plan: SizePlan) -> int:
+        assert plan.k is not None
+        return 2 * plan.k * (plan.m + plan.n)
+
     def low_rank(self, factors: Mapping[str, Any], plan: SizePlan) -> tuple[Any, Any]:
         assert plan.k is not None
         return projection(plan.m, plan.k), self._second(factors, plan)
