@@ -22,7 +22,7 @@ _LAZY = {
     "CompressionCallback": ("graphrewrite.training", "CompressionCallback"),
     "CompressionHook": ("graphrewrite.training", "CompressionHook"),
     "RewrittenLayer": ("graphrewrite.training", "RewrittenLayer"),
-    "export": ("graphrewrite.export", "export"),
+    "export": ("graphrewrite.exporting", "export"),
 }
 
 

@@ -14,6 +14,7 @@ without that, a GradientTape does not watch the variable and its gradient comes 
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -56,7 +57,7 @@ def make_site_state(plan: SitePlan, weight: Any, transform: Transform,
     """Creates a site's variables (factors from ``initial``, alpha = 1, last update = -1)."""
     import tensorflow as tf
 
-    base = plan.variable.name
+    base = re.sub(r"[^A-Za-z0-9_.\-/]", "_", plan.variable.name)  # names TF accepts for new variables
     state_kw = dict(trainable=False, aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
     factors = {}
     for spec in transform.factor_specs(plan.size):
@@ -500,7 +501,7 @@ def build_export(model: LoadedModel, plan: RewritePlan, transform: Transform, st
         if final is not transform:  # a smaller inference form: new variables for it
             specs = {spec.name: spec for spec in final.factor_specs(site.size)}
             factors = {name: tf.Variable(np.asarray(value, specs[name].dtype), trainable=specs[name].trainable,
-                                         name=f"{site.variable.name}/{name}_matrix")
+                                         name=re.sub(r"[^A-Za-z0-9_.\-/]", "_", f"{site.variable.name}/{name}_matrix"))
                        for name, value in final_values.items()}
             state = _site_state_class()(None, factors, None, None)
         runtimes[site.id] = SiteRuntime(site, state, final)

@@ -161,7 +161,7 @@ def export(tuned_model: str, final_model: str, checkpoint: str | None, force: bo
     import dataclasses
 
     import_tensorflow_quietly()
-    from graphrewrite import export as export_lib
+    from graphrewrite import exporting as export_lib
 
     result = export_lib.export(
         tuned_model, final_model, checkpoint=checkpoint, force=force, verify=not fast,
@@ -219,6 +219,27 @@ def inspect(model: str, compression_hparams: str | None, method: str | None, tag
         written = report.write_plots(data, plot_dir)
         click.echo(f"wrote {len(written)} plot(s) to {plot_dir}", err=True)
     click.echo(json.dumps(report.inspect_json(data), indent=1) if as_json else report.inspect_text(data))
+
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("in_model", type=click.Path())
+@click.argument("out_model", type=click.Path())
+@click.option("--tag-set", "tag_set", default="serve", show_default=True,
+              help="comma-separated tags of the MetaGraph to compare")
+@click.option("--json", "as_json", is_flag=True, help="print the stable JSON instead of tables")
+@click.option("--html", "html_file", type=click.Path(), default=None,
+              help="also write a self-contained HTML page with a picture of every rewritten site")
+def diff(in_model: str, out_model: str, tag_set: str, as_json: bool, html_file: str | None) -> None:
+    """Show what the rewrite changed between IN_MODEL and OUT_MODEL (read as protobufs, never run)."""
+    from graphrewrite import diff as diff_lib
+
+    result = diff_lib.diff_models(in_model, out_model, tags=_tags(tag_set))
+    if html_file:
+        from graphrewrite import htmlreport
+
+        htmlreport.write_html(result, html_file)
+        click.echo(f"wrote {html_file}", err=True)
+    click.echo(json.dumps(result, indent=1) if as_json else diff_lib.diff_text(result))
 
 
 @cli.command(context_settings=CONTEXT)

@@ -18,9 +18,10 @@ model without one, its ``VariableV2``/``Variable``/``VarHandleOp`` graph nodes (
 twice), so variables are matched by name with multiplicity: the n-th variable of a name in one
 model pairs with the n-th of that name in the other.
 
-The result is JSON (``json.dumps`` it as is); scripts may rely on this layout (``format`` and
-``version`` say which). Mappings keyed by names have sorted keys; lists keep the models' order
-unless noted::
+``diff_text`` renders the result for a terminal, with control characters in the models' strings
+spelled out (``\\x1b``). The result is JSON (``json.dumps`` it as is); scripts may rely on this
+layout (``format`` and ``version`` say which). Mappings keyed by names have sorted keys; lists keep
+the models' order unless noted::
 
     {
       "format": "graphrewrite-diff", "version": 1,
@@ -65,19 +66,21 @@ import collections
 import dataclasses
 import math
 import os
+import re
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, final
 
 from graphrewrite import manifest as manifest_lib
 from graphrewrite.errors import InputModelError
-from graphrewrite.loader import _tf1_trainable_names
-from graphrewrite.report import _table
+from graphrewrite.loader import tf1_trainable_names
+from graphrewrite.report import table
 from graphrewrite.scan import (
     MANIFEST_ASSET,
-    _called_functions,
-    _saver_exempt,
+    called_functions,
     read_saved_model_proto,
+    saver_exempt,
 )
+from graphrewrite.transforms import BY_NAME
 
 FORMAT = "graphrewrite-diff"
 VERSION = 1
@@ -86,6 +89,7 @@ _TF1_VARIABLE_OPS = frozenset({"VariableV2", "Variable", "VarHandleOp"})
 _SITE_KEYS = ("id", "op", "op_type", "variable", "method", "option", "shape", "matrix", "k",
               "params_before", "params_after", "flops_before", "flops_after", "details")
 _FACTOR_SUFFIX = "_matrix"
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -199,13 +203,14 @@ def _shape(proto: Any) -> list[int | None] | None:
     return [d.size if d.size >= 0 else None for d in proto.dim]
 
 
+@final
 class _OpCounter:
     """Counts the op types a set of output tensors executes in one MetaGraph."""
 
     def __init__(self, meta: Any) -> None:
         self.nodes = {n.name: n for n in meta.graph_def.node}
         self.library = {f.signature.name: f for f in meta.graph_def.library.function}
-        self.saver_functions = _saver_exempt(meta)[1]
+        self.saver_functions = saver_exempt(meta)[1]
 
     def count(self, tensors: Iterable[str]) -> tuple[collections.Counter[str], int]:
         """(op type counts, number of function bodies) of what computing ``tensors`` runs."""
@@ -221,7 +226,7 @@ class _OpCounter:
             node = self.nodes[name]
             counts[node.op] += 1
             stack.extend(_node_name(i) for i in node.input)
-            called.extend(_called_functions(node))
+            called.extend(called_functions(node))
         return counts, self._count_functions(called, counts)
 
     def _count_functions(self, pending: list[str], counts: collections.Counter[str]) -> int:
@@ -233,7 +238,7 @@ class _OpCounter:
             done.add(fname)
             for node in self.library[fname].node_def:
                 counts[node.op] += 1
-                pending.extend(_called_functions(node))
+                pending.extend(called_functions(node))
         return len(done)
 
 
@@ -254,7 +259,7 @@ def _object_variables(meta: Any) -> list[dict[str, Any]]:
 
 
 def _graph_variables(meta: Any) -> list[dict[str, Any]]:
-    trainable = _tf1_trainable_names(meta)
+    trainable = tf1_trainable_names(meta)
     return [_variable(n.name, n.attr["dtype"].type, n.attr["shape"].shape, n.name in trainable)
             for n in meta.graph_def.node if n.op in _TF1_VARIABLE_OPS]
 
@@ -337,8 +342,6 @@ def _manifest_part(data: dict[str, Any], variables: list[dict[str, Any]]) -> dic
 
 
 def _site(site: dict[str, Any], variables: list[dict[str, Any]]) -> dict[str, Any]:
-    from graphrewrite.transforms import BY_NAME
-
     prefix = site["variable"] + "/"
     factors = [{"role": v["name"][len(prefix):-len(_FACTOR_SUFFIX)], "name": v["name"], "dtype": v["dtype"],
                 "shape": v["shape"]}
@@ -357,8 +360,21 @@ def _site(site: dict[str, Any], variables: list[dict[str, Any]]) -> dict[str, An
 # ------------------------------------------------------------------------------------------------
 
 
+def printable(value: Any) -> Any:
+    """``value`` with control characters in its strings spelled out (``\\x1b``), recursively: names
+    from an untrusted model must not move a terminal's cursor or start a fake line."""
+    if isinstance(value, str):
+        return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", value)
+    if isinstance(value, Mapping):
+        return {printable(k): printable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [printable(v) for v in value]
+    return value
+
+
 def diff_text(result: Mapping[str, Any]) -> str:
     """A terminal rendering of ``diff_models``'s result: signatures, op changes, variables, sites."""
+    result = printable(result)
     lines = [f"diff {result['in']['path']} -> {result['out']['path']}"]
     lines += _signature_lines(result["signatures"])
     lines += _variable_lines(result["variables"])
@@ -377,11 +393,32 @@ def op_changes(ops: Mapping[str, Mapping[str, int]]) -> str:
     return "  ".join(parts) or "no change"
 
 
+def dims_text(shape: Sequence[Any] | None) -> str:
+    """``[?,64]``: ``?`` for an unknown dimension, ``[*]`` for an unknown rank."""
+    return "[*]" if shape is None else "[" + ",".join("?" if d is None else str(d) for d in shape) + "]"
+
+
 def tensor_text(spec: Mapping[str, Any]) -> str:
-    """``float32[?,64]`` (``float32[*]`` for an unknown rank)."""
-    shape = spec["shape"]
-    dims = "*" if shape is None else ",".join("?" if d is None else str(d) for d in shape)
-    return f"{spec['dtype']}[{dims}]"
+    """``float32[?,64]``."""
+    return f"{spec['dtype']}{dims_text(spec['shape'])}"
+
+
+def status_text(signatures: Mapping[str, Any]) -> str:
+    """``2 unchanged, 1 added``: how many signatures have each interface status."""
+    statuses = [s["status"] for s in signatures.values()]
+    return ", ".join(f"{statuses.count(s)} {s}" for s in ("unchanged", "changed", "added", "removed")
+                     if s in statuses) or "none"
+
+
+def variables_text(variables: Mapping[str, Any]) -> str:
+    """``12 -> 19 (13 added, 6 removed, 0 changed)``."""
+    return (f"{len(variables['in'])} -> {len(variables['out'])} ({len(variables['added'])} added, "
+            f"{len(variables['removed'])} removed, {len(variables['changed'])} changed)")
+
+
+def params_text(before: int, after: int) -> str:
+    """``101,652 -> 86,339 (0.849x)``."""
+    return f"{before:,} -> {after:,}" + (f" ({after / before:.3f}x)" if before else "")
 
 
 def _signature_lines(signatures: Mapping[str, Any]) -> list[str]:
@@ -391,7 +428,8 @@ def _signature_lines(signatures: Mapping[str, Any]) -> list[str]:
         rows.append([key, sig["status"],
                      ", ".join(f"{n}:{tensor_text(s)}" for n, s in side["inputs"].items()),
                      ", ".join(side["outputs"])])
-    lines = ["", "signatures:", _table(rows, ["signature", "interface", "inputs", "outputs"])]
+    lines = ["", f"signatures: {status_text(signatures)}",
+             table(rows, ["signature", "interface", "inputs", "outputs"])]
     for key, sig in signatures.items():
         lines += [f"  {key}: {change}" for change in _interface_changes(sig)]
     lines += ["", "op types executed per signature (out minus in):"]
@@ -422,10 +460,7 @@ def variable_text(var: Mapping[str, Any]) -> str:
 
 
 def _variable_lines(variables: Mapping[str, Any]) -> list[str]:
-    before, after = variables["params_before"], variables["params_after"]
-    lines = ["", f"variables: {len(variables['in'])} -> {len(variables['out'])} "
-             f"({len(variables['added'])} added, {len(variables['removed'])} removed, "
-             f"{len(variables['changed'])} changed)"]
+    lines = ["", f"variables: {variables_text(variables)}"]
     count_in = collections.Counter(v["name"] for v in variables["in"])
     count_out = collections.Counter(v["name"] for v in variables["out"])
 
@@ -436,8 +471,7 @@ def _variable_lines(variables: Mapping[str, Any]) -> list[str]:
     lines += [f"  + {variable_text(v)}{note(v['name'])}" for v in variables["added"]]
     lines += [f"  - {variable_text(v)}{note(v['name'])}" for v in variables["removed"]]
     lines += [f"  ~ {c['name']}: {tensor_text(c['in'])} -> {tensor_text(c['out'])}" for c in variables["changed"]]
-    ratio = f" ({after / before:.3f}x)" if before else ""
-    lines.append(f"parameters: {before:,} -> {after:,}{ratio}")
+    lines.append(f"parameters: {params_text(variables['params_before'], variables['params_after'])}")
     return lines
 
 
@@ -454,9 +488,8 @@ def _manifest_lines(manifest: Mapping[str, Any]) -> list[str]:
              ", ".join(f["role"] for f in s["factors"]), "yes" if s["blended"] else "no"]
             for s in manifest["sites"]]
     header = ["variable", "op", "shape", "k", "params", "factors", "alpha"]
-    lines.append(_table(rows, header) if rows else "no sites")
+    lines.append(table(rows, header) if rows else "no sites")
     lines += [f"skipped {s['op']} ({s['variable']}): {s['reason']}" for s in manifest["skipped"]]
-    before, after = site_params(manifest["sites"])
     lines.append(f"total: {len(manifest['sites'])} sites, {len(manifest['skipped'])} skipped, parameters of "
-                 f"the rewritten weights {before:,} -> {after:,}")
+                 f"the rewritten weights {params_text(*site_params(manifest['sites']))}")
     return lines

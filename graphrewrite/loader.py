@@ -233,7 +233,7 @@ def _load_tf1(path: str, tags: Sequence[str]) -> LoadedModel:
         reader = tf.train.load_checkpoint(os.path.join(path, "variables", "variables"))
     except (tf.errors.OpError, ValueError) as exc:
         raise InputModelError(f"{path}: cannot read the variables checkpoint ({_summary(exc)})") from None
-    trainable = _tf1_trainable_names(meta)
+    trainable = tf1_trainable_names(meta)
     graph_def = meta.graph_def
     var_nodes = {n.name: n for n in graph_def.node if n.op in _TF1_VARIABLE_OPS or n.op == "VarHandleOp"}
     table = _VariableTable()
@@ -286,7 +286,7 @@ def _load_tf1(path: str, tags: Sequence[str]) -> LoadedModel:
     )
 
 
-def _tf1_trainable_names(meta: Any) -> set[str]:
+def tf1_trainable_names(meta: Any) -> set[str]:
     from tensorflow.core.framework import variable_pb2
 
     names = set()

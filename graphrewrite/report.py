@@ -47,7 +47,7 @@ def inspect_json(data: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _table(rows: list[list[str]], header: list[str]) -> str:
+def table(rows: list[list[str]], header: list[str]) -> str:
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     lines = ["  ".join(str(c).ljust(w) for c, w in zip(header, widths)).rstrip()]
     lines.append("  ".join("-" * w for w in widths))
@@ -75,7 +75,7 @@ def inspect_text(data: dict[str, Any]) -> str:
             if live:
                 row += [f"{s['alpha']:.4f}", f"{s['reconstruction_error']:.4f}"]
             rows.append(row)
-        out.append(_table(rows, header))
+        out.append(table(rows, header))
     else:
         out.append("no sites")
     if data["skipped"]:

@@ -138,7 +138,7 @@ def _first_line(exc: BaseException) -> str:
     return text[0] if text else type(exc).__name__
 
 
-def _saver_exempt(meta_graph: Any) -> tuple[set[str], set[str]]:
+def saver_exempt(meta_graph: Any) -> tuple[set[str], set[str]]:
     """Nodes and functions the SaverDef reaches: where saver ops are expected."""
     graph = meta_graph.graph_def
     nodes = {n.name: n for n in graph.node}
@@ -154,18 +154,18 @@ def _saver_exempt(meta_graph: Any) -> tuple[set[str], set[str]]:
         exempt_nodes.add(name)
         stack.extend(i.split(":")[0].lstrip("^") for i in nodes[name].input if i.split(":")[0].lstrip("^") in nodes)
     exempt_functions: set[str] = set()
-    pending = [f for n in exempt_nodes for f in _called_functions(nodes[n])]
+    pending = [f for n in exempt_nodes for f in called_functions(nodes[n])]
     while pending:
         fname = pending.pop()
         if fname in exempt_functions or fname not in functions:
             continue
         exempt_functions.add(fname)
         for node in functions[fname].node_def:
-            pending.extend(_called_functions(node))
+            pending.extend(called_functions(node))
     return exempt_nodes, exempt_functions
 
 
-def _called_functions(node: Any) -> list[str]:
+def called_functions(node: Any) -> list[str]:
     names = []
     for value in node.attr.values():
         if value.HasField("func"):
@@ -189,7 +189,7 @@ def _check_node(node: Any, where: str, exempt: bool) -> Finding | None:
 
 
 def scan_meta_graph(meta_graph: Any) -> MetaGraphInfo:
-    exempt_nodes, exempt_functions = _saver_exempt(meta_graph)
+    exempt_nodes, exempt_functions = saver_exempt(meta_graph)
     findings = []
     count = 0
     for node in meta_graph.graph_def.node:

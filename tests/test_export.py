@@ -9,7 +9,7 @@ import tensorflow as tf
 import graphrewrite
 from graphrewrite import manifest
 from graphrewrite.errors import ExportRefusedError, InputModelError
-from graphrewrite.export import export
+from graphrewrite.exporting import export
 
 MODELS = ["digits_mlp", "digits_cnn", "keras3_attention", "keras3_mixed_precision", "keras3_multi_input",
           "keras3_lstm", "tf_keras_dropout_bn", "tf_module_multi_signature", "tf1_builder"]

@@ -10,7 +10,7 @@ from models import matrix_model
 
 import graphrewrite
 from graphrewrite import hparams, manifest
-from graphrewrite.export import export
+from graphrewrite.exporting import export
 from graphrewrite.transforms.kmeans import kmeans_quantize_block
 
 OPTIONS = {

@@ -44,11 +44,11 @@ def test_energy_and_error_rules_on_a_known_spectrum():
 
 
 def test_target_ratio_spends_the_budget_where_the_error_drops_most():
-    flat = np.ones(20)  # each singular value removes 1/20 of its relative squared error
-    steep = np.array([10.0, 1.0] + [0.01] * 18)  # the first holds 99%: the second removes only 1/101
+    flat = np.full(20, 2.0)  # each singular value removes 4 of the squared error
+    steep = np.array([10.0, 3.0, 1.5] + [0.01] * 17)  # removes 9, then 2.25, then almost nothing
     shapes = [(20, 20), (20, 20)]
     ks = rankpolicy.target_ratio_ks([flat, steep], shapes, 0.25)  # budget 200 params = 5 singular values
-    assert ks == [4, 1]  # both start at k = 1; the three left go where the error drops most
+    assert ks == [3, 2]  # both start at k = 1; then 9 (steep), 4 and 4 (flat) beat 2.25
     total = sum(k * 40 for k in ks)
     assert total <= 0.25 * 800
 
