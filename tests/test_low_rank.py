@@ -87,3 +87,34 @@ def test_trainable_flags_follow_the_compressor_spec():
     specs = {s.name: s for s in t.factor_specs(t.check(40, 30))}
     assert specs["b"].trainable is False and specs["c"].trainable is True
     assert specs["b"].shape == (40, 15) and specs["c"].shape == (15, 30)
+
+
+@pytest.mark.parametrize("spectrum", ["decaying", "flat"])
+def test_randomized_svd_is_nearly_optimal(spectrum):
+    from graphrewrite.transforms.low_rank import randomized_svd, use_randomized
+
+    rng = np.random.default_rng(3)
+    m, n, k = 1024, 512, 64
+    if spectrum == "decaying":
+        u, _ = np.linalg.qr(rng.standard_normal((m, n)))
+        v, _ = np.linalg.qr(rng.standard_normal((n, n)))
+        a = ((u * (1.0 / np.arange(1, n + 1))) @ v.T).astype(np.float32)
+    else:
+        a = rng.standard_normal((m, n)).astype(np.float32)  # the hardest case: no decay at all
+    assert use_randomized(m, n, k)
+    s_exact = np.linalg.svd(a.astype(np.float64), compute_uv=False)
+    optimal = np.sqrt(np.sum(s_exact[k:] ** 2))
+    u, s, vt = randomized_svd(a, k)
+    error = np.linalg.norm(a - (u * s) @ vt)
+    assert error <= optimal * (1.001 if spectrum == "decaying" else 1.01)
+    np.testing.assert_allclose(s, s_exact[:k], rtol=1e-3 if spectrum == "decaying" else 5e-2)
+    for wide in (False, True):  # both orientations
+        b = a.T if wide else a
+        u, s, vt = randomized_svd(b, k)
+        assert u.shape == (b.shape[0], k) and vt.shape == (k, b.shape[1])
+
+
+def test_transform_records_which_svd_it_uses():
+    t = transform(800)
+    assert t.check(1024, 512).details["svd"] == "randomized"  # k = 64
+    assert t.check(40, 30).details["svd"] == "full"

@@ -9,7 +9,9 @@ factor x 100, not a rank):
     C = diag(sqrt(s[:k])) V^T[:k, :]      (k x n)
 
 so ``B @ C`` is the best rank-k approximation of ``W`` in Frobenius norm, with the singular values
-split evenly between the factors. The blended weight is ``alpha * A + (1 - alpha) * B @ C``; the
+split evenly between the factors. Where k is at most a quarter of min(m, n) (and the matrix has at
+least 2^18 entries) the leading triplets come from a randomized SVD instead (``randomized_svd``),
+recorded as ``details.svd`` in the manifest. The blended weight is ``alpha * A + (1 - alpha) * B @ C``; the
 product with an input is taken as ``(x @ B) @ C``, which costs ``k (m + n)`` per row instead of
 ``m n``. Parameters after: ``m k + k n``; a site where that is not below ``m n`` is refused.
 """
@@ -36,6 +38,36 @@ def svd(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         return scipy.linalg.svd(matrix, full_matrices=False, lapack_driver="gesdd", check_finite=False)
     except np.linalg.LinAlgError:
         return scipy.linalg.svd(matrix, full_matrices=False, lapack_driver="gesvd", check_finite=False)
+
+
+def randomized_svd(matrix: np.ndarray, k: int, oversample: int | None = None, power_iterations: int = 4,
+                   seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The leading k singular triplets by a randomized range finder (Halko, Martinsson, Tropp).
+
+    ``k + oversample`` Gaussian probes (by default ``max(10, k // 2)`` extra),
+    ``power_iterations`` re-orthonormalised power steps, then
+    an exact SVD of the small projected matrix: for k well below min(m, n) far cheaper than a full
+    SVD, and within a fraction of a percent of its error even for flat spectra (tests/test_low_rank).
+    """
+    a = np.asarray(matrix, np.float32)
+    flip = a.shape[0] < a.shape[1]
+    if flip:
+        a = a.T
+    width = min(k + (max(10, k // 2) if oversample is None else oversample), min(a.shape))
+    probes = np.random.default_rng(seed).standard_normal((a.shape[1], width)).astype(np.float32)
+    q, _ = np.linalg.qr(a @ probes)
+    for _ in range(power_iterations):
+        z, _ = np.linalg.qr(a.T @ q)
+        q, _ = np.linalg.qr(a @ z)
+    u_small, s, vt = svd(q.T @ a)
+    u = q @ u_small
+    u, s, vt = u[:, :k], s[:k], vt[:k]
+    return (vt.T, s, u.T) if flip else (u, s, vt)
+
+
+def use_randomized(m: int, n: int, k: int) -> bool:
+    """A randomized SVD where k is well below min(m, n) and the matrix is big enough to matter."""
+    return 4 * k <= min(m, n) and m * n >= 1 << 18
 
 
 def split_factors(u: np.ndarray, s: np.ndarray, vt: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -65,7 +97,7 @@ class LowRank(Transform):
                 f"{why} gives k={k} on {m}x{n}: factors ({after} parameters) would not be "
                 f"smaller than the weight ({m * n})"
             )
-        return SizePlan(m, n, k, after)
+        return SizePlan(m, n, k, after, {"svd": "randomized" if use_randomized(m, n, k) else "full"})
 
     def factor_specs(self, plan: SizePlan) -> list[FactorSpec]:
         assert plan.k is not None
@@ -76,7 +108,10 @@ class LowRank(Transform):
 
     def factorize(self, matrix: np.ndarray, plan: SizePlan) -> dict[str, np.ndarray]:
         assert plan.k is not None
-        u, s, vt = svd(np.asarray(matrix, dtype=np.float32))
+        if use_randomized(plan.m, plan.n, plan.k):
+            u, s, vt = randomized_svd(matrix, plan.k)
+        else:
+            u, s, vt = svd(np.asarray(matrix, dtype=np.float32))
         b, c = split_factors(u, s, vt, plan.k)
         return {"b": b.astype(np.float32), "c": c.astype(np.float32)}
 

@@ -1,0 +1,93 @@
+"""Inference latency of the exported (final) model against the original.
+
+1. An MLP of four 2048x2048 Dense layers at rank=400 (k = 512), batch 64: the theoretical speedup of
+   each layer is m n / (k (m + n)) = 2.0; target: measured speedup >= 0.7 x that.
+2. A conv net (four 3x3 Conv2D 128 -> 128 on 32x32 images, batch 16) at rank=400: each kernel is
+   the 1152x128 matrix, k = min(1152, 128, ceil(128 * 100 / 400)) = 32, so each convolution becomes
+   a 3x3x128 -> 32 and a 1x1 32 -> 128 one: FLOP speedup 1152 * 128 / (32 * 1280) = 3.6; target:
+   measured speedup >= 0.7 x the FLOP speedup.
+
+Both exported at alpha = 0 straight after compress (--force: one-shot), timed in alternation.
+
+    python benchmarks/bench_export_latency.py [--rounds 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import tempfile
+
+import common
+import numpy as np
+import tensorflow as tf
+
+
+def build_mlp(path: str, width: int = 2048, layers: int = 4) -> None:
+    import keras
+
+    keras.utils.set_random_seed(0)
+    x = keras.Input((width,), name="x")
+    h = x
+    for i in range(layers):
+        h = keras.layers.Dense(width, activation="relu", name=f"dense_{i}")(h)
+    keras.Model(x, h).export(path, verbose=False)
+
+
+def build_convnet(path: str, channels: int = 128, layers: int = 4, size: int = 32) -> None:
+    import keras
+
+    keras.utils.set_random_seed(0)
+    x = keras.Input((size, size, channels), name="image")
+    h = x
+    for i in range(layers):
+        h = keras.layers.Conv2D(channels, 3, padding="same", activation="relu", name=f"conv_{i}")(h)
+    keras.Model(x, h).export(path, verbose=False)
+
+
+def measure(name: str, build, shape: tuple[int, ...], rank: int, work: str, rounds: int,
+            targets: common.Targets) -> list[str]:
+    import graphrewrite
+    from graphrewrite import hparams, manifest
+
+    src, mid, final = (os.path.join(work, f"{name}_{s}") for s in ("src", "rewritten", "final"))
+    build(src)
+    graphrewrite.compress(src, mid, hparams.resolve(None, {"rank": rank}), verify=False)
+    graphrewrite.export(mid, final, force=True, verify=False)
+    totals = manifest.read_dir(mid)["totals"]
+    flop_speedup = totals["flops_before"] / totals["flops_after"]
+    original, exported = tf.saved_model.load(src), tf.saved_model.load(final)
+    x = tf.constant(np.random.default_rng(0).standard_normal(shape).astype(np.float32))
+    run_original = tf.function(lambda: original.serve(x))
+    run_exported = tf.function(lambda: exported.serve(x))
+    times = common.interleaved_medians({"original": lambda: run_original().numpy(),
+                                        "exported": lambda: run_exported().numpy()}, rounds=rounds)
+    speedup = times["original"] / times["exported"]
+    ok = targets.check(speedup >= 0.7 * flop_speedup, f"{name} speedup {speedup:.2f} < 0.7 x {flop_speedup:.2f}")
+    return [name, f"{times['original'] * 1e3:.2f}", f"{times['exported'] * 1e3:.2f}", f"{speedup:.2f}",
+            f"{flop_speedup:.2f}", f"{speedup / flop_speedup:.2f}", ok]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    args = parser.parse_args()
+    work = tempfile.mkdtemp(prefix="bench-export-")
+    targets = common.Targets()
+    try:
+        rows = [
+            measure("MLP 4x2048, rank=400, batch 64", build_mlp, (64, 2048), 400, work, args.rounds, targets),
+            measure("Conv 4x3x3x128, rank=400, 16x32x32", build_convnet, (16, 32, 32, 128), 400, work,
+                    args.rounds, targets),
+        ]
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print(f"# exported-model latency; {common.machine()}")
+    print(common.table(["model", "original ms", "exported ms", "speedup", "FLOP speedup", "fraction", "target >= 0.7"],
+                       rows))
+    targets.exit()
+
+
+if __name__ == "__main__":
+    main()
