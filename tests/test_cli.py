@@ -199,3 +199,22 @@ def test_readme_main_command_runs(tmp_path):
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "verified" in proc.stdout
+
+
+def test_readme_python_examples_run(tmp_path):
+    """Every ```python block of the README, in order, in one process, after the first command."""
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        blocks = re.findall(r"```python\n(.*?)```", f.read(), re.S)
+    assert len(blocks) >= 4
+    (tmp_path / "out").mkdir()
+    main_proc = subprocess.run([sys.executable, "-c", "from graphrewrite.cli import main; main()", "compress",
+                                os.path.join(ROOT, "testdata", "digits_mlp"), "out/digits_mlp_r200", "--rank=200",
+                                "--fast", "-q"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert main_proc.returncode == 0, main_proc.stderr[-2000:]
+    script = tmp_path / "readme_examples.py"
+    script.write_text("\n\n".join(blocks))
+    proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=900, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "out" / "final" / "saved_model.pb").exists()
+    assert "(4, 10)" in proc.stdout

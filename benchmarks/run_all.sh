@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Runs every benchmark in turn (about 25 minutes on 2 cores; big_model.py needs ~10 GB of disk and
+# RAM) and exits non-zero if any missed its target. Run from the repository root with the
+# virtual environment of the README: .venv/bin/python must exist, or set PYTHON.
+set -u
+cd "$(dirname "$0")"
+PYTHON=${PYTHON:-../.venv/bin/python}
+status=0
+for script in bench_finetune_step.py bench_export_latency.py bench_accuracy.py bench_rewrite_time.py big_model.py; do
+  echo "== $script"
+  "$PYTHON" "$script" || status=1
+done
+exit $status
