@@ -451,8 +451,10 @@ def _rebuild(model: LoadedModel, plan: RewritePlan, runtimes: Mapping[str, SiteR
         else:
             setattr(root, entry.name, fn)
     if not any(e.kind == "function" and e.name == "__call__" for e in model.entries):
-        default = signatures.get("serving_default") or signatures[sorted(signatures)[0]]
-        root.__call__ = getattr(root, "serve", None) or default
+        default = getattr(root, "serve", None) or signatures.get("serving_default") or next(
+            (signatures[k] for k in sorted(signatures)), None)
+        if default is not None:
+            root.__call__ = default
     concrete = {key: fn.get_concrete_function() for key, fn in signatures.items()}
     used_keys = {k for b in builders.values() for n, k in {**b.fir.reads, **b.fir.handles}.items() if n in b.live}
     used_keys |= {k for b in builders.values() for n, k in b.fir.reads.items() if n in b.python_nodes}

@@ -50,6 +50,11 @@ def hparam_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     return fn
 
 
+def _warning(message: str) -> None:
+    """Warnings always reach stderr, one line each (progress lines only on a terminal)."""
+    click.echo(f"graphrewrite: warning: {message}", err=True)
+
+
 def selection_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Site filters and rank policies beyond the reference (graphrewrite.plan.Selection)."""
     options = [
@@ -137,7 +142,7 @@ def compress(in_model: str, out_model: str, compression_hparams: str | None, met
     result = pipeline.compress(
         in_model, out_model, hp, tags=_tags(tag_set), verify=not fast, overwrite=overwrite,
         allow_unsafe_ops=allow_unsafe_ops, dry_run=dry_run, allow_larger=allow_larger, selection=selection,
-        progress=_progress(quiet, show_progress))
+        progress=_progress(quiet, show_progress), warn=_warning)
     if as_json:
         click.echo(json.dumps(report.compress_json(result), indent=1))
     else:
@@ -205,7 +210,8 @@ def inspect(model: str, compression_hparams: str | None, method: str | None, tag
     if data is None:
         hp = _resolve(compression_hparams, method, values)
         selection = _selection(energy, max_error, target_ratio, min_params, include, exclude)
-        loaded, plan, _ = pipeline.plan_model(model, hp, _tags(tag_set), allow_unsafe_ops, selection=selection)
+        loaded, plan, _ = pipeline.plan_model(model, hp, _tags(tag_set), allow_unsafe_ops, selection=selection,
+                                              warn=_warning)
         data = report.plan_dict(plan, model, loaded.kind)
         if plot_dir:
             report.add_spectra(data, loaded, plan)
@@ -214,11 +220,14 @@ def inspect(model: str, compression_hparams: str | None, method: str | None, tag
 
         if found.meta_graph(_tags(tag_set)).findings and not allow_unsafe_ops:
             raise UnsafeModelError(f"{model}: refusing to load a model with unsafe ops (graphrewrite scan lists them)")
-        data = rewritten_status(model, data, spectra=plot_dir is not None)
-    if plot_dir:
-        written = report.write_plots(data, plot_dir)
-        click.echo(f"wrote {len(written)} plot(s) to {plot_dir}", err=True)
-    click.echo(json.dumps(report.inspect_json(data), indent=1) if as_json else report.inspect_text(data))
+        with manifest.damage_guard(model):
+            data = rewritten_status(model, data, spectra=plot_dir is not None)
+    with manifest.damage_guard(model):
+        text = json.dumps(report.inspect_json(data), indent=1) if as_json else report.inspect_text(data)
+        if plot_dir:
+            written = report.write_plots(data, plot_dir)
+            click.echo(f"wrote {len(written)} plot(s) to {plot_dir}", err=True)
+    click.echo(text)
 
 
 @cli.command(context_settings=CONTEXT)

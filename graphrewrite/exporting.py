@@ -26,7 +26,14 @@ from graphrewrite.errors import (
     VerificationError,
 )
 from graphrewrite.model import LoadedModel, VariableInfo
-from graphrewrite.pipeline import _atomic_write, _max_diff, _quiet, check_output, sample_inputs
+from graphrewrite.pipeline import (
+    _atomic_write,
+    _max_diff,
+    _quiet,
+    check_output,
+    sample_inputs,
+    save,
+)
 from graphrewrite.scan import scan
 
 Progress = Callable[[str], None]
@@ -98,7 +105,7 @@ def _source_model(tuned: Any, data: dict, path: str) -> LoadedModel:
     functions, entries, captured, by_key = irstore.load(irstore.read(ir_path), variables, resources)
     infos = {key: VariableInfo(key, v.name.split(":")[0], tuple(v.shape), v.dtype.name, v.trainable)
              for key, v in by_key.items()}
-    return LoadedModel(path=path, kind=data["source"].get("kind", ""), variables=by_key, infos=infos,
+    return LoadedModel(path=path, kind=str((data.get("source") or {}).get("kind", "")), variables=by_key, infos=infos,
                        functions=functions, entries=entries, captured=captured, resources=resources,
                        regularization_losses=[], source=tuned,
                        signature_functions=dict(tuned.signatures.items()))
@@ -116,14 +123,19 @@ def export(tuned_dir: str, output_dir: str, *, checkpoint: str | None = None, fo
       force: export although some alpha > 0 (reports how far the outputs move).
       verify: reload the output and compare it with the rewritten model at alpha = 0.
     """
-    import tensorflow as tf
+    check_output(tuned_dir, output_dir, overwrite)
+    progress(f"loading {tuned_dir}")
+    tuned, data = _load_tuned(tuned_dir, tags, checkpoint, allow_unsafe_ops)
+    with manifest_lib.damage_guard(tuned_dir):
+        return _export(tuned_dir, output_dir, tuned, data, force, verify, overwrite, progress)
+
+
+def _export(tuned_dir: str, output_dir: str, tuned: Any, data: dict, force: bool, verify: bool,
+            overwrite: bool, progress: Progress) -> ExportResult:
 
     from graphrewrite.build import build_export
     from graphrewrite.transforms import make as make_transform
 
-    check_output(tuned_dir, output_dir, overwrite)
-    progress(f"loading {tuned_dir}")
-    tuned, data = _load_tuned(tuned_dir, tags, checkpoint, allow_unsafe_ops)
     transform = make_transform(data["hparams"], allow_larger=True)
     states = list(tuned.graphrewrite_sites)
     alphas = [float(s.alpha.numpy()) for s in states] if transform.blended else []
@@ -135,13 +147,18 @@ def export(tuned_dir: str, output_dir: str, *, checkpoint: str | None = None, fo
             "until alpha = 0, or pass --force to export the compressed form anyway")
     model = _source_model(tuned, data, tuned_dir)
     plan = manifest_lib.plan_from(data, model.infos, transform)
+    _check_plan(plan, model, len(states))
     progress("building the compressed functions")
-    built = build_export(model, plan, transform, states)
+    try:
+        built = build_export(model, plan, transform, states)
+    except Exception as exc:  # noqa: BLE001 - a manifest or asset edited to disagree with the model
+        first = next((ln for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
+        raise InputModelError(f"{tuned_dir}: cannot rebuild its functions ({first[:300]})") from None
     report: dict[str, Any] = {}
 
     def write(tmp: str) -> None:
         progress(f"saving to {output_dir}")
-        tf.saved_model.save(built.root, tmp, signatures=built.signatures)
+        save(built.root, tmp, built.signatures, output_dir)
         if verify:
             progress("verifying against the rewritten model at alpha = 0")
             report.update(_compare(tuned, tmp, alphas))
@@ -154,6 +171,21 @@ def export(tuned_dir: str, output_dir: str, *, checkpoint: str | None = None, fo
         bytes_before=_dir_bytes(os.path.join(tuned_dir, "variables")),
         bytes_after=_dir_bytes(os.path.join(output_dir, "variables")), max_alpha=max_alpha,
         output_shift=report.get("shift"), max_rel_diff_alpha0=report.get("alpha0"))
+
+
+def _check_plan(plan: Any, model: LoadedModel, states: int) -> None:
+    """The manifest's sites must name ops of the kept source functions, one site per state."""
+    from graphrewrite.ops import ADAPTERS
+
+    if len(plan.sites) != states:
+        raise InputModelError("the manifest's sites do not match the model's graphrewrite_sites")
+    for site in plan.sites:
+        for use in site.uses:
+            fir = model.functions.get(use.function)
+            node = fir.graph.nodes.get(use.op) if fir is not None else None
+            if (node is None or node.op != use.op_type or node.op not in ADAPTERS
+                    or not 0 <= use.operand < len(node.data_inputs)):
+                raise InputModelError(f"the manifest's site {site.id} does not match the model's source functions")
 
 
 def _compare(tuned: Any, exported_dir: str, alphas: list[float]) -> dict[str, float]:

@@ -17,8 +17,10 @@ from typing import Any
 from graphrewrite.errors import InputModelError
 from graphrewrite.graph import Graph
 from graphrewrite.model import NO_DEFAULT, Entry, FunctionIR, Variant
+from graphrewrite.scan import IR_ASSET
 
-ASSET = "graphrewrite_ir.json"
+ASSET = IR_ASSET
+
 FORMAT = "graphrewrite-ir"
 VERSION = 1
 _NO_DEFAULT_TAG = "__graphrewrite_no_default__"

@@ -111,7 +111,7 @@ def _load_object_based(path: str, tags: Sequence[str]) -> LoadedModel:
 
     try:
         obj = tf.saved_model.load(path, tags=list(tags))
-    except (tf.errors.OpError, ValueError, KeyError, OSError, AssertionError) as exc:
+    except Exception as exc:  # noqa: BLE001 - whatever a damaged model makes TensorFlow raise
         raise InputModelError(f"{path}: cannot load the SavedModel ({_summary(exc)})") from None
     table = _VariableTable()
     captured: list[Any] = []
@@ -125,8 +125,9 @@ def _load_object_based(path: str, tags: Sequence[str]) -> LoadedModel:
         return Variant(key, concrete.structured_input_signature, concrete.structured_outputs)
 
     signature_functions = {}
-    for sig_key in sorted(obj.signatures.keys()):
-        concrete = obj.signatures[sig_key]
+    signatures = getattr(obj, "signatures", None) or {}
+    for sig_key in sorted(signatures.keys()):
+        concrete = signatures[sig_key]
         signature_functions[sig_key] = concrete
         entries.append(Entry("signature", sig_key, [add(f"signature:{sig_key}", concrete)]))
     for name, child in sorted(_exported_functions(obj).items()):
@@ -231,7 +232,7 @@ def _load_tf1(path: str, tags: Sequence[str]) -> LoadedModel:
         raise InputModelError(f"{path}: the TF1 SavedModel has no signature")
     try:
         reader = tf.train.load_checkpoint(os.path.join(path, "variables", "variables"))
-    except (tf.errors.OpError, ValueError) as exc:
+    except Exception as exc:  # noqa: BLE001 - a damaged checkpoint raises many kinds of errors
         raise InputModelError(f"{path}: cannot read the variables checkpoint ({_summary(exc)})") from None
     trainable = tf1_trainable_names(meta)
     graph_def = meta.graph_def
@@ -258,7 +259,7 @@ def _load_tf1(path: str, tags: Sequence[str]) -> LoadedModel:
             if node.name not in made:
                 try:
                     value = reader.get_tensor(node.name)
-                except (tf.errors.OpError, ValueError):
+                except Exception:  # noqa: BLE001 - missing key or damaged data
                     raise InputModelError(
                         f"{path}: variable {node.name!r} is missing from the checkpoint") from None
                 made[node.name] = tf.Variable(value, name=node.name, trainable=node.name in trainable)
@@ -278,7 +279,10 @@ def _load_tf1(path: str, tags: Sequence[str]) -> LoadedModel:
         out_specs = {k: _spec(sig.outputs[k], k) for k in out_keys}
         entries.append(Entry("signature", sig_key, [Variant(fkey, ((), in_specs), out_specs)]))
     # The original model, loaded only to compute reference outputs for verification.
-    source = tf.saved_model.load(path, tags=list(tags))
+    try:
+        source = tf.saved_model.load(path, tags=list(tags))
+    except Exception as exc:  # noqa: BLE001
+        raise InputModelError(f"{path}: cannot load the SavedModel ({_summary(exc)})") from None
     return LoadedModel(
         path=path, kind="tf1", variables=table.variables, infos=table.infos, functions=functions,
         entries=entries, captured=[], resources=[], regularization_losses=[], source=source,

@@ -6,13 +6,14 @@ scripts may read too (``format`` and ``version`` say which layout).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from graphrewrite import views
-from graphrewrite.errors import InputModelError
+from graphrewrite.errors import GraphrewriteError, InputModelError
 from graphrewrite.model import VariableInfo
 from graphrewrite.plan import RewritePlan, Use, display_op
 from graphrewrite.scan import MANIFEST_ASSET
@@ -101,6 +102,15 @@ def plan_from(data: dict[str, Any], infos: Mapping[str, VariableInfo], transform
     return RewritePlan(tuple(sites), (), dict(data["hparams"]), data.get("method", transform.name))
 
 
+@contextlib.contextmanager
+def damage_guard(where: str) -> Iterator[None]:
+    """Turns the errors a hand-edited manifest can still cause in its readers into one clear line."""
+    try:
+        yield
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError, ZeroDivisionError) as exc:
+        raise InputModelError(f"{where}: damaged graphrewrite manifest ({type(exc).__name__}: {exc})") from None
+
+
 def write(data: dict[str, Any], path: str) -> None:
     with open(path, "w", encoding="utf-8") as f:
         json.dump(data, f, indent=1, sort_keys=False)
@@ -145,27 +155,76 @@ def read_from_object(model: Any) -> dict[str, Any]:
 
 
 def validate(data: Any, where: str) -> None:
-    """Checks the manifest's layout, so a damaged one gives one clear line, not a KeyError later."""
+    """Checks the manifest's whole layout, so that a damaged or hand-edited one gives one clear
+    line here, never a KeyError or IndexError later."""
     def bad(what: str) -> InputModelError:
         return InputModelError(f"{where}: damaged graphrewrite manifest ({what})")
 
-    if not isinstance(data, dict) or data.get("format") != FORMAT:
+    def expect(value: Any, kind: type | tuple[type, ...], what: str) -> Any:
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise bad(f"{what} missing or of the wrong type")
+        return value
+
+    def ints(value: Any, what: str, length: int | None = None) -> list[int]:
+        expect(value, list, what)
+        if (length is not None and len(value) != length) or not all(
+                isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value):
+            raise bad(f"{what} is not a list of {length or 'some'} non-negative integers")
+        return value
+
+    def view(value: Any, what: str) -> views.View:
+        try:
+            return views.from_json(expect(value, list, what))
+        except (TypeError, ValueError):
+            raise bad(f"{what} is malformed") from None
+
+    expect(data, dict, "the manifest")
+    if data.get("format") != FORMAT:
         raise bad("not a graphrewrite manifest")
     if data.get("version") != VERSION:
         raise bad(f"version {data.get('version')!r}, expected {VERSION}")
-    for key, kind in (("sites", list), ("skipped", list), ("hparams", dict), ("totals", dict)):
-        if not isinstance(data.get(key), kind):
-            raise bad(f"'{key}' missing or not a {kind.__name__}")
+    expect(data.get("sites"), list, "'sites'")
+    expect(data.get("skipped"), list, "'skipped'")
+    totals = expect(data.get("totals"), dict, "'totals'")
+    for key in ("sites", "skipped", "params_before", "params_after", "ratio"):
+        expect(totals.get(key), (int, float), f"totals: '{key}'")
+    for key, value in totals.items():
+        expect(value, (int, float), f"totals: '{key}'")
+    for key in ("options", "verification", "source"):
+        if key in data:
+            expect(data[key], dict, f"'{key}'")
+    try:
+        from graphrewrite.hparams import resolve
+
+        resolve(None, expect(data.get("hparams"), dict, "'hparams'"))
+    except GraphrewriteError as exc:
+        raise bad(f"hparams: {exc}") from None
+    for i, skip in enumerate(data["skipped"]):
+        for key in ("op", "reason"):
+            expect(expect(skip, dict, f"skipped {i}").get(key), str, f"skipped {i}: '{key}'")
     for i, site in enumerate(data["sites"]):
-        if not isinstance(site, dict):
-            raise bad(f"site {i} is not an object")
-        for key, kind in (("op", str), ("variable", str), ("shape", list), ("matrix", list),
-                          ("view", list), ("params_before", int), ("params_after", int)):
-            if not isinstance(site.get(key), kind):
-                raise bad(f"site {i}: '{key}' missing or not a {kind.__name__}")
-        if site.get("k") is not None and not isinstance(site["k"], int):
-            raise bad(f"site {i}: 'k' is not an integer")
+        expect(site, dict, f"site {i}")
+        for key in ("id", "op", "variable", "variable_key", "method"):
+            expect(site.get(key), str, f"site {i}: '{key}'")
+        for key in ("params_before", "params_after", "option"):
+            expect(site.get(key), int, f"site {i}: '{key}'")
+        if "k" not in site:
+            raise bad(f"site {i}: 'k' missing")
+        if site["k"] is not None:
+            expect(site["k"], int, f"site {i}: 'k'")
+        expect(site.get("details", {}), dict, f"site {i}: 'details'")
+        shape = ints(site.get("shape"), f"site {i}: 'shape'")
+        matrix = ints(site.get("matrix"), f"site {i}: 'matrix'", 2)
+        steps = view(site.get("view"), f"site {i}: 'view'")
         try:
-            views.from_json(site["view"])
-        except (TypeError, ValueError):
-            raise bad(f"site {i}: 'view' is malformed") from None
+            if list(views.shape_after(shape, steps)) != matrix:
+                raise bad(f"site {i}: 'view' does not take 'shape' to 'matrix'")
+        except (IndexError, ValueError):
+            raise bad(f"site {i}: 'view' does not fit 'shape'") from None
+        for j, use in enumerate(expect(site.get("uses"), list, f"site {i}: 'uses'")):
+            expect(use, dict, f"site {i} use {j}")
+            for key in ("function", "node", "op_type"):
+                expect(use.get(key), str, f"site {i} use {j}: '{key}'")
+            expect(use.get("operand"), int, f"site {i} use {j}: 'operand'")
+            view(use.get("chain"), f"site {i} use {j}: 'chain'")
+            view(use.get("op_steps"), f"site {i} use {j}: 'op_steps'")

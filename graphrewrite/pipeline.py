@@ -20,6 +20,7 @@ from graphrewrite import __version__, views
 from graphrewrite import manifest as manifest_lib
 from graphrewrite.errors import (
     AlreadyRewrittenError,
+    InputModelError,
     OutputError,
     UnsafeModelError,
     VerificationError,
@@ -33,6 +34,12 @@ DEFAULT_SELECTION = Selection()
 
 def _quiet(_: str) -> None:
     return None
+
+
+def _python_warning(message: str) -> None:
+    import warnings
+
+    warnings.warn(message, stacklevel=3)
 
 
 @dataclasses.dataclass
@@ -68,7 +75,8 @@ def check_output(input_dir: str, output_dir: str, overwrite: bool) -> None:
 
 def plan_model(input_dir: str, hparams: Mapping[str, Any], tags: Sequence[str] = ("serve",),
                allow_unsafe_ops: bool = False, progress: Progress = _quiet,
-               allow_larger: bool = False, selection: Selection = DEFAULT_SELECTION) -> tuple[Any, RewritePlan, Any]:
+               allow_larger: bool = False, selection: Selection = DEFAULT_SELECTION,
+               warn: Progress = _python_warning) -> tuple[Any, RewritePlan, Any]:
     """Scans, loads and plans; returns (loaded model, plan, transform)."""
     from graphrewrite import loader
     from graphrewrite.transforms import make as make_transform
@@ -86,7 +94,7 @@ def plan_model(input_dir: str, hparams: Mapping[str, Any], tags: Sequence[str] =
         if not allow_unsafe_ops:
             raise UnsafeModelError(
                 f"{input_dir}: refusing a model with unsafe ops: {names}{more} (--allow-unsafe-ops overrides)")
-        progress(f"warning: loading a model with unsafe ops: {names}{more}")
+        warn(f"loading a model with unsafe ops (--allow-unsafe-ops): {names}{more}")
     progress("loading and inlining")
     model = loader.load(input_dir, tags, meta.object_based)
 
@@ -104,7 +112,8 @@ def plan_model(input_dir: str, hparams: Mapping[str, Any], tags: Sequence[str] =
 def compress(input_dir: str, output_dir: str, hparams: Mapping[str, Any], *,
              tags: Sequence[str] = ("serve",), verify: bool = True, overwrite: bool = False,
              allow_unsafe_ops: bool = False, dry_run: bool = False, allow_larger: bool = False,
-             selection: Selection = DEFAULT_SELECTION, progress: Progress = _quiet) -> CompressResult:
+             selection: Selection = DEFAULT_SELECTION, progress: Progress = _quiet,
+             warn: Progress = _python_warning) -> CompressResult:
     """Rewrites ``input_dir`` into ``output_dir`` (see the module docstring).
 
     Args:
@@ -119,11 +128,12 @@ def compress(input_dir: str, output_dir: str, hparams: Mapping[str, Any], *,
       allow_larger: also rewrite sites whose compressed form is not smaller than the weight.
       selection: site filters and rank policy (graphrewrite.plan.Selection).
       progress: called with one-line progress messages.
+      warn: called with one-line warnings (default: Python warnings).
     """
     if not dry_run:
         check_output(input_dir, output_dir, overwrite)
     model, plan, transform = plan_model(input_dir, hparams, tags, allow_unsafe_ops, progress, allow_larger,
-                                        selection)
+                                        selection, warn)
     if dry_run:
         return CompressResult(None, plan, None, None)
     if transform.option == 0:
@@ -143,7 +153,10 @@ def compress(input_dir: str, output_dir: str, hparams: Mapping[str, Any], *,
         return update_lib.make_update_function(root, handles)
 
     progress("building the rewritten functions")
-    built = build_lib.build(model, plan, transform, initial, update_factory)
+    try:
+        built = build_lib.build(model, plan, transform, initial, update_factory)
+    except Exception as exc:  # noqa: BLE001 - a damaged graph that loads but does not rebuild
+        raise InputModelError(f"cannot rewrite this model: {type(exc).__name__}: {_first(exc)}") from None
     signatures = sorted(e.name for e in model.entries if e.kind == "signature")
     data = manifest_lib.build(plan, input_dir, model.kind, __version__, signatures)
     verification: dict[str, Any] | None = None
@@ -162,11 +175,7 @@ def compress(input_dir: str, output_dir: str, hparams: Mapping[str, Any], *,
             irstore.write(model, ir_path)
             built.root.graphrewrite_ir = tf.saved_model.Asset(ir_path)
             progress(f"saving to {output_dir}")
-            try:
-                tf.saved_model.save(built.root, tmp, signatures=built.signatures,
-                                    options=tf.saved_model.SaveOptions(experimental_custom_gradients=True))
-            except OSError as exc:
-                raise OutputError(f"{output_dir}: cannot write the model ({exc.strerror or exc})") from None
+            save(built.root, tmp, built.signatures, output_dir)
         if verify:
             progress("verifying: reloading the output and comparing with the input at alpha = 1")
             verification = verify_output(model, tmp, plan, transform.blended)
@@ -177,8 +186,26 @@ def compress(input_dir: str, output_dir: str, hparams: Mapping[str, Any], *,
     return CompressResult(output_dir, plan, data, verification)
 
 
+def _exchange(a: str, b: str) -> bool:
+    """Atomically swaps two paths (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
 def _atomic_write(output_dir: str, overwrite: bool, fill: Callable[[str], None]) -> None:
-    """Fills a fresh temporary directory beside ``output_dir``, then renames it into place."""
+    """Fills a fresh temporary directory beside ``output_dir``, then renames it into place.
+
+    An existing output (``--overwrite``) is swapped with the new one in one atomic exchange where
+    the system has it (Linux), so a kill at any moment leaves the old model or the new one there.
+    """
     parent = os.path.dirname(os.path.abspath(output_dir))
     base = os.path.basename(os.path.normpath(output_dir))
     try:
@@ -187,19 +214,42 @@ def _atomic_write(output_dir: str, overwrite: bool, fill: Callable[[str], None])
         raise OutputError(f"{output_dir}: cannot create a temporary directory ({exc.strerror})") from None
     try:
         fill(tmp)
-        if os.path.lexists(output_dir):
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp made it private; the output gets the usual mode
+        if not os.path.lexists(output_dir):
+            os.replace(tmp, output_dir)
+        elif _exchange(tmp, output_dir):
+            shutil.rmtree(tmp, ignore_errors=True)  # now holds the previous output
+        else:
             old = tempfile.mkdtemp(prefix=f".{base}.graphrewrite-old-", dir=parent)
             os.replace(output_dir, os.path.join(old, "previous"))
             os.replace(tmp, output_dir)
             shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, output_dir)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         raise OutputError(f"{output_dir}: cannot write the model ({exc.strerror or exc})") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def save(root: Any, tmp: str, signatures: Mapping[str, Any], output_dir: str) -> None:
+    """``tf.saved_model.save`` with its failures turned into one-line errors.
+
+    Write errors (a full disk, a file size limit) are the output's; anything else means this model
+    could not be rewritten (a damaged graph that loads but does not trace), reported as such.
+    """
+    import tensorflow as tf
+
+    try:
+        tf.saved_model.save(root, tmp, signatures=signatures,
+                            options=tf.saved_model.SaveOptions(experimental_custom_gradients=True))
+    except (OSError, tf.errors.ResourceExhaustedError, tf.errors.OutOfRangeError,
+            tf.errors.PermissionDeniedError) as exc:
+        raise OutputError(f"{output_dir}: cannot write the model ({_first(exc)})") from None
+    except Exception as exc:  # noqa: BLE001
+        raise InputModelError(f"cannot rewrite this model: {type(exc).__name__}: {_first(exc)}") from None
 
 
 def sample_inputs(specs: Mapping[str, Any], seed: int = 0) -> dict[str, Any] | None:

@@ -17,6 +17,7 @@ from typing import Any
 from graphrewrite.errors import InputModelError
 
 MANIFEST_ASSET = "graphrewrite_manifest.json"
+IR_ASSET = "graphrewrite_ir.json"
 
 # op type -> what it does, for the one-line refusal.
 DENIED_OPS: dict[str, str] = {
@@ -29,18 +30,23 @@ DENIED_OPS: dict[str, str] = {
         "FixedLengthRecordDatasetV2", "TextLineDataset", "CSVDataset", "CSVDatasetV2",
         "ExperimentalCSVDataset", "SqlDataset", "ExperimentalSqlDataset", "LMDBDataset",
         "ExperimentalLMDBDataset", "LoadDataset", "SnapshotDataset", "SnapshotDatasetV2",
-        "SnapshotDatasetReader", "SnapshotNestedDatasetReader")},
+        "SnapshotDatasetReader", "SnapshotNestedDatasetReader", "SnapshotChunkDataset",
+        "ListSnapshotChunksDataset", "MatchingFilesDataset", "ExperimentalMatchingFilesDataset",
+        "RecordInput", "ReaderReadV2", "ReaderRead", "ReaderReadUpToV2", "ReaderReadUpTo",
+        "ReaderRestoreStateV2", "ReaderRestoreState", "DecodeWav", "ReadFileV2")},
     **{op: "writes files" for op in (
         "WriteFile", "Save", "SaveV2", "SaveSlices", "MergeV2Checkpoints", "DeleteFile",
         "SaveDataset", "SaveDatasetV2", "DatasetToTFRecord", "ExperimentalDatasetToTFRecord",
         "DistributedSave", "CreateSummaryFileWriter", "CreateSummaryDbWriter", "WriteSummary",
         "WriteScalarSummary", "WriteHistogramSummary", "WriteImageSummary", "WriteAudioSummary",
         "WriteGraphSummary", "WriteRawProtoSummary", "ImportEvent", "FlushSummaryWriter",
-        "CloseSummaryWriter", "FileSystemSetConfiguration")},
+        "CloseSummaryWriter", "FileSystemSetConfiguration", "StatsAggregatorSetSummaryWriter",
+        "SummaryWriter", "WriteTextFile")},
     **{op: "talks to the network" for op in (
         "Rpc", "TryRpc", "RpcClient", "RpcServer", "RpcServerStart", "RpcServerRegister", "RpcCall",
         "RpcCheckStatus", "DeleteRpcFutureResource", "DataServiceDataset", "DataServiceDatasetV2",
-        "DataServiceDatasetV3", "DataServiceDatasetV4", "RegisterDataset", "RegisterDatasetV2")},
+        "DataServiceDatasetV3", "DataServiceDatasetV4", "RegisterDataset", "RegisterDatasetV2",
+        "RemoteCall", "CollectiveBcastRecv", "CollectiveBcastSend")},
     **{op: "runs debugger I/O" for op in (
         "DebugIdentity", "DebugIdentityV2", "DebugIdentityV3", "DebugNanCount", "DebugNumericSummary",
         "DebugNumericSummaryV2")},
@@ -139,30 +145,47 @@ def _first_line(exc: BaseException) -> str:
 
 
 def saver_exempt(meta_graph: Any) -> tuple[set[str], set[str]]:
-    """Nodes and functions the SaverDef reaches: where saver ops are expected."""
+    """Nodes and functions of the saver: where saver ops are expected.
+
+    TF1: the nodes the SaverDef's save and restore tensors depend on, within the saver's own name
+    scope (``save/``). TF2: the functions the save and restore nodes call, and what those call. A
+    control edge from another node to the saver does not make that node's ops exempt.
+    """
     graph = meta_graph.graph_def
     nodes = {n.name: n for n in graph.node}
     functions = {f.signature.name: f for f in graph.library.function}
     saver = meta_graph.saver_def
     roots = [t.split(":")[0].lstrip("^") for t in (saver.save_tensor_name, saver.restore_op_name) if t]
+    roots = [r for r in roots if r in nodes]
+    scopes = {r.split("/")[0] + "/" for r in roots if "/" in r}
     exempt_nodes: set[str] = set()
-    stack = [r for r in roots if r in nodes]
+    stack = list(roots)
     while stack:
         name = stack.pop()
         if name in exempt_nodes:
             continue
         exempt_nodes.add(name)
-        stack.extend(i.split(":")[0].lstrip("^") for i in nodes[name].input if i.split(":")[0].lstrip("^") in nodes)
+        for edge in nodes[name].input:
+            source = edge.split(":")[0].lstrip("^")
+            if source in nodes and any(source.startswith(scope) for scope in scopes):
+                stack.append(source)
     exempt_functions: set[str] = set()
-    pending = [f for n in exempt_nodes for f in called_functions(nodes[n])]
+    pending = [f for r in roots for f in _call_targets(nodes[r])]
     while pending:
         fname = pending.pop()
         if fname in exempt_functions or fname not in functions:
             continue
         exempt_functions.add(fname)
         for node in functions[fname].node_def:
-            pending.extend(called_functions(node))
+            pending.extend(_call_targets(node))
     return exempt_nodes, exempt_functions
+
+
+def _call_targets(node: Any) -> list[str]:
+    """The function a call node runs (its ``f``, or its op type when that names a function)."""
+    if node.op in ("PartitionedCall", "StatefulPartitionedCall"):
+        return [node.attr["f"].func.name] if "f" in node.attr else []
+    return [node.op]
 
 
 def called_functions(node: Any) -> list[str]:
@@ -183,39 +206,87 @@ def _check_node(node: Any, where: str, exempt: bool) -> Finding | None:
         if stream.startswith("file://"):
             return Finding(where, node.name, node.op, f"prints to {stream}")
         return None
+    if node.op in ("DecodeProtoV2", "EncodeProto"):
+        source = node.attr["descriptor_source"].s.decode("utf-8", "replace") if "descriptor_source" in node.attr else ""
+        if source and source not in ("local://", "bytes://"):
+            return Finding(where, node.name, node.op, f"reads the descriptor file {source}")
+        return None
     if why is None or (exempt and node.op in SAVER_OPS):
         return None
     return Finding(where, node.name, node.op, why)
 
 
-def scan_meta_graph(meta_graph: Any) -> MetaGraphInfo:
-    exempt_nodes, exempt_functions = saver_exempt(meta_graph)
+def _scan_graph(graph_def: Any, where: str, exempt_nodes: set[str] = frozenset(),
+                exempt_functions: set[str] = frozenset()) -> tuple[list[Finding], int]:
+    """Findings and op count of a GraphDef's nodes and library functions."""
     findings = []
     count = 0
-    for node in meta_graph.graph_def.node:
+    for node in graph_def.node:
         count += 1
-        found = _check_node(node, "the graph", node.name in exempt_nodes)
+        found = _check_node(node, where, node.name in exempt_nodes)
         if found:
             findings.append(found)
-    for function in meta_graph.graph_def.library.function:
+    for function in graph_def.library.function:
         fname = function.signature.name
         for node in function.node_def:
             count += 1
             found = _check_node(node, f"function {fname}", fname in exempt_functions)
             if found:
                 findings.append(found)
+    return findings, count
+
+
+def scan_meta_graph(meta_graph: Any, extra: tuple[Finding, ...] = ()) -> MetaGraphInfo:
+    findings, count = _scan_graph(meta_graph.graph_def, "the graph", *saver_exempt(meta_graph))
     return MetaGraphInfo(
         tags=tuple(meta_graph.meta_info_def.tags),
         signatures=tuple(sorted(meta_graph.signature_def.keys())),
         object_based=len(meta_graph.object_graph_def.nodes) > 0,
-        findings=tuple(findings),
+        findings=tuple(findings) + extra,
         op_count=count,
     )
 
 
+def _source_function_findings(path: str) -> tuple[Finding, ...]:
+    """Findings in the flat source functions a rewritten model keeps for ``export``."""
+    import base64
+    import binascii
+    import json
+
+    from google.protobuf import message
+    from tensorflow.core.framework import graph_pb2
+
+    asset = os.path.join(path, "assets", IR_ASSET)
+    if not os.path.isfile(asset):
+        return ()
+    try:
+        with open(asset, encoding="utf-8") as f:
+            functions = json.load(f)["functions"]
+        findings = []
+        for key, function in functions.items():
+            graph = graph_pb2.GraphDef()
+            graph.ParseFromString(base64.b64decode(function["graph_def"]))
+            findings.extend(_scan_graph(graph, f"source function {key} ({IR_ASSET})")[0])
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError,
+            binascii.Error, message.DecodeError) as exc:
+        raise InputModelError(f"{path}: damaged {IR_ASSET} ({_first_line(exc)})") from None
+    return tuple(findings)
+
+
+def _object_graph_has(meta_graph: Any, child: str) -> bool:
+    nodes = meta_graph.object_graph_def.nodes
+    return bool(nodes) and any(c.local_name == child for c in nodes[0].children)
+
+
 def scan(path: str) -> ScanResult:
-    """Parses ``path`` and scans every MetaGraph; raises InputModelError if it is not a SavedModel."""
+    """Parses ``path`` and scans every MetaGraph; raises InputModelError if it is not a SavedModel.
+
+    A model rewritten by graphrewrite is recognised by its manifest or, if that was removed, by its
+    ``graphrewrite_sites`` attribute; the source functions it keeps for ``export`` are scanned too.
+    """
     proto = read_saved_model_proto(path)
-    infos = tuple(scan_meta_graph(mg) for mg in proto.meta_graphs)
-    rewritten = os.path.isfile(os.path.join(path, "assets", MANIFEST_ASSET))
+    extra = _source_function_findings(path)
+    infos = tuple(scan_meta_graph(mg, extra) for mg in proto.meta_graphs)
+    rewritten = os.path.isfile(os.path.join(path, "assets", MANIFEST_ASSET)) or any(
+        _object_graph_has(mg, "graphrewrite_sites") for mg in proto.meta_graphs)
     return ScanResult(path=path, meta_graphs=infos, rewritten=rewritten)

@@ -12,8 +12,13 @@ import sys
 
 
 def import_tensorflow_quietly() -> None:
+    """Imports TensorFlow without its start-up output, and keeps its Python logging to errors
+    (TF1 loading logs deprecation notices and warnings that are not the user's concern)."""
     if "tensorflow" in sys.modules:
         return
+    import logging
+
+    logging.getLogger("tensorflow").setLevel(logging.ERROR)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     sys.stderr.flush()
     saved = os.dup(2)
