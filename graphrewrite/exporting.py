@@ -180,6 +180,8 @@ def _check_plan(plan: Any, model: LoadedModel, states: int) -> None:
     if len(plan.sites) != states:
         raise InputModelError("the manifest's sites do not match the model's graphrewrite_sites")
     for site in plan.sites:
+        if not site.uses:
+            raise InputModelError(f"the manifest's site {site.id} names no op")
         for use in site.uses:
             fir = model.functions.get(use.function)
             node = fir.graph.nodes.get(use.op) if fir is not None else None

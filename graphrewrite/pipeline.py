@@ -8,7 +8,9 @@ and checked against the original at alpha = 1; only then is it renamed into plac
 from __future__ import annotations
 
 import dataclasses
+import gc
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
@@ -66,6 +68,9 @@ def check_output(input_dir: str, output_dir: str, overwrite: bool) -> None:
             raise OutputError(f"{output_dir}: exists and is not a directory")
         if os.listdir(output_dir) and not overwrite:
             raise OutputError(f"{output_dir}: exists and is not empty (use --overwrite to replace it)")
+        if os.listdir(output_dir) and not any(
+                os.path.isfile(os.path.join(output_dir, f)) for f in ("saved_model.pb", "saved_model.pbtxt")):
+            raise OutputError(f"{output_dir}: --overwrite replaces SavedModels only, and this directory holds none")
     parent = os.path.dirname(os.path.abspath(output_dir))
     if not os.path.isdir(parent):
         raise OutputError(f"{output_dir}: parent directory {parent} does not exist")
@@ -141,7 +146,34 @@ def compress(input_dir: str, output_dir: str, hparams: Mapping[str, Any], *,
         _atomic_write(output_dir, overwrite, lambda tmp: shutil.copytree(input_dir, tmp, dirs_exist_ok=True))
         return CompressResult(output_dir, plan, None, None)
 
+    expected = reference_outputs(model) if verify else None
+    signatures = sorted(e.name for e in model.entries if e.kind == "signature")
+    data = manifest_lib.build(plan, input_dir, model.kind, __version__, signatures)
+    holder = [model]
+    del model  # _save_rewrite owns it from here, so its memory is free before verification
+    verification: dict[str, Any] | None = None
+
+    def write(tmp: str) -> None:
+        nonlocal verification
+        _save_rewrite(holder.pop(), plan, transform, hparams, data, tmp, output_dir, progress)
+        gc.collect()  # the input model and the rewritten one in memory: release both
+        if expected is not None:
+            progress("verifying: reloading the output and comparing with the input at alpha = 1")
+            verification = verify_output(expected, tmp, transform.blended)
+            data["verification"] = verification
+            manifest_lib.write(data, os.path.join(tmp, "assets", MANIFEST_ASSET))
+
+    _atomic_write(output_dir, overwrite, write)
+    return CompressResult(output_dir, plan, data, verification)
+
+
+def _save_rewrite(model: Any, plan: RewritePlan, transform: Any, hparams: Mapping[str, Any],
+                  data: dict[str, Any], tmp: str, output_dir: str, progress: Progress) -> None:
+    """Factorises, builds and saves into ``tmp``; every large object dies with this call."""
+    import tensorflow as tf
+
     from graphrewrite import build as build_lib
+    from graphrewrite import irstore
     from graphrewrite import update as update_lib
 
     initial = build_lib.factorize_all(model, plan, transform, progress)
@@ -157,33 +189,16 @@ def compress(input_dir: str, output_dir: str, hparams: Mapping[str, Any], *,
         built = build_lib.build(model, plan, transform, initial, update_factory)
     except Exception as exc:  # noqa: BLE001 - a damaged graph that loads but does not rebuild
         raise InputModelError(f"cannot rewrite this model: {type(exc).__name__}: {_first(exc)}") from None
-    signatures = sorted(e.name for e in model.entries if e.kind == "signature")
-    data = manifest_lib.build(plan, input_dir, model.kind, __version__, signatures)
-    verification: dict[str, Any] | None = None
-
-    def write(tmp: str) -> None:
-        nonlocal verification
-        import tensorflow as tf
-
-        from graphrewrite import irstore
-
-        with tempfile.TemporaryDirectory(prefix="graphrewrite-manifest-") as scratch:
-            path = os.path.join(scratch, MANIFEST_ASSET)
-            manifest_lib.write(data, path)
-            built.root.graphrewrite_manifest = tf.saved_model.Asset(path)
-            ir_path = os.path.join(scratch, irstore.ASSET)
-            irstore.write(model, ir_path)
-            built.root.graphrewrite_ir = tf.saved_model.Asset(ir_path)
-            progress(f"saving to {output_dir}")
-            save(built.root, tmp, built.signatures, output_dir)
-        if verify:
-            progress("verifying: reloading the output and comparing with the input at alpha = 1")
-            verification = verify_output(model, tmp, plan, transform.blended)
-            data["verification"] = verification
-            manifest_lib.write(data, os.path.join(tmp, "assets", MANIFEST_ASSET))
-
-    _atomic_write(output_dir, overwrite, write)
-    return CompressResult(output_dir, plan, data, verification)
+    del initial
+    with tempfile.TemporaryDirectory(prefix="graphrewrite-manifest-") as scratch:
+        path = os.path.join(scratch, MANIFEST_ASSET)
+        manifest_lib.write(data, path)
+        built.root.graphrewrite_manifest = tf.saved_model.Asset(path)
+        ir_path = os.path.join(scratch, irstore.ASSET)
+        irstore.write(model, ir_path)
+        built.root.graphrewrite_ir = tf.saved_model.Asset(ir_path)
+        progress(f"saving to {output_dir}")
+        save(built.root, tmp, built.signatures, output_dir)
 
 
 def _exchange(a: str, b: str) -> bool:
@@ -200,6 +215,22 @@ def _exchange(a: str, b: str) -> bool:
     return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
 
 
+def _remove_stale(parent: str, base: str) -> None:
+    """Removes temporary directories of earlier runs for this output whose process is gone
+    (killed mid-write), so they do not pile up beside the output."""
+    pattern = re.compile(rf"^\.{re.escape(base)}\.graphrewrite-(tmp|old)-(\d+)-")
+    for name in os.listdir(parent):
+        found = pattern.match(name)
+        if not found:
+            continue
+        try:
+            os.kill(int(found.group(2)), 0)
+        except ProcessLookupError:
+            shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+        except (PermissionError, OverflowError):
+            continue
+
+
 def _atomic_write(output_dir: str, overwrite: bool, fill: Callable[[str], None]) -> None:
     """Fills a fresh temporary directory beside ``output_dir``, then renames it into place.
 
@@ -208,8 +239,9 @@ def _atomic_write(output_dir: str, overwrite: bool, fill: Callable[[str], None])
     """
     parent = os.path.dirname(os.path.abspath(output_dir))
     base = os.path.basename(os.path.normpath(output_dir))
+    _remove_stale(parent, base)
     try:
-        tmp = tempfile.mkdtemp(prefix=f".{base}.graphrewrite-tmp-", dir=parent)
+        tmp = tempfile.mkdtemp(prefix=f".{base}.graphrewrite-tmp-{os.getpid()}-", dir=parent)
     except OSError as exc:
         raise OutputError(f"{output_dir}: cannot create a temporary directory ({exc.strerror})") from None
     try:
@@ -222,7 +254,7 @@ def _atomic_write(output_dir: str, overwrite: bool, fill: Callable[[str], None])
         elif _exchange(tmp, output_dir):
             shutil.rmtree(tmp, ignore_errors=True)  # now holds the previous output
         else:
-            old = tempfile.mkdtemp(prefix=f".{base}.graphrewrite-old-", dir=parent)
+            old = tempfile.mkdtemp(prefix=f".{base}.graphrewrite-old-{os.getpid()}-", dir=parent)
             os.replace(output_dir, os.path.join(old, "previous"))
             os.replace(tmp, output_dir)
             shutil.rmtree(old, ignore_errors=True)
@@ -282,8 +314,23 @@ def _max_diff(a: Any, b: Any) -> tuple[float, float]:
     return diff, diff / max(scale, 1e-12)
 
 
-def verify_output(model: Any, output_dir: str, plan: RewritePlan, blended: bool = True) -> dict[str, Any]:
-    """Reloads ``output_dir``; every signature must match the input's at alpha = 1.
+def reference_outputs(model: Any) -> dict[str, Any]:
+    """Per signature of the input model: (sample inputs, its outputs as numpy), or why not."""
+    import tensorflow as tf
+
+    out: dict[str, Any] = {}
+    for key, original in sorted(model.signature_functions.items()):
+        inputs = sample_inputs(original.structured_input_signature[1])
+        if inputs is None:
+            out[key] = "inputs of a type that cannot be sampled"
+            continue
+        outputs = original(**inputs)
+        out[key] = (inputs, {k: (np.asarray(v), v.dtype in (tf.float16, tf.bfloat16)) for k, v in outputs.items()})
+    return out
+
+
+def verify_output(expected: Mapping[str, Any], output_dir: str, blended: bool = True) -> dict[str, Any]:
+    """Reloads ``output_dir``; every signature must give the input model's outputs at alpha = 1.
 
     Also measures how far the outputs move at alpha = 0 (the one-shot compression error). Methods
     that replace the weight outright (``blended=False``) have no alpha = 1 state: for them only that
@@ -297,22 +344,20 @@ def verify_output(model: Any, output_dir: str, plan: RewritePlan, blended: bool 
         raise VerificationError(f"the rewritten model does not reload ({_first(exc)})") from None
     report: dict[str, Any] = {"signatures": {}}
     worst_alpha0 = 0.0
-    for key, original in sorted(model.signature_functions.items()):
+    for key, reference in sorted(expected.items()):
         if key not in rewritten.signatures:
             raise VerificationError(f"signature {key!r} is missing from the rewritten model")
-        specs = original.structured_input_signature[1]
-        inputs = sample_inputs(specs)
-        if inputs is None:
-            report["signatures"][key] = {"checked": False, "why": "inputs of a type that cannot be sampled"}
+        if isinstance(reference, str):
+            report["signatures"][key] = {"checked": False, "why": reference}
             continue
-        expected = original(**inputs)
+        inputs, want = reference
         got = rewritten.signatures[key](**inputs)
-        if set(expected) != set(got):
-            raise VerificationError(f"signature {key!r}: output keys differ ({sorted(expected)} vs {sorted(got)})")
+        if set(want) != set(got):
+            raise VerificationError(f"signature {key!r}: output keys differ ({sorted(want)} vs {sorted(got)})")
         worst = 0.0
-        for out_key in sorted(expected):
-            diff, rel = _max_diff(expected[out_key], got[out_key])
-            tol = 1e-3 if expected[out_key].dtype in (tf.float16, tf.bfloat16) else 1e-5
+        for out_key, (value, half) in sorted(want.items()):
+            diff, rel = _max_diff(value, got[out_key])
+            tol = 1e-3 if half else 1e-5
             if blended and not (rel <= tol or diff <= tol):
                 raise VerificationError(
                     f"signature {key!r} output {out_key!r} differs from the input model at alpha = 1 "
@@ -321,7 +366,7 @@ def verify_output(model: Any, output_dir: str, plan: RewritePlan, blended: bool 
         for site in rewritten.graphrewrite_sites:
             site.alpha.assign(0.0)
         compressed = rewritten.signatures[key](**inputs)
-        rel0 = max((_max_diff(expected[k], compressed[k])[1] for k in expected), default=0.0)
+        rel0 = max((_max_diff(want[k][0], compressed[k])[1] for k in want), default=0.0)
         for site in rewritten.graphrewrite_sites:
             site.alpha.assign(1.0)
         worst_alpha0 = max(worst_alpha0, rel0)

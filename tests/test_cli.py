@@ -137,13 +137,19 @@ def test_existing_output_is_refused_and_kept(capsys, tmp_path):
     assert code == 5 and "inside the input model" in err
 
 
-def test_overwrite_replaces_the_output(capsys, tmp_path):
+def test_overwrite_replaces_a_saved_model_only(capsys, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "old.txt").write_text("old")
     code, _, err = run(capsys, "compress", MLP, str(out), "--rank=200", "--overwrite", "--fast", "-q")
+    assert code == 5 and "--overwrite replaces SavedModels only" in err
+    assert (out / "old.txt").read_text() == "old"
+    (out / "saved_model.pb").write_bytes(b"previous")
+    stale = tmp_path / ".out.graphrewrite-tmp-999999999-abc"  # left by a killed run
+    stale.mkdir()
+    code, _, err = run(capsys, "compress", MLP, str(out), "--rank=200", "--overwrite", "--fast", "-q")
     assert code == 0, err
-    assert not (out / "old.txt").exists() and (out / "saved_model.pb").exists()
+    assert not (out / "old.txt").exists() and (out / "saved_model.pb").stat().st_size > 100
     assert not [p for p in os.listdir(tmp_path) if "graphrewrite-tmp" in p or "graphrewrite-old" in p]
 
 
