@@ -28,7 +28,7 @@ from graphrewrite.errors import (
     VerificationError,
 )
 from graphrewrite.plan import RewritePlan, Selection, make_plan
-from graphrewrite.scan import MANIFEST_ASSET, scan
+from graphrewrite.scan import MANIFEST_ASSET, read_saved_model_proto, scan
 
 Progress = Callable[[str], None]
 DEFAULT_SELECTION = Selection()
@@ -147,6 +147,7 @@ def compress(input_dir: str, output_dir: str, hparams: Mapping[str, Any], *,
         return CompressResult(output_dir, plan, None, None)
 
     expected = reference_outputs(model) if verify else None
+    in_memory = verify and weight_bytes(model) > VERIFY_IN_MEMORY_ABOVE
     signatures = sorted(e.name for e in model.entries if e.kind == "signature")
     data = manifest_lib.build(plan, input_dir, model.kind, __version__, signatures)
     holder = [model]
@@ -155,11 +156,13 @@ def compress(input_dir: str, output_dir: str, hparams: Mapping[str, Any], *,
 
     def write(tmp: str) -> None:
         nonlocal verification
-        _save_rewrite(holder.pop(), plan, transform, hparams, data, tmp, output_dir, progress)
+        verification = _save_rewrite(holder.pop(), plan, transform, hparams, data, tmp, output_dir, progress,
+                                     expected if in_memory else None)
         gc.collect()  # the input model and the rewritten one in memory: release both
-        if expected is not None:
+        if expected is not None and not in_memory:
             progress("verifying: reloading the output and comparing with the input at alpha = 1")
             verification = verify_output(expected, tmp, transform.blended)
+        if verification is not None:
             data["verification"] = verification
             manifest_lib.write(data, os.path.join(tmp, "assets", MANIFEST_ASSET))
 
@@ -167,9 +170,26 @@ def compress(input_dir: str, output_dir: str, hparams: Mapping[str, Any], *,
     return CompressResult(output_dir, plan, data, verification)
 
 
+def weight_bytes(model: Any) -> int:
+    import tensorflow as tf
+
+    return sum(int(np.prod(i.shape)) * tf.as_dtype(i.dtype).size for i in model.infos.values())
+
+
+# Above this many bytes of weights, compress verifies the rebuilt model in memory before saving
+# (and checks the saved files' structure) instead of reloading it: a reload would hold a second
+# copy of every weight while the first is still in TensorFlow's memory pool.
+VERIFY_IN_MEMORY_ABOVE = 1 << 30
+
+
 def _save_rewrite(model: Any, plan: RewritePlan, transform: Any, hparams: Mapping[str, Any],
-                  data: dict[str, Any], tmp: str, output_dir: str, progress: Progress) -> None:
-    """Factorises, builds and saves into ``tmp``; every large object dies with this call."""
+                  data: dict[str, Any], tmp: str, output_dir: str, progress: Progress,
+                  expected: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
+    """Factorises, builds and saves into ``tmp``; every large object dies with this call.
+
+    With ``expected``, the rebuilt model is verified in memory before saving and the saved files
+    are checked structurally; returns that verification report (else None).
+    """
     import tensorflow as tf
 
     from graphrewrite import build as build_lib
@@ -197,8 +217,33 @@ def _save_rewrite(model: Any, plan: RewritePlan, transform: Any, hparams: Mappin
         ir_path = os.path.join(scratch, irstore.ASSET)
         irstore.write(model, ir_path)
         built.root.graphrewrite_ir = tf.saved_model.Asset(ir_path)
+        report = None
+        if expected is not None:
+            progress("verifying the rebuilt model in memory against the input at alpha = 1")
+            report = compare_outputs(expected, lambda key, inputs: built.signatures[key](**inputs),
+                                     built.root.graphrewrite_sites, transform.blended)
         progress(f"saving to {output_dir}")
         save(built.root, tmp, built.signatures, output_dir)
+    if report is not None:
+        check_saved(tmp, built.signatures, len(built.root.variables))
+        report["mode"] = "in memory, saved files checked"
+    return report
+
+
+def check_saved(path: str, signatures: Mapping[str, Any], variables: int) -> None:
+    """The saved files hold every signature and a checkpoint entry for every variable."""
+    import tensorflow as tf
+
+    try:
+        meta = read_saved_model_proto(path).meta_graphs[0]
+        entries = tf.train.list_variables(os.path.join(path, "variables", "variables"))
+    except Exception as exc:  # noqa: BLE001
+        raise VerificationError(f"the saved model cannot be read back ({_first(exc)})") from None
+    missing = set(signatures) - set(meta.signature_def)
+    values = [name for name, _ in entries if name.endswith("VARIABLE_VALUE")]
+    if missing or len(values) < variables:
+        raise VerificationError(f"the saved model lacks signatures {sorted(missing)} or variables "
+                                f"({len(values)} saved of {variables})")
 
 
 def _exchange(a: str, b: str) -> bool:
@@ -342,16 +387,30 @@ def verify_output(expected: Mapping[str, Any], output_dir: str, blended: bool = 
         rewritten = tf.saved_model.load(output_dir)
     except Exception as exc:  # noqa: BLE001 - any failure to reload is a verification failure
         raise VerificationError(f"the rewritten model does not reload ({_first(exc)})") from None
+    missing = [key for key in expected if key not in rewritten.signatures]
+    if missing:
+        raise VerificationError(f"signature {missing[0]!r} is missing from the rewritten model")
+    report = compare_outputs(expected, lambda key, inputs: rewritten.signatures[key](**inputs),
+                             rewritten.graphrewrite_sites, blended)
+    report["mode"] = "reloaded"
+    return report
+
+
+def compare_outputs(expected: Mapping[str, Any], call: Callable[[str, Any], Any], sites: Sequence[Any],
+                    blended: bool) -> dict[str, Any]:
+    """Outputs of ``call(signature, inputs)`` against ``expected`` at alpha = 1 (blended methods
+    must match) and at alpha = 0 (the one-shot error, measured and reported)."""
     report: dict[str, Any] = {"signatures": {}}
     worst_alpha0 = 0.0
+    alphas = [float(site.alpha.numpy()) for site in sites]
     for key, reference in sorted(expected.items()):
-        if key not in rewritten.signatures:
-            raise VerificationError(f"signature {key!r} is missing from the rewritten model")
         if isinstance(reference, str):
             report["signatures"][key] = {"checked": False, "why": reference}
             continue
         inputs, want = reference
-        got = rewritten.signatures[key](**inputs)
+        for site in sites:
+            site.alpha.assign(1.0)
+        got = call(key, inputs)
         if set(want) != set(got):
             raise VerificationError(f"signature {key!r}: output keys differ ({sorted(want)} vs {sorted(got)})")
         worst = 0.0
@@ -363,15 +422,15 @@ def verify_output(expected: Mapping[str, Any], output_dir: str, blended: bool = 
                     f"signature {key!r} output {out_key!r} differs from the input model at alpha = 1 "
                     f"(max abs diff {diff:.3g}, relative {rel:.3g})")
             worst = max(worst, rel)
-        for site in rewritten.graphrewrite_sites:
+        for site in sites:
             site.alpha.assign(0.0)
-        compressed = rewritten.signatures[key](**inputs)
+        compressed = call(key, inputs)
         rel0 = max((_max_diff(want[k][0], compressed[k])[1] for k in want), default=0.0)
-        for site in rewritten.graphrewrite_sites:
-            site.alpha.assign(1.0)
         worst_alpha0 = max(worst_alpha0, rel0)
         report["signatures"][key] = {"checked": blended, "max_rel_diff_alpha1": worst,
                                      "max_rel_diff_alpha0": rel0}
+    for site, alpha in zip(sites, alphas):
+        site.alpha.assign(alpha)
     report["max_rel_diff_alpha0"] = worst_alpha0
     return report
 

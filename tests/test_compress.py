@@ -218,3 +218,36 @@ def test_inlining_helper_flattens_nested_functions():
     assert "StatefulPartitionedCall" not in ops and "PartitionedCall" not in ops
     matmul = next(n for n in graph if n.op == "MatMul")
     assert graph[matmul.data_inputs[1].node].op == "ReadVariableOp"
+
+
+def test_big_models_are_verified_in_memory(monkeypatch, model_factory, tmp_path):
+    # Above VERIFY_IN_MEMORY_ABOVE bytes of weights compress does not reload its output (that
+    # would hold the weights twice): it checks the rebuilt model before saving, then the files.
+    from graphrewrite import compress, pipeline
+
+    monkeypatch.setattr(pipeline, "VERIFY_IN_MEMORY_ABOVE", 0)
+    src, inputs = model_factory("digits_mlp")
+    result = compress(src, str(tmp_path / "out"), hparams.resolve(None, {"rank": 200}))
+    assert result.verification["mode"] == "in memory, saved files checked"
+    reloaded = tf.saved_model.load(str(tmp_path / "out"))
+    x = tf.constant(inputs["serving_default"]["pixels"])
+    original = tf.saved_model.load(src)
+    np.testing.assert_allclose(reloaded.serve(x).numpy(), original.serve(x).numpy(), atol=1e-5)
+    assert result.verification["max_rel_diff_alpha0"] > 0
+    assert [float(s.alpha.numpy()) for s in reloaded.graphrewrite_sites] == [1.0] * 3
+
+
+def test_verification_catches_a_wrong_rewrite(monkeypatch, model_factory, tmp_path):
+    from graphrewrite import build, compress
+    from graphrewrite.errors import VerificationError
+
+    original = build.site_output
+
+    def off_by_one(*args, **kwargs):
+        return original(*args, **kwargs) + 1.0
+
+    monkeypatch.setattr(build, "site_output", off_by_one)
+    src, _ = model_factory("digits_mlp")
+    with pytest.raises(VerificationError, match="differs from the input model at alpha = 1"):
+        compress(src, str(tmp_path / "out"), hparams.resolve(None, {"rank": 200}))
+    assert not (tmp_path / "out").exists()

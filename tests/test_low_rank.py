@@ -118,3 +118,20 @@ def test_transform_records_which_svd_it_uses():
     t = transform(800)
     assert t.check(1024, 512).details["svd"] == "randomized"  # k = 64
     assert t.check(40, 30).details["svd"] == "full"
+    assert t.check(8192, 256).details["svd"] == "gram"
+
+
+@pytest.mark.parametrize("shape", [(8192, 64), (64, 8192)])
+def test_gram_svd_matches_lapack_on_tall_and_wide_matrices(shape):
+    from graphrewrite.transforms.low_rank import gram_svd
+
+    rng = np.random.default_rng(5)
+    a = (rng.standard_normal(shape) * np.geomspace(1, 1e-3, min(shape))[None, :][:, : shape[1]]
+         if shape[0] > shape[1] else rng.standard_normal(shape)).astype(np.float32)
+    k = 16
+    u, s, vt = gram_svd(a, k, chunk_entries=1 << 14)  # several chunks
+    s_exact = np.linalg.svd(a.astype(np.float64), compute_uv=False)
+    np.testing.assert_allclose(s, s_exact[:k], rtol=1e-5)
+    optimal = np.sqrt(np.sum(s_exact[k:] ** 2))
+    assert np.linalg.norm(a - (u * s) @ vt) <= optimal * 1.0001
+    np.testing.assert_allclose(u.T @ u, np.eye(k), atol=1e-4)

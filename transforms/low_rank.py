@@ -9,9 +9,10 @@ factor x 100, not a rank):
     C = diag(sqrt(s[:k])) V^T[:k, :]      (k x n)
 
 so ``B @ C`` is the best rank-k approximation of ``W`` in Frobenius norm, with the singular values
-split evenly between the factors. Where k is at most a quarter of min(m, n) (and the matrix has at
-least 2^18 entries) the leading triplets come from a randomized SVD instead (``randomized_svd``),
-recorded as ``details.svd`` in the manifest. The blended weight is ``alpha * A + (1 - alpha) * B @ C``; the
+split evenly between the factors. For large matrices the leading triplets come from cheaper exact
+or near-exact methods, recorded as ``details.svd`` in the manifest: ``gram`` for tall or wide ones
+(the eigendecomposition of the small Gram matrix, one pass over W), ``randomized`` where k is at
+most a quarter of min(m, n) (a randomized range finder with power iterations). The blended weight is ``alpha * A + (1 - alpha) * B @ C``; the
 product with an input is taken as ``(x @ B) @ C``, which costs ``k (m + n)`` per row instead of
 ``m n``. Parameters after: ``m k + k n``; a site where that is not below ``m n`` is refused.
 """
@@ -55,14 +56,53 @@ def randomized_svd(matrix: np.ndarray, k: int, oversample: int | None = None, po
         a = a.T
     width = min(k + (max(10, k // 2) if oversample is None else oversample), min(a.shape))
     probes = np.random.default_rng(seed).standard_normal((a.shape[1], width)).astype(np.float32)
-    q, _ = np.linalg.qr(a @ probes)
+    q = _orthonormal(a @ probes)
     for _ in range(power_iterations):
-        z, _ = np.linalg.qr(a.T @ q)
-        q, _ = np.linalg.qr(a @ z)
+        q = _orthonormal(a @ _orthonormal(a.T @ q))
     u_small, s, vt = svd(q.T @ a)
     u = q @ u_small
     u, s, vt = u[:, :k], s[:k], vt[:k]
     return (vt.T, s, u.T) if flip else (u, s, vt)
+
+
+def _orthonormal(columns: np.ndarray) -> np.ndarray:
+    """An orthonormal basis of the columns (float32 LAPACK QR, in place: no float64 copies)."""
+    q, _ = scipy.linalg.qr(columns, mode="economic", overwrite_a=True, check_finite=False)
+    return q
+
+
+def gram_svd(matrix: np.ndarray, k: int, chunk_entries: int = 1 << 24) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The leading k singular triplets of a tall (or wide) matrix from its small Gram matrix.
+
+    With A m x n, m >> n: ``A^T A = V S^2 V^T`` (n x n, accumulated in float64 over row chunks), and
+    ``U_k = A V_k S_k^-1``. It never copies A whole, so its memory is O(n^2 + m k), and it costs
+    about one pass over A; singular values below ~1e-8 of the largest are not resolved, which only
+    matters for factors that hold nothing.
+    """
+    a = np.asarray(matrix, np.float32)
+    flip = a.shape[0] < a.shape[1]
+    if flip:
+        a = a.T
+    rows, n = a.shape
+    gram = np.zeros((n, n), np.float64)
+    step = max(1, chunk_entries // n)
+    for start in range(0, rows, step):
+        block = a[start:start + step].astype(np.float64)
+        gram += block.T @ block
+    values, vectors = np.linalg.eigh(gram)
+    order = np.argsort(values)[::-1][:k]
+    s = np.sqrt(np.maximum(values[order], 0.0))
+    v = vectors[:, order].astype(np.float32)
+    u = (a @ v) / np.where(s > 0, s, 1.0).astype(np.float32)
+    return (v, s, u.T) if flip else (u, s, v.T)
+
+
+def svd_method(m: int, n: int, k: int) -> str:
+    """``gram`` for tall or wide matrices, ``randomized`` where k is well below min(m, n), else ``full``."""
+    small, large = min(m, n), max(m, n)
+    if large >= 4 * small and small <= 4096 and m * n >= 1 << 18:
+        return "gram"
+    return "randomized" if use_randomized(m, n, k) else "full"
 
 
 def use_randomized(m: int, n: int, k: int) -> bool:
@@ -97,7 +137,7 @@ class LowRank(Transform):
                 f"{why} gives k={k} on {m}x{n}: factors ({after} parameters) would not be "
                 f"smaller than the weight ({m * n})"
             )
-        return SizePlan(m, n, k, after, {"svd": "randomized" if use_randomized(m, n, k) else "full"})
+        return SizePlan(m, n, k, after, {"svd": svd_method(m, n, k)})
 
     def factor_specs(self, plan: SizePlan) -> list[FactorSpec]:
         assert plan.k is not None
@@ -108,7 +148,10 @@ class LowRank(Transform):
 
     def factorize(self, matrix: np.ndarray, plan: SizePlan) -> dict[str, np.ndarray]:
         assert plan.k is not None
-        if use_randomized(plan.m, plan.n, plan.k):
+        method = svd_method(plan.m, plan.n, plan.k)
+        if method == "gram":
+            u, s, vt = gram_svd(matrix, plan.k)
+        elif method == "randomized":
             u, s, vt = randomized_svd(matrix, plan.k)
         else:
             u, s, vt = svd(np.asarray(matrix, dtype=np.float32))
