@@ -24,17 +24,6 @@ import numpy as np
 import tensorflow as tf
 
 
-def build_mlp(path: str, width: int = 2048, layers: int = 4) -> None:
-    import keras
-
-    keras.utils.set_random_seed(0)
-    x = keras.Input((width,), name="x")
-    h = x
-    for i in range(layers):
-        h = keras.layers.Dense(width, activation="relu", name=f"dense_{i}")(h)
-    keras.Model(x, h).export(path, verbose=False)
-
-
 def build_convnet(path: str, channels: int = 128, layers: int = 4, size: int = 32) -> None:
     import keras
 
@@ -77,7 +66,7 @@ def main() -> None:
     targets = common.Targets()
     try:
         rows = [
-            measure("MLP 4x2048, rank=400, batch 64", build_mlp, (64, 2048), 400, work, args.rounds, targets),
+            measure("MLP 4x2048, rank=400, batch 64", common.build_mlp, (64, 2048), 400, work, args.rounds, targets),
             measure("Conv 4x3x3x128, rank=400, 16x32x32", build_convnet, (16, 32, 32, 128), 400, work,
                     args.rounds, targets),
         ]

@@ -20,17 +20,6 @@ import numpy as np
 import tensorflow as tf
 
 
-def build_mlp(path: str, width: int, layers: int) -> None:
-    import keras
-
-    keras.utils.set_random_seed(0)
-    x = keras.Input((width,), name="x")
-    h = x
-    for i in range(layers):
-        h = keras.layers.Dense(width, activation="relu", name=f"dense_{i}")(h)
-    keras.Model(x, h).export(path, verbose=False)
-
-
 def train_step_fn(model, x, y):
     optimizer = tf.keras.optimizers.SGD(1e-4)
     variables = list(model.trainable_variables)
@@ -61,7 +50,7 @@ def main() -> None:
     work = tempfile.mkdtemp(prefix="bench-finetune-")
     try:
         src, out = os.path.join(work, "mlp"), os.path.join(work, "mlp_rewritten")
-        build_mlp(src, args.width, args.layers)
+        common.build_mlp(src, args.width, args.layers)
         graphrewrite.compress(src, out, hparams.resolve(None, {"rank": args.rank}), verify=False)
         original, rewritten = tf.saved_model.load(src), tf.saved_model.load(out)
         rng = np.random.default_rng(0)

@@ -75,3 +75,15 @@ class Targets:
             print("targets missed: " + "; ".join(self.missed))
             sys.exit(1)
         print("all targets met")
+
+
+def build_mlp(path: str, width: int = 2048, layers: int = 4) -> None:
+    """A Keras 3 MLP of ``layers`` Dense ``width`` x ``width`` layers (relu), exported to ``path``."""
+    import keras
+
+    keras.utils.set_random_seed(0)
+    x = keras.Input((width,), name="x")
+    h = x
+    for i in range(layers):
+        h = keras.layers.Dense(width, activation="relu", name=f"dense_{i}")(h)
+    keras.Model(x, h).export(path, verbose=False)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from transform_checks import assert_tf_consistent as check
 
 from graphrewrite import hparams
 from graphrewrite.transforms import Refusal, SizePlan, Transform
@@ -28,16 +29,8 @@ def run(t: Transform, x: np.ndarray, values: dict, plan: SizePlan) -> np.ndarray
     return t.matmul(tf.constant(x), {k: tf.constant(v) for k, v in values.items()}, plan).numpy()
 
 
-def assert_tf_consistent(t: Transform, values: dict, plan: SizePlan) -> None:
-    """numpy_dense == dense (TF) and matmul(x) == x @ dense for x of rank 2 and 3."""
-    import tensorflow as tf
-
-    w = t.dense({k: tf.constant(v) for k, v in values.items()}, plan).numpy()
-    np.testing.assert_allclose(t.numpy_dense(values, plan), w, rtol=1e-5, atol=1e-6)
-    rng = np.random.default_rng(7)
-    for shape in ((5, plan.m), (2, 3, plan.m)):
-        x = rng.standard_normal(shape).astype(np.float32)
-        np.testing.assert_allclose(run(t, x, values, plan), x @ w, rtol=1e-5, atol=1e-5)
+def assert_tf_consistent(t, values: dict, plan) -> None:
+    check(t, values, plan, dense_rtol=1e-5, dense_atol=1e-6, matmul_tol=1e-5)
 
 
 def specs_of(t: Transform, plan: SizePlan) -> dict:

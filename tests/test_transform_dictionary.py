@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from transform_checks import assert_tf_consistent
 
 from graphrewrite import hparams
 from graphrewrite.transforms import Refusal, SizePlan
@@ -36,19 +37,6 @@ def interface_matrix() -> np.ndarray:
 
 def relative_error(t: DictionaryLearning, values: dict, plan: SizePlan, a: np.ndarray) -> float:
     return float(np.linalg.norm(a - t.numpy_dense(values, plan)) / np.linalg.norm(a))
-
-
-def assert_tf_consistent(t: DictionaryLearning, values: dict, plan: SizePlan) -> None:
-    """numpy_dense == dense (TF) and matmul(x) == x @ dense for x of rank 2 and 3."""
-    import tensorflow as tf
-
-    factors = {k: tf.constant(v) for k, v in values.items()}
-    w = t.dense(factors, plan).numpy()
-    np.testing.assert_allclose(t.numpy_dense(values, plan), w, rtol=1e-5, atol=1e-5)
-    rng = np.random.default_rng(7)
-    for shape in ((5, plan.m), (2, 3, plan.m)):
-        x = rng.standard_normal(shape).astype(np.float32)
-        np.testing.assert_allclose(t.matmul(tf.constant(x), factors, plan).numpy(), x @ w, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("m, n, rank, d, s", [(20, 5, 100, 21, 6), (20, 5, 200, 11, 3), (40, 30, 400, 11, 8),

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import scipy.cluster.vq
+from transform_checks import assert_tf_consistent as check
 
 from graphrewrite import hparams
 from graphrewrite.transforms import Refusal, SizePlan
@@ -37,17 +38,8 @@ def reconstruct(codebook: np.ndarray, codes: np.ndarray) -> np.ndarray:
     return out
 
 
-def assert_tf_consistent(t: KMeans, values: dict, plan: SizePlan) -> None:
-    """numpy_dense == dense (TF) and matmul(x) == x @ dense for x of rank 2 and 3."""
-    import tensorflow as tf
-
-    factors = {k: tf.constant(v) for k, v in values.items()}
-    w = t.dense(factors, plan).numpy()
-    np.testing.assert_allclose(t.numpy_dense(values, plan), w, rtol=1e-6)
-    rng = np.random.default_rng(7)
-    for shape in ((5, plan.m), (2, 3, plan.m)):
-        x = rng.standard_normal(shape).astype(np.float32)
-        np.testing.assert_allclose(t.matmul(tf.constant(x), factors, plan).numpy(), x @ w, rtol=1e-4, atol=1e-4)
+def assert_tf_consistent(t, values: dict, plan) -> None:
+    check(t, values, plan, dense_rtol=1e-6, dense_atol=0.0)
 
 
 def test_basic_shapes_and_the_reference_seed_protocol():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from transform_checks import assert_tf_consistent
 
 from graphrewrite import hparams
 from graphrewrite.transforms import Refusal, SizePlan
@@ -28,19 +29,6 @@ def reference(a: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     d = np.array([np.linalg.norm(a[:, j]) / np.linalg.norm(rs[:, j]) if np.linalg.norm(rs[:, j]) else 0.0
                   for j in range(a.shape[1])])
     return rs * d, s
-
-
-def assert_tf_consistent(t: Simhash, values: dict, plan: SizePlan) -> None:
-    """numpy_dense == dense (TF) and matmul(x) == x @ dense for x of rank 2 and 3."""
-    import tensorflow as tf
-
-    factors = {k: tf.constant(v) for k, v in values.items()}
-    w = t.dense(factors, plan).numpy()
-    np.testing.assert_allclose(t.numpy_dense(values, plan), w, rtol=1e-5, atol=1e-5)
-    rng = np.random.default_rng(7)
-    for shape in ((5, plan.m), (2, 3, plan.m)):
-        x = rng.standard_normal(shape).astype(np.float32)
-        np.testing.assert_allclose(t.matmul(tf.constant(x), factors, plan).numpy(), x @ w, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("m, n, rank, k", [(3, 3, 200, 2), (5, 5, 200, 3), (10, 20, 200, 6),
