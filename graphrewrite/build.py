@@ -291,6 +291,23 @@ class FunctionBuilder:
         return [tensors[_canonical(name)] for name in fir.outputs]
 
 
+def fingerprint(fir: FunctionIR) -> str:
+    """Identifies a flat function by its content, ignoring the names TensorFlow gives captures."""
+    import hashlib
+
+    from tensorflow.core.framework import graph_pb2
+
+    graph = graph_pb2.GraphDef()
+    graph.CopyFrom(fir.graph.graph_def)
+    for node in graph.node:
+        for key in [k for k in node.attr if k.startswith("_")]:
+            del node.attr[key]
+    digest = hashlib.sha256(graph.SerializeToString(deterministic=True))
+    digest.update(repr((fir.inputs, fir.outputs, sorted(fir.handles.items()), sorted(fir.reads.items()),
+                        sorted(fir.captures.items()))).encode())
+    return digest.hexdigest()
+
+
 def _weight_spec(runtime: SiteRuntime, use: Use, node: Node) -> Any:
     """Shape and dtype of a rewritten op's weight operand, without reading the weight."""
     import tensorflow as tf
@@ -376,7 +393,7 @@ def make_callable(entry: Entry, run: Callable[[Variant, list[Any]], list[Any]]) 
         signature_fn.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
             [inspect.Parameter(k if k.isidentifier() else f"input_{i}", inspect.Parameter.POSITIONAL_OR_KEYWORD)
              for i, k in enumerate(keys)])
-        return tf.function(signature_fn, input_signature=specs)
+        return tf.function(signature_fn, input_signature=specs, autograph=False)
 
     if len(variants) == 1:
         args, kwargs = variants[0].input_signature
@@ -384,7 +401,7 @@ def make_callable(entry: Entry, run: Callable[[Variant, list[Any]], list[Any]]) 
             def positional_fn(*call_args: Any) -> Any:
                 return body(variants[0], _tensor_leaves(call_args))
 
-            return tf.function(positional_fn, input_signature=list(args))
+            return tf.function(positional_fn, input_signature=list(args), autograph=False)
 
     python_signature = None
     if entry.parameters is not None:
@@ -405,7 +422,7 @@ def make_callable(entry: Entry, run: Callable[[Variant, list[Any]], list[Any]]) 
 
     if python_signature is not None:
         dispatch.__signature__ = python_signature  # type: ignore[attr-defined]
-    function = tf.function(dispatch)
+    function = tf.function(dispatch, autograph=False)
     for variant in variants:
         args, kwargs = variant.input_signature
         function.get_concrete_function(*args, **kwargs)
@@ -431,8 +448,7 @@ def _rebuild(model: LoadedModel, plan: RewritePlan, runtimes: Mapping[str, SiteR
                  if use.function == key}
         builders[key] = FunctionBuilder(fir, model, bound, export)
 
-    def run(variant: Variant, flat: list[Any]) -> list[Any]:
-        builder = builders[variant.function]
+    def reads_for(builder: FunctionBuilder) -> dict[str, dict[str, Any]]:
         reads = {}
         for site_id in sorted({rt.plan.id for rt, _ in builder.sites.values()}):
             state = runtimes[site_id].state
@@ -440,7 +456,24 @@ def _rebuild(model: LoadedModel, plan: RewritePlan, runtimes: Mapping[str, SiteR
             if not export:
                 values["__alpha__"] = tf.identity(state.alpha)
             reads[site_id] = values
-        return builder(flat, reads)
+        return reads
+
+    # Callables with the same flat function (Keras 3 exports serve, its serve signature and
+    # serving_default alike) share one rebuilt core: built, traced and saved once.
+    fingerprints = {key: fingerprint(fir) for key, fir in model.functions.items()}
+    cores: dict[tuple[str, ...], Any] = {}
+
+    def run(variant: Variant, flat: list[Any]) -> list[Any]:
+        specs = tuple(tf.TensorSpec(t.shape, t.dtype) for t in flat)
+        key = (fingerprints[variant.function], *(repr(spec) for spec in specs))
+        if key not in cores:
+            builder = builders[variant.function]
+
+            def core(*inputs: Any) -> list[Any]:
+                return builder(list(inputs), reads_for(builder))
+
+            cores[key] = tf.function(core, input_signature=list(specs), autograph=False)
+        return cores[key](*flat)
 
     root = tf.__internal__.tracking.AutoTrackable()
     signatures = {}

@@ -161,7 +161,7 @@ def make_update_function(root: Any, handles: Sequence[SiteHandle]) -> Any:
 
     sites = list(handles)
 
-    @tf.function(input_signature=[tf.TensorSpec([], tf.int64, name="step")])
+    @tf.function(input_signature=[tf.TensorSpec([], tf.int64, name="step")], autograph=False)
     def compression_update(step: Any) -> dict[str, Any]:
         return update_sites(sites, step, root.global_step, python_side=False)
 
