@@ -11,10 +11,9 @@ weight, but never pays for the path whose coefficient is zero.
 
 The switch is a ``tf.cond`` with an explicit gradient (``tf.custom_gradient``): TensorFlow's own
 gradient of a *restored* cond wraps branch intermediates in Optionals, which XLA cannot compile, so
-a reloaded model could not be trained under ``jit_compile=True``. The explicit gradient is
-``alpha * d(dense) + (1 - alpha) * d(compressed)``, each term a cond that skips its path where the
-coefficient is zero and differentiates it with a tape, so it never needs forward intermediates;
-factors receive zeros (not None) while alpha is 1.
+a reloaded model could not be trained under ``jit_compile=True``. The explicit gradient is again a
+cond on alpha; each branch differentiates its own path with a tape, so it never needs forward
+intermediates, and factors receive zeros (not None) while alpha is 1.
 """
 
 from __future__ import annotations
@@ -40,24 +39,6 @@ def _grads(path: Path, xs: Sequence[Any], dy: Any) -> list[Any]:
         # Both cond branches must return dense tensors (a gather's gradient is IndexedSlices).
         out[i] = tf.convert_to_tensor(g)
     return out
-
-
-def _path_grads(path: Path, xs: Sequence[Any], dy: Any, scale: Any, active: Any) -> list[Any]:
-    """``scale * d path(xs) / d xs`` (against ``dy``), or zeros without running the path when not
-    ``active``; None for integer inputs. Activations shared by both paths get one gradient from
-    each, which the tape sums."""
-    import tensorflow as tf
-
-    floats = [x for x in xs if x.dtype.is_floating]
-    if not floats:
-        return [None] * len(xs)
-
-    def run() -> list[Any]:
-        return [g for g in _grads(path, xs, dy * tf.cast(scale, dy.dtype)) if g is not None]
-
-    picked = tf.cond(active, run, lambda: [tf.zeros_like(x) for x in floats])
-    it = iter(picked if isinstance(picked, (list, tuple)) else [picked])
-    return [next(it) if x.dtype.is_floating else None for x in xs]
 
 
 def gated(dense: Path, compressed: Path, dense_inputs: Sequence[Any],
@@ -91,10 +72,30 @@ def gated(dense: Path, compressed: Path, dense_inputs: Sequence[Any],
 
         @tf.autograph.experimental.do_not_convert
         def grad(dy: Any) -> list[Any]:
-            # One cond per path, each skipped where its coefficient is zero: alpha * d(dense) and
-            # (1 - alpha) * d(compressed), built once each (fewer branch graphs to trace and save).
-            return (_path_grads(dense, d_in, dy, a, a > 0.0) + _path_grads(compressed, c_in, dy, 1.0 - a, a < 1.0)
-                    + [tf.zeros_like(a)])
+            def zeros(xs: Sequence[Any]) -> list[Any]:
+                return [tf.zeros_like(x) if x.dtype.is_floating else None for x in xs]
+
+            def dense_only() -> list[Any]:
+                return _grads(dense, d_in, dy) + zeros(c_in)
+
+            def compressed_only() -> list[Any]:
+                return zeros(d_in) + _grads(compressed, c_in, dy)
+
+            def both() -> list[Any]:
+                scale_d, scale_c = tf.cast(a, dy.dtype), tf.cast(1.0 - a, dy.dtype)
+                return _grads(dense, d_in, dy * scale_d) + _grads(compressed, c_in, dy * scale_c)
+
+            def branch(fn: Callable[[], list[Any]]) -> Callable[[], list[Any]]:
+                # cond branches must return tensors: carry Nones (integer inputs) as empty slots.
+                return lambda: [g for g in fn() if g is not None]
+
+            picked = tf.cond(a >= 1.0, branch(dense_only),
+                             lambda: tf.cond(a <= 0.0, branch(compressed_only), branch(both)))
+            picked = list(picked) if isinstance(picked, (list, tuple)) else [picked]
+            it = iter(picked)
+            grads = [next(it) if x.dtype.is_floating else None for x in d_in + c_in]
+            # Activations shared by both paths get one gradient each; the tape sums them itself.
+            return grads + [tf.zeros_like(a)]
 
         return y, grad
 
