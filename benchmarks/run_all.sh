@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Runs every benchmark in turn (about 25 minutes on 2 cores; big_model.py needs ~10 GB of disk and
-# RAM) and exits non-zero if any missed its target. Run from the repository root with the
-# virtual environment of the README: .venv/bin/python must exist, or set PYTHON.
+# Runs every benchmark in turn (about 15 minutes on 2 cores; big_model.py needs ~10 GB of disk and
+# RAM) and exits non-zero if any missed its target (bench_rewrite_time.py does, see the README).
+# Uses the virtual environment of the README (.venv/bin/python), or set PYTHON.
 set -u
 cd "$(dirname "$0")"
 PYTHON=${PYTHON:-../.venv/bin/python}
