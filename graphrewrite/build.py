@@ -35,6 +35,7 @@ class SiteRuntime:
     plan: SitePlan
     state: Any  # SiteState trackable
     transform: Transform
+    gates: dict[Any, Any] = dataclasses.field(default_factory=dict)  # shared by the sites of one build
 
 
 def _site_state_class() -> type:
@@ -115,7 +116,33 @@ def site_output(runtime: SiteRuntime, use: Use, node: Node, inputs: list[Any], r
         return compressed(others + factor_tensors)
     has_mask = type(transform).mask is not Transform.mask
     dense_inputs = others + (factor_tensors if has_mask else []) + [weight]
-    return blend.gated(dense, compressed, dense_inputs, others + factor_tensors, reads["__alpha__"])
+    compressed_inputs = others + factor_tensors
+    # Sites that compute the same thing share one gated function (a nested tf.function): its custom
+    # gradient is then traced once for all of them when the model is saved, not once per site.
+    key = (id(transform), node.op, _attr_key(node), pos, use.op_steps, _size_key(size), tuple(names),
+           has_mask, str(weight.shape), weight.dtype.name, len(dense_inputs))
+    gate = runtime.gates.get(key)
+    if gate is None:
+        n_dense = len(dense_inputs)
+
+        def gate_body(*args: Any) -> Any:
+            return blend.gated(dense, compressed, args[:n_dense], args[n_dense:-1], args[-1])
+
+        gate = runtime.gates[key] = tf.function(gate_body, autograph=False)
+    return gate(*dense_inputs, *compressed_inputs, reads["__alpha__"])
+
+
+def _attr_key(node: Node) -> tuple[tuple[str, bytes], ...]:
+    """The attributes that define what an op computes (not its device, class or gradient type)."""
+    return tuple(sorted((k, v.SerializeToString(deterministic=True))
+                        for k, v in node.proto.attr.items() if not k.startswith("_")))
+
+
+def _size_key(size: Any) -> tuple[Any, ...]:
+    """A size plan without the per-site statistics a rank policy records beside it."""
+    informational = {"svd", "policy", "kept_energy", "relative_error"}
+    details = tuple(sorted((k, repr(v)) for k, v in size.details.items() if k not in informational))
+    return (size.m, size.n, size.k, size.params_after, details)
 
 
 class FunctionBuilder:
@@ -501,9 +528,10 @@ def build(model: LoadedModel, plan: RewritePlan, transform: Transform,
     import tensorflow as tf
 
     runtimes = {}
+    gates: dict[Any, Any] = {}
     for site in plan.sites:
         state = make_site_state(site, model.variables[site.variable.key], transform, initial[site.id])
-        runtimes[site.id] = SiteRuntime(site, state, transform)
+        runtimes[site.id] = SiteRuntime(site, state, transform, gates)
     root, signatures, used = _rebuild(model, plan, runtimes, export=False)
     states = [runtimes[s.id].state for s in plan.sites]
     new_vars = [v for st in states for v in (*st.factors.values(), st.alpha, st.last_update)]
