@@ -13,6 +13,7 @@ without that, a GradientTape does not watch the variable and its gradient comes 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -456,6 +457,27 @@ def make_callable(entry: Entry, run: Callable[[Variant, list[Any]], list[Any]]) 
     return function
 
 
+def save_options() -> Any:
+    """The options every graphrewrite save uses (custom gradients saved: the gated ops need them)."""
+    import tensorflow as tf
+
+    return tf.saved_model.SaveOptions(experimental_custom_gradients=True)
+
+
+@contextlib.contextmanager
+def tracing_as_saved() -> Any:
+    """Traces functions the way ``tf.saved_model.save`` will.
+
+    Whether a save is in progress is part of every tf.function's trace cache key, so functions
+    traced at build time would all be traced a second time by the save. Traced inside the same save
+    context, they are reused (ResNet50: each core and gated function traced once instead of twice).
+    """
+    from tensorflow.python.saved_model import save_context
+
+    with save_context.save_context(save_options()):
+        yield
+
+
 @dataclasses.dataclass
 class Built:
     """The saveable root and what saving needs."""
@@ -532,7 +554,8 @@ def build(model: LoadedModel, plan: RewritePlan, transform: Transform,
     for site in plan.sites:
         state = make_site_state(site, model.variables[site.variable.key], transform, initial[site.id])
         runtimes[site.id] = SiteRuntime(site, state, transform, gates)
-    root, signatures, used = _rebuild(model, plan, runtimes, export=False)
+    with tracing_as_saved():
+        root, signatures, used = _rebuild(model, plan, runtimes, export=False)
     states = [runtimes[s.id].state for s in plan.sites]
     new_vars = [v for st in states for v in (*st.factors.values(), st.alpha, st.last_update)]
     global_step = tf.Variable(0, dtype=tf.int64, trainable=False, name="graphrewrite_global_step",
@@ -545,7 +568,8 @@ def build(model: LoadedModel, plan: RewritePlan, transform: Transform,
     root.graphrewrite_source_variables = list(model.variables.values())
     update = update_fn_factory(root, plan, transform)
     root.compression_update = update
-    signatures["compression_update"] = update.get_concrete_function()
+    with tracing_as_saved():
+        signatures["compression_update"] = update.get_concrete_function()
     # A plain tf.saved_model.save(loaded, dir) keeps only this one as a signature (TensorFlow drops
     # the others unless given signatures=loaded.signatures).
     default_key = "serving_default" if "serving_default" in signatures else sorted(signatures)[0]
@@ -568,7 +592,8 @@ def build_export(model: LoadedModel, plan: RewritePlan, transform: Transform, st
                        for name, value in final_values.items()}
             state = _site_state_class()(None, factors, None, None)
         runtimes[site.id] = SiteRuntime(site, state, final)
-    root, signatures, used = _rebuild(model, plan, runtimes, export=True)
+    with tracing_as_saved():
+        root, signatures, used = _rebuild(model, plan, runtimes, export=True)
     factors = [v for rt in runtimes.values() for v in rt.state.factors.values()]
     _set_variables(root, used + factors)
     root.regularization_losses = []

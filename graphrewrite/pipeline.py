@@ -319,9 +319,10 @@ def save(root: Any, tmp: str, signatures: Mapping[str, Any], output_dir: str) ->
     """
     import tensorflow as tf
 
+    from graphrewrite import build as build_lib
+
     try:
-        tf.saved_model.save(root, tmp, signatures=signatures,
-                            options=tf.saved_model.SaveOptions(experimental_custom_gradients=True))
+        tf.saved_model.save(root, tmp, signatures=signatures, options=build_lib.save_options())
     except (OSError, tf.errors.ResourceExhaustedError, tf.errors.OutOfRangeError,
             tf.errors.PermissionDeniedError) as exc:
         raise OutputError(f"{output_dir}: cannot write the model ({_first(exc)})") from None

@@ -94,7 +94,7 @@ def test_randomized_svd_is_nearly_optimal(spectrum):
     from graphrewrite.transforms.low_rank import randomized_svd, use_randomized
 
     rng = np.random.default_rng(3)
-    m, n, k = 1024, 512, 64
+    m, n, k = 1024, 1024, 64
     if spectrum == "decaying":
         u, _ = np.linalg.qr(rng.standard_normal((m, n)))
         v, _ = np.linalg.qr(rng.standard_normal((n, n)))
@@ -116,7 +116,8 @@ def test_randomized_svd_is_nearly_optimal(spectrum):
 
 def test_transform_records_which_svd_it_uses():
     t = transform(800)
-    assert t.check(1024, 512).details["svd"] == "randomized"  # k = 64
+    assert t.check(1024, 1024).details["svd"] == "randomized"  # k = 128
+    assert t.check(1024, 512).details["svd"] == "gram"
     assert t.check(40, 30).details["svd"] == "full"
     assert t.check(8192, 256).details["svd"] == "gram"
 
