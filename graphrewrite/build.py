@@ -120,7 +120,7 @@ def site_output(runtime: SiteRuntime, use: Use, node: Node, inputs: list[Any], r
     compressed_inputs = others + factor_tensors
     # Sites that compute the same thing share one gated function (a nested tf.function): its custom
     # gradient is then traced once for all of them when the model is saved, not once per site.
-    key = (id(transform), node.op, _attr_key(node), pos, use.op_steps, _size_key(size), tuple(names),
+    key = (id(transform), node.op, _attr_key(node), pos, use.op_steps, size.structure_key(), tuple(names),
            has_mask, str(weight.shape), weight.dtype.name, len(dense_inputs))
     gate = runtime.gates.get(key)
     if gate is None:
@@ -137,13 +137,6 @@ def _attr_key(node: Node) -> tuple[tuple[str, bytes], ...]:
     """The attributes that define what an op computes (not its device, class or gradient type)."""
     return tuple(sorted((k, v.SerializeToString(deterministic=True))
                         for k, v in node.proto.attr.items() if not k.startswith("_")))
-
-
-def _size_key(size: Any) -> tuple[Any, ...]:
-    """A size plan without the per-site statistics a rank policy records beside it."""
-    informational = {"svd", "policy", "kept_energy", "relative_error"}
-    details = tuple(sorted((k, repr(v)) for k, v in size.details.items() if k not in informational))
-    return (size.m, size.n, size.k, size.params_after, details)
 
 
 class FunctionBuilder:

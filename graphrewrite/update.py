@@ -134,8 +134,41 @@ def _update_site(site: SiteHandle, step: Any) -> Any:
     return tf.cond(due, run, lambda: tf.constant(False))
 
 
-def update_sites(sites: Sequence[SiteHandle], step: Any, global_step: Any, python_side: bool) -> dict[str, Any]:
-    """Runs the schedule on every site; returns ``{"alpha": [n] float32, "updated": bool}``."""
+@dataclasses.dataclass
+class _StateView:
+    """A site's variables as a shared update function receives them (its arguments)."""
+
+    weight: Any
+    factors: dict[str, Any]
+    alpha: Any
+    last_update: Any
+
+
+def _shared_update_site(site: SiteHandle, step: Any, shared: dict[Any, Any]) -> Any:
+    """``_update_site`` through one nested tf.function per kind of site, the variables passed as
+    arguments: the saved update is traced and saved once per kind, not once per site."""
+    import tensorflow as tf
+
+    state = site.state
+    names = sorted(state.factors)
+    key = (id(site.transform), site.view, site.size.structure_key(), site.schedule, tuple(names))
+    fn = shared.get(key)
+    if fn is None:
+        def body(step: Any, weight: Any, alpha: Any, last: Any, *factors: Any) -> Any:
+            view = _StateView(weight, dict(zip(names, factors)), alpha, last)
+            return _update_site(dataclasses.replace(site, state=view), step)
+
+        fn = shared[key] = tf.function(body, autograph=False)
+    return fn(step, state.weight, state.alpha, state.last_update, *(state.factors[n] for n in names))
+
+
+def update_sites(sites: Sequence[SiteHandle], step: Any, global_step: Any, python_side: bool,
+                 shared: dict[Any, Any] | None = None) -> dict[str, Any]:
+    """Runs the schedule on every site; returns ``{"alpha": [n] float32, "updated": bool}``.
+
+    ``shared``: a cache of nested per-kind update functions (the saved update function uses one;
+    the Python helper, which may run on distributed variables, updates each site inline).
+    """
     import tensorflow as tf
 
     step = tf.cast(step, tf.int64)
@@ -146,7 +179,8 @@ def update_sites(sites: Sequence[SiteHandle], step: Any, global_step: Any, pytho
             extra.extend(site.transform.scheduled_updates(site.state.factors, site.raw_matrix, step, site.size))
         with tf.control_dependencies(extra):
             if site.updates_in(python_side):
-                flags.append(_update_site(site, step))
+                flags.append(_update_site(site, step) if shared is None
+                             else _shared_update_site(site, step, shared))
     with tf.control_dependencies(flags + extra):
         step_set = global_step.assign(step)
     with tf.control_dependencies([step_set]):
@@ -160,10 +194,11 @@ def make_update_function(root: Any, handles: Sequence[SiteHandle]) -> Any:
     import tensorflow as tf
 
     sites = list(handles)
+    shared: dict[Any, Any] = {}
 
     @tf.function(input_signature=[tf.TensorSpec([], tf.int64, name="step")], autograph=False)
     def compression_update(step: Any) -> dict[str, Any]:
-        return update_sites(sites, step, root.global_step, python_side=False)
+        return update_sites(sites, step, root.global_step, python_side=False, shared=shared)
 
     return compression_update
 

@@ -48,6 +48,14 @@ class SizePlan:
     def params_before(self) -> int:
         return self.m * self.n
 
+    def structure_key(self) -> tuple[Any, ...]:
+        """What the built ops depend on: the plan without the statistics recorded beside it (which
+        SVD found the factors, a rank policy's kept energy and error). Sites with equal keys, op
+        and shapes share their traced functions."""
+        informational = {"svd", "policy", "kept_energy", "relative_error"}
+        details = tuple(sorted((k, repr(v)) for k, v in self.details.items() if k not in informational))
+        return (self.m, self.n, self.k, self.params_after, details)
+
 
 @dataclasses.dataclass(frozen=True)
 class Refusal:
