@@ -1,19 +1,21 @@
 """Accuracy kept: the digits MLP and CNN (scikit-learn's bundled digits, fixed split and seeds).
 
-For each model and for about 50% and 33% of the kernel parameters (the reference's rank that comes
-closest; weights it cannot shrink stay dense and are counted), fine-tuned for the same budget
-(45 epochs of 42 steps, batch 32, Adam 1e-3):
+Two budgets, issue 8's: about 48% and 29% of the kernel parameters (weights a method leaves dense
+are counted). The reference's rule runs at the rank that comes closest to each budget; graphrewrite's
+--target-ratio policy runs at the budget itself. Every variant is fine-tuned the same way (45
+epochs of 42 steps, batch 32, Adam 1e-3), and fine-tuned accuracies are the mean of two seeds of
+batch order (``--seeds``):
 
 * gradual: compression_lib's schedule (alpha 1 -> 0 by 0.01 every 2 steps from step 0, so alpha
   is 0 after about 200 of the 1890 steps);
 * abrupt: the same factors with alpha = 0 from the first step, then the same fine-tuning;
 * one-shot: truncated SVD at alpha = 0, no fine-tuning;
-* best policy: graphrewrite's --target-ratio at the same budget, gradual schedule.
+* best policy: --target-ratio at the budget, gradual schedule.
 
-Targets (issue 8): at about 48% the best policy loses nothing; at about 29-33% it loses at most 1
+Targets (issue 8): at about 48% the best policy loses nothing; at about 29% it loses at most 1
 point. Prints a table like the reference's CIFAR-10 one and exits non-zero when a target is missed.
 
-    python benchmarks/bench_accuracy.py [--epochs 45]
+    python benchmarks/bench_accuracy.py [--epochs 45] [--seeds 2]
 """
 
 from __future__ import annotations
@@ -80,11 +82,11 @@ def closest_rank(src: str, target: float) -> tuple[int, float]:
 
 
 def run(src: str, x_train, y_train, x_test, y_test, hp: dict, epochs: int, work: str, tag: str,
-        selection=None, tune: bool = True, alpha0: bool = False) -> tuple[float, float]:
+        selection=None, tune: bool = True, alpha0: bool = False, seed: int = 0) -> tuple[float, float]:
     import graphrewrite
     from graphrewrite import hparams
 
-    out = os.path.join(work, tag)
+    out = os.path.join(work, f"{tag}_{seed}")
     result = graphrewrite.compress(src, out, hparams.resolve(None, hp), verify=False,
                                    **({"selection": selection} if selection else {}))
     model = tf.saved_model.load(out)
@@ -92,14 +94,21 @@ def run(src: str, x_train, y_train, x_test, y_test, hp: dict, epochs: int, work:
         for site in model.graphrewrite_sites:
             site.alpha.assign(0.0)
     if tune:
-        fine_tune(model, x_train, y_train, epochs)
+        fine_tune(model, x_train, y_train, epochs, seed)
     assert all(float(s.alpha.numpy()) == 0.0 for s in model.graphrewrite_sites)
     return accuracy(model, x_test, y_test), kernel_ratio(result.plan)
+
+
+def mean_over_seeds(data: tuple, hp: dict, args, work: str, tag: str, **kw) -> tuple[float, float]:
+    """Mean accuracy of ``args.seeds`` fine-tunings (batch orders), and the kept parameter ratio."""
+    runs = [run(*data, hp, args.epochs, work, tag, seed=seed, **kw) for seed in range(args.seeds)]
+    return float(np.mean([acc for acc, _ in runs])), runs[0][1]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=45)
+    parser.add_argument("--seeds", type=int, default=2)
     args = parser.parse_args()
     from graphrewrite.plan import Selection
     from graphrewrite.rankpolicy import Policy
@@ -114,23 +123,25 @@ def main() -> None:
             xtr, xte = x_train.reshape(reshape), x_test.reshape(reshape)
             base = accuracy(tf.saved_model.load(src), xte, y_test)
             rows.append([name, "uncompressed", "100%", f"{base:.2%}", "", "", "", ""])
-            for target in (0.50, 0.33):
+            for target in (0.48, 0.29):
                 rank, _ = closest_rank(src, target)
                 tag = f"{name}_{rank}"
-                gradual, ratio = run(src, xtr, y_train, xte, y_test, {"rank": rank, **GRADUAL}, args.epochs, work, tag + "_g")
-                abrupt, _ = run(src, xtr, y_train, xte, y_test, {"rank": rank, **ABRUPT}, args.epochs, work, tag + "_a")
-                oneshot, _ = run(src, xtr, y_train, xte, y_test, {"rank": rank, **GRADUAL}, 0, work, tag + "_o",
-                                 tune=False, alpha0=True)
-                best, best_ratio = run(src, xtr, y_train, xte, y_test, GRADUAL, args.epochs, work, tag + "_b",
-                                       selection=Selection(policy=Policy(target_ratio=ratio)))
-                limit = 0.0 if ratio >= 0.45 else 0.01
+
+                data = (src, xtr, y_train, xte, y_test)
+                gradual, ratio = mean_over_seeds(data, {"rank": rank, **GRADUAL}, args, work, tag + "_g")
+                abrupt, _ = mean_over_seeds(data, {"rank": rank, **ABRUPT}, args, work, tag + "_a")
+                oneshot, _ = run(*data, {"rank": rank, **GRADUAL}, 0, work, tag + "_o", tune=False, alpha0=True)
+                best, best_ratio = mean_over_seeds(data, GRADUAL, args, work, tag + "_b",
+                                                   selection=Selection(policy=Policy(target_ratio=target)))
+                limit = 0.0 if target >= 0.45 else 0.01
                 ok = targets.check(best >= base - limit - 1e-9,
-                                   f"{name} at {ratio:.0%}: best policy {best:.2%} vs {base:.2%}")
-                rows.append([name, f"rank={rank} / target-ratio", f"{ratio:.0%} / {best_ratio:.0%}", "",
+                                   f"{name} at {best_ratio:.0%}: best policy {best:.2%} vs {base:.2%}")
+                rows.append([name, f"rank={rank} / target-ratio={target:g}", f"{ratio:.0%} / {best_ratio:.0%}", "",
                              f"{gradual:.2%}", f"{abrupt:.2%}", f"{oneshot:.2%}", f"{best:.2%} {ok}"])
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    print(f"# test accuracy on digits (450 held-out images), {args.epochs} epochs of fine-tuning; {common.machine()}")
+    print(f"# test accuracy on digits (450 held-out images), {args.epochs} epochs of fine-tuning, "
+          f"mean of {args.seeds} seeds; {common.machine()}")
     print(common.table(["model", "compression", "kernel params kept", "uncompressed", "gradual (reference)",
                         "abrupt", "one-shot SVD", "best policy (target)"], rows))
     targets.exit()

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Runs every benchmark in turn (about 15 minutes on 2 cores; big_model.py needs ~10 GB of disk and
+# Runs every benchmark in turn (about 30 minutes on 2 cores; big_model.py needs ~10 GB of disk and
 # RAM) and exits non-zero if any missed its target (bench_rewrite_time.py does, see the README).
 # Uses the virtual environment of the README (.venv/bin/python), or set PYTHON.
 set -u

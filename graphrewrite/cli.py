@@ -64,7 +64,7 @@ def selection_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                      help="low rank: the fewest singular values with relative Frobenius error below ERR"),
         click.option("--target-ratio", "target_ratio", type=float, default=None, metavar="RATIO",
                      help="low rank: per-site k so the rewritten weights keep RATIO of their parameters "
-                          "with the least total error"),
+                          "with the least total relative error"),
         click.option("--min-params", "min_params", type=int, default=0, metavar="N",
                      help="leave weights with fewer than N parameters alone"),
         click.option("--include", default=None, metavar="REGEX", help="only variables/ops matching REGEX"),

@@ -53,6 +53,18 @@ def test_target_ratio_spends_the_budget_where_the_error_drops_most():
     assert total <= 0.25 * 800
 
 
+def test_target_ratio_is_blind_to_the_scale_of_each_layer():
+    # A ReLU network is unchanged when one layer is scaled by c and the next by 1/c: the allocation
+    # must not change either (an absolute-error criterion gives the big-norm layer everything).
+    rng = np.random.default_rng(0)
+    spectra = [np.sort(rng.uniform(0.1, 1.0, 30))[::-1], np.geomspace(1.0, 0.01, 10)]
+    shapes = [(60, 30), (100, 10)]
+    base = rankpolicy.target_ratio_ks(spectra, shapes, 0.3)
+    for scale in (1e-3, 1e3):
+        assert rankpolicy.target_ratio_ks([spectra[0] * scale, spectra[1]], shapes, 0.3) == base
+    assert all(k is not None and k > 1 for k in base)  # both layers get a share of the budget
+
+
 def test_target_ratio_leaves_a_small_expensive_to_factor_weight_dense():
     head = np.linspace(3.0, 1.0, 10)  # a 128x10 head: every singular value matters
     body = np.concatenate([np.linspace(10, 1, 20), np.full(236, 0.01)])
