@@ -33,7 +33,10 @@ DENIED_OPS: dict[str, str] = {
         "SnapshotDatasetReader", "SnapshotNestedDatasetReader", "SnapshotChunkDataset",
         "ListSnapshotChunksDataset", "MatchingFilesDataset", "ExperimentalMatchingFilesDataset",
         "RecordInput", "ReaderReadV2", "ReaderRead", "ReaderReadUpToV2", "ReaderReadUpTo",
-        "ReaderRestoreStateV2", "ReaderRestoreState", "DecodeWav", "ReadFileV2")},
+        "ReaderRestoreStateV2", "ReaderRestoreState", "ReadFileV2",
+        # Lookup tables filled from a file named by a tensor: vocabularies come from the model's
+        # assets, but the op reads any path it is given (--allow-unsafe-ops once checked).
+        "InitializeTableFromTextFile", "InitializeTableFromTextFileV2")},
     **{op: "writes files" for op in (
         "WriteFile", "Save", "SaveV2", "SaveSlices", "MergeV2Checkpoints", "DeleteFile",
         "SaveDataset", "SaveDatasetV2", "DatasetToTFRecord", "ExperimentalDatasetToTFRecord",

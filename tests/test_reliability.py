@@ -209,17 +209,25 @@ def test_output_directory_gets_the_usual_permissions(capsys, tmp_path):
 
 # kind (":" how the serving function is tied to the saver) -> the op to be named.
 UNSAFE_OPS = {"write_file": "WriteFile", "print_to_file": "PrintV2", "saver_op": "SaveV2",
-              "saver_op:edge": "SaveV2", "saver_op:attr": "SaveV2"}
+              "saver_op:edge": "SaveV2", "saver_op:attr": "SaveV2", "read_table": "InitializeTableFromTextFileV2"}
 
 
 def _unsafe_model(path: str, kind: str, target: str) -> None:
-    """A tf.Module SavedModel whose serving signature writes ``target`` in the way ``kind`` says."""
+    """A tf.Module SavedModel whose serving signature writes ``target`` in the way ``kind`` says
+    (``read_table``: reads a file into a lookup table instead)."""
     import tensorflow as tf
 
     class Unsafe(tf.Module):
         def __init__(self) -> None:
             super().__init__()
             self.w = tf.Variable(tf.random.stateless_normal((64, 300), seed=(1, 2)))
+            if kind == "read_table":
+                vocab = os.path.join(os.path.dirname(path), "vocabulary.txt")
+                with open(vocab, "w") as f:
+                    f.write("a\nb\n")
+                self.table = tf.lookup.StaticHashTable(tf.lookup.TextFileInitializer(
+                    vocab, tf.string, tf.lookup.TextFileIndex.WHOLE_LINE, tf.int64,
+                    tf.lookup.TextFileIndex.LINE_NUMBER), -1)
 
         @tf.function(input_signature=[tf.TensorSpec([None, 64], tf.float32)])
         def serve(self, x):
@@ -228,6 +236,8 @@ def _unsafe_model(path: str, kind: str, target: str) -> None:
                 tf.io.write_file(target, tf.strings.as_string(tf.reduce_sum(y)))
             elif kind == "print_to_file":
                 tf.print(tf.reduce_sum(y), output_stream="file://" + target)
+            elif kind == "read_table":
+                y = y + tf.cast(self.table.lookup(tf.constant("b")), tf.float32)
             else:  # a checkpoint written anywhere: a saver op outside the saver
                 save = tf.raw_ops.SaveV2(prefix=target, tensor_names=["y"], shape_and_slices=[""], tensors=[y])
                 with tf.control_dependencies([save]):
