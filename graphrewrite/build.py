@@ -81,7 +81,10 @@ def site_output(runtime: SiteRuntime, use: Use, node: Node, inputs: list[Any], r
     adapter = ADAPTERS[node.op]
     transform, size, pos = runtime.transform, runtime.plan.size, use.operand
     names = sorted(n for n in reads if n != "__alpha__")
-    weight = inputs[pos]  # in export mode a TensorSpec: only its shape and dtype are used
+    # The compressed form uses only the weight's shape and dtype (in export mode it is given as a
+    # TensorSpec): never its value, which a gated function shared by several sites must not capture.
+    weight = inputs[pos] if isinstance(inputs[pos], tf.TensorSpec) else tf.TensorSpec(
+        inputs[pos].shape, inputs[pos].dtype)
     others = [t for i, t in enumerate(inputs) if i != pos]
 
     def with_weight(xs: Sequence[Any], w: Any) -> list[Any]:
@@ -116,7 +119,7 @@ def site_output(runtime: SiteRuntime, use: Use, node: Node, inputs: list[Any], r
     if export or not transform.blended:
         return compressed(others + factor_tensors)
     has_mask = type(transform).mask is not Transform.mask
-    dense_inputs = others + (factor_tensors if has_mask else []) + [weight]
+    dense_inputs = others + (factor_tensors if has_mask else []) + [inputs[pos]]
     compressed_inputs = others + factor_tensors
     # Sites that compute the same thing share one gated function (a nested tf.function): its custom
     # gradient is then traced once for all of them when the model is saved, not once per site.

@@ -251,3 +251,34 @@ def test_verification_catches_a_wrong_rewrite(monkeypatch, model_factory, tmp_pa
     with pytest.raises(VerificationError, match="differs from the input model at alpha = 1"):
         compress(src, str(tmp_path / "out"), hparams.resolve(None, {"rank": 200}))
     assert not (tmp_path / "out").exists()
+
+
+def test_sites_of_one_kind_share_a_gated_function_but_keep_their_own_weights(tmp_path):
+    """Three equally shaped weights go through one shared gated function (one custom gradient saved,
+    not three); each must still compute with its own A and factors, at every alpha."""
+    from models import matrix_model
+
+    import graphrewrite
+    from graphrewrite.pipeline import read_saved_model_proto
+
+    rng = np.random.default_rng(7)
+    matrices = {name: rng.standard_normal((24, 24)).astype(np.float32) for name in ("a", "b", "c")}
+    src, out = str(tmp_path / "src"), str(tmp_path / "out")
+    matrix_model(src, matrices)
+    graphrewrite.compress(src, out, hparams.resolve(None, {"rank": 300}))
+    library = read_saved_model_proto(out).meta_graphs[0].graph_def.library
+    gates = {f.signature.name for f in library.function if "gate_body" in f.signature.name}
+    assert len(gates) == 1, gates
+    assert len(library.registered_gradients) == 1  # one custom gradient saved for the three sites
+    model = tf.saved_model.load(out)
+    x = rng.standard_normal((5, 24)).astype(np.float32)
+    by_name = {site.weight.name.split(":")[0]: site for site in model.graphrewrite_sites}
+    assert sorted(by_name) == ["a", "b", "c"]
+    for alpha in (1.0, 0.3, 0.0):
+        for site in model.graphrewrite_sites:
+            site.alpha.assign(alpha)
+        got = model.signatures["serving_default"](x=tf.constant(x))
+        for name, site in by_name.items():
+            w_c = site.factors["b"].numpy() @ site.factors["c"].numpy()
+            want = x @ (alpha * matrices[name] + (1 - alpha) * w_c)
+            np.testing.assert_allclose(got[name].numpy(), want, rtol=1e-4, atol=1e-4)
