@@ -65,15 +65,17 @@ def test_compression_op_interface_scenario(tmp_path, how):
     assert updated and alpha == pytest.approx([0.98]) and int(site.last_update.numpy()) == 2000
 
 
-def test_apply_compression_two_op_scenario(tmp_path):
-    """§6.1 testApplyCompression: two ops, frequency 100; both decrement at 1001 and 2001."""
+@pytest.mark.parametrize("how", ["helper", "function", "signature"])
+def test_apply_compression_two_op_scenario(tmp_path, how):
+    """§6.1 testApplyCompression: two ops, frequency 100; both decrement at 1001 and 2001. The saved
+    update runs both equally shaped sites through one shared function: each keeps its own A."""
     a = np.outer([1, 2, 3], [4, 5, 6]).astype(np.float32)
     model = rewrite(tmp_path, {"first": a, "second": a * 0.5}, **{**CIFAR_LIKE, "compression_frequency": 100})
     first, second = model.graphrewrite_sites
     model.global_step.assign(30)
-    assert run(model, 30) == (pytest.approx([1.0, 1.0]), False)
+    assert run(model, 30, how) == (pytest.approx([1.0, 1.0]), False)
     assert [int(s.last_update.numpy()) for s in (first, second)] == [-1, -1]
-    alpha, updated = run(model, 1001)
+    alpha, updated = run(model, 1001, how)
     assert updated and alpha == pytest.approx([0.99, 0.99])
     for site, weight in ((first, a), (second, a * 0.5)):
         b_ref, c_ref = static_factors(weight, 2)
@@ -83,8 +85,8 @@ def test_apply_compression_two_op_scenario(tmp_path):
         np.testing.assert_allclose(np.abs(b[:, 0]), np.abs(b_ref[:, 0]), atol=1e-4)
         np.testing.assert_allclose(np.abs(c[0]), np.abs(c_ref[0]), atol=1e-4)
         np.testing.assert_allclose(b @ c, weight, atol=1e-4)
-    assert run(model, 1001) == (pytest.approx([0.99, 0.99]), False)
-    alpha, _ = run(model, 2001)
+    assert run(model, 1001, how) == (pytest.approx([0.99, 0.99]), False)
+    alpha, _ = run(model, 2001, how)
     assert alpha == pytest.approx([0.98, 0.98])
     assert [int(s.last_update.numpy()) for s in (first, second)] == [2001, 2001]
 
