@@ -15,7 +15,7 @@ from typing import Any
 import click
 
 from graphrewrite import __version__
-from graphrewrite.errors import INTERNAL_ERROR_EXIT, GraphrewriteError
+from graphrewrite.errors import INTERNAL_ERROR_EXIT, GraphrewriteError, first_line
 from graphrewrite.hparams import HPARAMS
 from graphrewrite.tfimport import import_tensorflow_quietly
 
@@ -310,8 +310,7 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as exc:  # noqa: BLE001 - the one place that turns bugs into one line
         if os.environ.get("GRAPHREWRITE_DEBUG"):
             raise
-        first = next((ln for ln in str(exc).splitlines() if ln.strip()), "")
-        click.echo(f"graphrewrite: error: internal error: {type(exc).__name__}: {first[:300]} "
+        click.echo(f"graphrewrite: error: internal error: {type(exc).__name__}: {first_line(exc, default='')} "
                    "(set GRAPHREWRITE_DEBUG=1 for a traceback)", err=True)
         sys.exit(INTERNAL_ERROR_EXIT)
 

@@ -72,6 +72,7 @@ from typing import Any, final
 
 from graphrewrite import manifest as manifest_lib
 from graphrewrite.errors import InputModelError
+from graphrewrite.graph import shape_dims
 from graphrewrite.loader import tf1_trainable_names
 from graphrewrite.report import table
 from graphrewrite.scan import (
@@ -198,9 +199,8 @@ def _dtype_name(enum: int) -> str:
 
 
 def _shape(proto: Any) -> list[int | None] | None:
-    if proto.unknown_rank:
-        return None
-    return [d.size if d.size >= 0 else None for d in proto.dim]
+    dims = shape_dims(proto)
+    return None if dims is None else list(dims)
 
 
 @final

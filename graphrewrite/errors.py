@@ -57,3 +57,14 @@ class ExportRefusedError(GraphrewriteError):
 
 
 INTERNAL_ERROR_EXIT = 70
+
+
+def first_line(exc: BaseException, limit: int | None = 300, default: str | None = None) -> str:
+    """The first non-empty line of an exception's message (TensorFlow's ``message`` where it has
+    one), cut to ``limit`` characters, for a one-line error; ``default`` (else the exception's type
+    name) when the message is empty."""
+    text = getattr(exc, "message", None) or str(exc)
+    line = next((ln.strip() for ln in str(text).splitlines() if ln.strip()), None)
+    if line is None:
+        return type(exc).__name__ if default is None else default
+    return line if limit is None else line[:limit]

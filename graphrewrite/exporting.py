@@ -24,6 +24,7 @@ from graphrewrite.errors import (
     InputModelError,
     UnsafeModelError,
     VerificationError,
+    first_line,
 )
 from graphrewrite.model import LoadedModel, VariableInfo
 from graphrewrite.pipeline import (
@@ -67,7 +68,7 @@ def _load_tuned(path: str, tags: Sequence[str], checkpoint: str | None, allow_un
     try:
         tuned = tf.saved_model.load(path, tags=list(tags))
     except (tf.errors.OpError, ValueError, KeyError, OSError) as exc:
-        raise InputModelError(f"{path}: cannot load the SavedModel ({str(exc).splitlines()[0][:300]})") from None
+        raise InputModelError(f"{path}: cannot load the SavedModel ({first_line(exc)})") from None
     for attr in ("graphrewrite_sites", "graphrewrite_source_variables", "graphrewrite_ir"):
         if not hasattr(tuned, attr):
             raise InputModelError(f"{path}: the rewritten model lost its '{attr}' (was it re-saved whole?)")
@@ -91,7 +92,7 @@ def _restore(tuned: Any, checkpoint: str) -> None:
             status.expect_partial()
             return
         except (AssertionError, ValueError, tf.errors.OpError) as exc:
-            errors.append(str(exc).splitlines()[0][:200])
+            errors.append(first_line(exc, limit=200))
     raise InputModelError(f"{checkpoint}: not a checkpoint of this model ({errors[0]})")
 
 
@@ -152,8 +153,7 @@ def _export(tuned_dir: str, output_dir: str, tuned: Any, data: dict, force: bool
     try:
         built = build_export(model, plan, transform, states)
     except Exception as exc:  # noqa: BLE001 - a manifest or asset edited to disagree with the model
-        first = next((ln for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
-        raise InputModelError(f"{tuned_dir}: cannot rebuild its functions ({first[:300]})") from None
+        raise InputModelError(f"{tuned_dir}: cannot rebuild its functions ({first_line(exc)})") from None
     report: dict[str, Any] = {}
 
     def write(tmp: str) -> None:

@@ -71,7 +71,7 @@ def decode_attr(value: Any) -> Any:
                 if field == "s":
                     return [x.decode("utf-8", "replace") for x in items]
                 if field == "shape":
-                    return [_shape(x) for x in items]
+                    return [shape_dims(x) for x in items]
                 if field == "tensor":
                     return [_tensor(x) for x in items]
                 if field == "func":
@@ -81,7 +81,7 @@ def decode_attr(value: Any) -> Any:
     if kind == "s":
         return value.s.decode("utf-8", "replace")
     if kind == "shape":
-        return _shape(value.shape)
+        return shape_dims(value.shape)
     if kind == "tensor":
         return _tensor(value.tensor)
     if kind == "func":
@@ -91,7 +91,8 @@ def decode_attr(value: Any) -> Any:
     return getattr(value, kind)
 
 
-def _shape(proto: Any) -> tuple[int | None, ...] | None:
+def shape_dims(proto: Any) -> tuple[int | None, ...] | None:
+    """A TensorShapeProto as dimensions (None: unknown), or None for an unknown rank."""
     if proto.unknown_rank:
         return None
     return tuple(None if d.size < 0 else int(d.size) for d in proto.dim)

@@ -19,7 +19,7 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from graphrewrite.errors import InputModelError
+from graphrewrite.errors import InputModelError, first_line
 from graphrewrite.graph import Graph
 from graphrewrite.model import NO_DEFAULT, Entry, FunctionIR, LoadedModel, VariableInfo, Variant
 from graphrewrite.scan import read_saved_model_proto
@@ -112,7 +112,7 @@ def _load_object_based(path: str, tags: Sequence[str]) -> LoadedModel:
     try:
         obj = tf.saved_model.load(path, tags=list(tags))
     except Exception as exc:  # noqa: BLE001 - whatever a damaged model makes TensorFlow raise
-        raise InputModelError(f"{path}: cannot load the SavedModel ({_summary(exc)})") from None
+        raise InputModelError(f"{path}: cannot load the SavedModel ({first_line(exc)})") from None
     table = _VariableTable()
     captured: list[Any] = []
     resource_owners = _resource_owners(obj)
@@ -142,12 +142,6 @@ def _load_object_based(path: str, tags: Sequence[str]) -> LoadedModel:
         entries=entries, captured=captured, resources=list(needed_owners.values()),
         regularization_losses=reg_losses, source=obj, signature_functions=signature_functions,
     )
-
-
-def _summary(exc: BaseException) -> str:
-    text = getattr(exc, "message", None) or str(exc)
-    lines = [ln.strip() for ln in str(text).splitlines() if ln.strip()]
-    return lines[0][:300] if lines else type(exc).__name__
 
 
 def _exported_functions(obj: Any) -> dict[str, Any]:
@@ -233,7 +227,7 @@ def _load_tf1(path: str, tags: Sequence[str]) -> LoadedModel:
     try:
         reader = tf.train.load_checkpoint(os.path.join(path, "variables", "variables"))
     except Exception as exc:  # noqa: BLE001 - a damaged checkpoint raises many kinds of errors
-        raise InputModelError(f"{path}: cannot read the variables checkpoint ({_summary(exc)})") from None
+        raise InputModelError(f"{path}: cannot read the variables checkpoint ({first_line(exc)})") from None
     trainable = tf1_trainable_names(meta)
     graph_def = meta.graph_def
     var_nodes = {n.name: n for n in graph_def.node if n.op in _TF1_VARIABLE_OPS or n.op == "VarHandleOp"}
@@ -282,7 +276,7 @@ def _load_tf1(path: str, tags: Sequence[str]) -> LoadedModel:
     try:
         source = tf.saved_model.load(path, tags=list(tags))
     except Exception as exc:  # noqa: BLE001
-        raise InputModelError(f"{path}: cannot load the SavedModel ({_summary(exc)})") from None
+        raise InputModelError(f"{path}: cannot load the SavedModel ({first_line(exc)})") from None
     return LoadedModel(
         path=path, kind="tf1", variables=table.variables, infos=table.infos, functions=functions,
         entries=entries, captured=[], resources=[], regularization_losses=[], source=source,

@@ -26,6 +26,7 @@ from graphrewrite.errors import (
     OutputError,
     UnsafeModelError,
     VerificationError,
+    first_line,
 )
 from graphrewrite.plan import RewritePlan, Selection, make_plan
 from graphrewrite.scan import MANIFEST_ASSET, read_saved_model_proto, scan
@@ -208,7 +209,7 @@ def _save_rewrite(model: Any, plan: RewritePlan, transform: Any, hparams: Mappin
     try:
         built = build_lib.build(model, plan, transform, initial, update_factory)
     except Exception as exc:  # noqa: BLE001 - a damaged graph that loads but does not rebuild
-        raise InputModelError(f"cannot rewrite this model: {type(exc).__name__}: {_first(exc)}") from None
+        raise InputModelError(f"cannot rewrite this model: {type(exc).__name__}: {first_line(exc)}") from None
     del initial
     with tempfile.TemporaryDirectory(prefix="graphrewrite-manifest-") as scratch:
         path = os.path.join(scratch, MANIFEST_ASSET)
@@ -238,7 +239,7 @@ def check_saved(path: str, signatures: Mapping[str, Any], variables: int) -> Non
         meta = read_saved_model_proto(path).meta_graphs[0]
         entries = tf.train.list_variables(os.path.join(path, "variables", "variables"))
     except Exception as exc:  # noqa: BLE001
-        raise VerificationError(f"the saved model cannot be read back ({_first(exc)})") from None
+        raise VerificationError(f"the saved model cannot be read back ({first_line(exc)})") from None
     missing = set(signatures) - set(meta.signature_def)
     values = [name for name, _ in entries if name.endswith("VARIABLE_VALUE")]
     if missing or len(values) < variables:
@@ -325,9 +326,9 @@ def save(root: Any, tmp: str, signatures: Mapping[str, Any], output_dir: str) ->
         tf.saved_model.save(root, tmp, signatures=signatures, options=build_lib.save_options())
     except (OSError, tf.errors.ResourceExhaustedError, tf.errors.OutOfRangeError,
             tf.errors.PermissionDeniedError) as exc:
-        raise OutputError(f"{output_dir}: cannot write the model ({_first(exc)})") from None
+        raise OutputError(f"{output_dir}: cannot write the model ({first_line(exc)})") from None
     except Exception as exc:  # noqa: BLE001
-        raise InputModelError(f"cannot rewrite this model: {type(exc).__name__}: {_first(exc)}") from None
+        raise InputModelError(f"cannot rewrite this model: {type(exc).__name__}: {first_line(exc)}") from None
 
 
 def sample_inputs(specs: Mapping[str, Any], seed: int = 0) -> dict[str, Any] | None:
@@ -387,7 +388,7 @@ def verify_output(expected: Mapping[str, Any], output_dir: str, blended: bool = 
     try:
         rewritten = tf.saved_model.load(output_dir)
     except Exception as exc:  # noqa: BLE001 - any failure to reload is a verification failure
-        raise VerificationError(f"the rewritten model does not reload ({_first(exc)})") from None
+        raise VerificationError(f"the rewritten model does not reload ({first_line(exc)})") from None
     missing = [key for key in expected if key not in rewritten.signatures]
     if missing:
         raise VerificationError(f"signature {missing[0]!r} is missing from the rewritten model")
@@ -434,11 +435,6 @@ def compare_outputs(expected: Mapping[str, Any], call: Callable[[str, Any], Any]
         site.alpha.assign(alpha)
     report["max_rel_diff_alpha0"] = worst_alpha0
     return report
-
-
-def _first(exc: BaseException) -> str:
-    lines = [ln for ln in str(exc).splitlines() if ln.strip()]
-    return lines[0][:300] if lines else type(exc).__name__
 
 
 __all__ = ["CompressResult", "check_output", "compress", "plan_model", "sample_inputs", "verify_output",

@@ -14,7 +14,7 @@ import os
 from collections.abc import Iterable
 from typing import Any
 
-from graphrewrite.errors import InputModelError
+from graphrewrite.errors import InputModelError, first_line
 
 MANIFEST_ASSET = "graphrewrite_manifest.json"
 IR_ASSET = "graphrewrite_ir.json"
@@ -131,7 +131,7 @@ def read_saved_model_proto(path: str) -> Any:
                 raise InputModelError(f"{path}: empty directory, not a SavedModel")
             raise InputModelError(f"{path}: not a SavedModel (no saved_model.pb)")
     except (message.DecodeError, text_format.ParseError, UnicodeDecodeError, ValueError) as exc:
-        raise InputModelError(f"{path}: saved_model.pb is corrupted ({_first_line(exc)})") from None
+        raise InputModelError(f"{path}: saved_model.pb is corrupted ({first_line(exc, limit=None)})") from None
     except OSError as exc:
         raise InputModelError(f"{path}: cannot read saved_model.pb ({exc.strerror})") from None
     if not proto.meta_graphs:
@@ -140,11 +140,6 @@ def read_saved_model_proto(path: str) -> Any:
         if not mg.graph_def.node and not mg.graph_def.library.function:
             raise InputModelError(f"{path}: saved_model.pb holds an empty graph (truncated or corrupted)")
     return proto
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
 
 
 def saver_exempt(meta_graph: Any) -> tuple[set[str], set[str]]:
@@ -272,7 +267,7 @@ def _source_function_findings(path: str) -> tuple[Finding, ...]:
             findings.extend(_scan_graph(graph, f"source function {key} ({IR_ASSET})")[0])
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError,
             binascii.Error, message.DecodeError) as exc:
-        raise InputModelError(f"{path}: damaged {IR_ASSET} ({_first_line(exc)})") from None
+        raise InputModelError(f"{path}: damaged {IR_ASSET} ({first_line(exc, limit=None)})") from None
     return tuple(findings)
 
 

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from graphrewrite import views
-from graphrewrite.errors import InputModelError
+from graphrewrite.errors import InputModelError, first_line
 from graphrewrite.transforms import SizePlan, make
 
 
@@ -30,7 +30,7 @@ def rewritten_status(path: str, data: dict[str, Any], spectra: bool = False) -> 
     try:
         model = tf.saved_model.load(path)
     except (tf.errors.OpError, ValueError, KeyError, OSError) as exc:
-        raise InputModelError(f"{path}: cannot load the SavedModel ({str(exc).splitlines()[0][:300]})") from None
+        raise InputModelError(f"{path}: cannot load the SavedModel ({first_line(exc)})") from None
     states = list(getattr(model, "graphrewrite_sites", []))
     if len(states) != len(data["sites"]):
         raise InputModelError(f"{path}: the model's sites do not match its manifest")
