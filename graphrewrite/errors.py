@@ -56,6 +56,25 @@ class ExportRefusedError(GraphrewriteError):
     exit_code = 8
 
 
+class NothingToRewriteError(GraphrewriteError):
+    """Every candidate site was skipped: writing a "rewritten" copy would look like success."""
+
+    exit_code = 9
+
+
+class ModelRunError(GraphrewriteError):
+    """Running the model (verification, calibration) hung, crashed or ran out of its limits in the
+    child process that runs it."""
+
+    exit_code = 10
+
+
+class CalibrationDataError(GraphrewriteError):
+    """The calibration data does not fit the model (names, dtypes, shapes, empty, unreadable)."""
+
+    exit_code = 11
+
+
 INTERNAL_ERROR_EXIT = 70
 
 
