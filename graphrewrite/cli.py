@@ -163,27 +163,15 @@ def compress(in_model: str, out_model: str, compression_hparams: str | None, met
 def export(tuned_model: str, final_model: str, checkpoint: str | None, force: bool, fast: bool,
            overwrite: bool, tag_set: str, allow_unsafe_ops: bool, as_json: bool, quiet: bool) -> None:
     """Write FINAL_MODEL with only the compressed factors of a (fine-tuned) rewritten TUNED_MODEL."""
-    import dataclasses
-
     import_tensorflow_quietly()
     from graphrewrite import exporting as export_lib
+    from graphrewrite import report
 
     result = export_lib.export(
         tuned_model, final_model, checkpoint=checkpoint, force=force, verify=not fast,
         overwrite=overwrite, tags=_tags(tag_set), allow_unsafe_ops=allow_unsafe_ops,
         progress=_progress(quiet))
-    if as_json:
-        click.echo(json.dumps(dataclasses.asdict(result), indent=1))
-        return
-    click.echo(f"exported {result.sites} compressed site(s): {tuned_model} -> {final_model}")
-    click.echo(f"parameters {result.params_before:,} -> {result.params_after:,}; variables on disk "
-               f"{result.bytes_before / 1e6:.2f} MB -> {result.bytes_after / 1e6:.2f} MB")
-    if result.max_alpha > 0:
-        shift = "not measured (--fast)" if result.output_shift is None else f"{result.output_shift:.2%}"
-        click.echo(f"warning: exported with alpha up to {result.max_alpha:.4g} (--force): outputs move by "
-                   f"{shift} (max relative) from the model as tuned")
-    if result.max_rel_diff_alpha0 is not None:
-        click.echo("verified: outputs equal the rewritten model's at alpha = 0")
+    click.echo(json.dumps(report.export_json(result), indent=1) if as_json else report.export_text(result, tuned_model))
 
 
 @cli.command(context_settings=CONTEXT)

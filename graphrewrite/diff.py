@@ -14,9 +14,12 @@ never counted, nor are gradient functions (nothing calls them in inference).
 
 Which variables a model holds: the ``variable`` nodes of its SavedObjectGraph (TF2), or, for a TF1
 model without one, its ``VariableV2``/``Variable``/``VarHandleOp`` graph nodes (trainable when the
-``trainable_variables`` collection names them). Names may repeat (Keras 3 exports track each weight
-twice), so variables are matched by name with multiplicity: the n-th variable of a name in one
-model pairs with the n-th of that name in the other.
+``trainable_variables`` collection names them). Each variable counts once: Keras 3's export saves
+every weight a second time (``_all_variables``, a copy no function reads), so a variable node that
+no concrete function binds and that has the name, dtype, shape and trainability of one that a
+function does bind is the same weight under a second name, and is left out. Names may still repeat,
+so variables are matched by name with multiplicity: the n-th variable of a name in one model pairs
+with the n-th of that name in the other.
 
 ``diff_text`` renders the result for a terminal, with control characters in the models' strings
 spelled out (``\\x1b``). The result is JSON (``json.dumps`` it as is); scripts may rely on this
@@ -64,6 +67,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import json
 import math
 import os
 import re
@@ -254,8 +258,13 @@ def _variable(name: str, dtype: int, shape: Any, trainable: bool) -> dict[str, A
 
 
 def _object_variables(meta: Any) -> list[dict[str, Any]]:
-    return [_variable(n.variable.name, n.variable.dtype, n.variable.shape, n.variable.trainable)
-            for n in meta.object_graph_def.nodes if n.WhichOneof("kind") == "variable"]
+    """The SavedObjectGraph's variables, each weight once (see the module docstring)."""
+    graph = meta.object_graph_def
+    bound = {i for function in graph.concrete_functions.values() for i in function.bound_inputs}
+    found = [(i, _variable(n.variable.name, n.variable.dtype, n.variable.shape, n.variable.trainable))
+             for i, n in enumerate(graph.nodes) if n.WhichOneof("kind") == "variable"]
+    read = {json.dumps(v, sort_keys=True) for i, v in found if i in bound}
+    return [v for i, v in found if i in bound or json.dumps(v, sort_keys=True) not in read]
 
 
 def _graph_variables(meta: Any) -> list[dict[str, Any]]:
@@ -411,13 +420,13 @@ def status_text(signatures: Mapping[str, Any]) -> str:
 
 
 def variables_text(variables: Mapping[str, Any]) -> str:
-    """``12 -> 19 (13 added, 6 removed, 0 changed)``."""
+    """``6 -> 19 (13 added, 0 removed, 0 changed)``."""
     return (f"{len(variables['in'])} -> {len(variables['out'])} ({len(variables['added'])} added, "
             f"{len(variables['removed'])} removed, {len(variables['changed'])} changed)")
 
 
 def params_text(before: int, after: int) -> str:
-    """``101,652 -> 86,339 (0.849x)``."""
+    """``50,826 -> 86,339 (1.699x)``."""
     return f"{before:,} -> {after:,}" + (f" ({after / before:.3f}x)" if before else "")
 
 

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 from graphrewrite import views
@@ -20,6 +21,20 @@ from graphrewrite.scan import MANIFEST_ASSET
 
 FORMAT = "graphrewrite-manifest"
 VERSION = 1
+
+
+def source_sizes(path: str, variables: Iterable[VariableInfo]) -> dict[str, int]:
+    """The original model's size, for export's original -> final figures: ``parameters`` (scalars
+    in its variables, each weight once) and ``bytes`` (every file of its directory)."""
+    return {"parameters": sum(math.prod(v.shape) for v in variables), "bytes": dir_bytes(path)}
+
+
+def dir_bytes(path: str) -> int:
+    """Bytes of every file under ``path``."""
+    total = 0
+    for base, _, files in os.walk(path):
+        total += sum(os.path.getsize(os.path.join(base, f)) for f in files)
+    return total
 
 
 def build(plan: RewritePlan, source: str, kind: str, tool_version: str,

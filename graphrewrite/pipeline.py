@@ -151,6 +151,7 @@ def compress(input_dir: str, output_dir: str, hparams: Mapping[str, Any], *,
     in_memory = verify and weight_bytes(model) > VERIFY_IN_MEMORY_ABOVE
     signatures = sorted(e.name for e in model.entries if e.kind == "signature")
     data = manifest_lib.build(plan, input_dir, model.kind, __version__, signatures)
+    data["source"].update(manifest_lib.source_sizes(input_dir, model.infos.values()))
     holder = [model]
     del model  # _save_rewrite owns it from here, so its memory is free before verification
     verification: dict[str, Any] | None = None

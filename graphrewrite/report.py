@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from graphrewrite import __version__
@@ -156,4 +156,42 @@ def compress_text(result: Any, source: str) -> str:
                      "model's; fine-tune to recover (see the README)")
     for skip in plan.skipped:
         lines.append(f"skipped {skip.op} ({skip.variable}): {skip.reason}")
+    return "\n".join(lines)
+
+
+OUTPUT_SHIFT = ("max relative change of the outputs, tuned model as it is (its alphas) vs the final model "
+                "(alpha = 0): max |tuned - final| / max |tuned| over every signature output, on seeded "
+                "standard-normal inputs")
+
+
+def _size(before: int | None, after: int, unit: Callable[[int], str]) -> str:
+    if before is None:
+        return f"{unit(after)} (the original's not recorded)"
+    return f"{unit(before)} -> {unit(after)} ({after / max(before, 1):.3f}x)"
+
+
+def _kb(n: int) -> str:
+    return f"{n / 1e3:,.1f} kB"
+
+
+def export_json(result: Any) -> dict[str, Any]:
+    """``export --json``: the ExportResult's fields, and what output_shift measures."""
+    import dataclasses
+
+    return {**dataclasses.asdict(result), "output_shift_is": OUTPUT_SHIFT}
+
+
+def export_text(result: Any, tuned: str) -> str:
+    """``export``'s lines: original -> final in parameters and bytes on disk, then the details."""
+    lines = [f"exported {result.sites} compressed site(s): {tuned} -> {result.output}",
+             f"original -> final: parameters {_size(result.params_before, result.params_after, '{:,}'.format)}; "
+             f"on disk {_size(result.bytes_before, result.bytes_after, _kb)}",
+             f"  (the tuned model, with A and the factors: {result.params_tuned:,} parameters, "
+             f"{_kb(result.bytes_tuned)})"]
+    if result.max_alpha > 0:
+        shift = "not measured (--fast)" if result.output_shift is None else f"{result.output_shift:.2%}"
+        lines.append(f"warning: exported with alpha up to {result.max_alpha:.4g} (--force): outputs move by "
+                     f"{shift} ({OUTPUT_SHIFT})")
+    if result.max_rel_diff_alpha0 is not None:
+        lines.append("verified: outputs equal the rewritten model's at alpha = 0")
     return "\n".join(lines)
