@@ -122,6 +122,8 @@ def cli() -> None:
 @click.option("--fast", is_flag=True, help="skip reloading and checking the output at alpha = 1")
 @click.option("--overwrite", is_flag=True, help="replace an existing non-empty OUT_MODEL")
 @click.option("--dry-run", is_flag=True, help="print the plan, write nothing")
+@click.option("--allow-empty", is_flag=True,
+              help="write the output although every site was skipped (else exit 9, nothing written)")
 @click.option("--allow-larger", is_flag=True,
               help="also rewrite sites whose compressed form is not smaller (the reference does)")
 @click.option("--json", "as_json", is_flag=True, help="print the result as JSON")
@@ -130,7 +132,7 @@ def cli() -> None:
               help="progress messages on stderr even when it is not a terminal")
 def compress(in_model: str, out_model: str, compression_hparams: str | None, method: str | None,
              tag_set: str, allow_unsafe_ops: bool, fast: bool, overwrite: bool, dry_run: bool,
-             allow_larger: bool, as_json: bool, quiet: bool, show_progress: bool, energy: float | None,
+             allow_empty: bool, allow_larger: bool, as_json: bool, quiet: bool, show_progress: bool, energy: float | None,
              max_error: float | None, target_ratio: float | None, min_params: int, include: str | None,
              exclude: str | None, **values: Any) -> None:
     """Rewrite IN_MODEL into OUT_MODEL with compressed, alpha-gated weights."""
@@ -142,7 +144,7 @@ def compress(in_model: str, out_model: str, compression_hparams: str | None, met
     result = pipeline.compress(
         in_model, out_model, hp, tags=_tags(tag_set), verify=not fast, overwrite=overwrite,
         allow_unsafe_ops=allow_unsafe_ops, dry_run=dry_run, allow_larger=allow_larger, selection=selection,
-        progress=_progress(quiet, show_progress), warn=_warning)
+        progress=_progress(quiet, show_progress), warn=_warning, allow_empty=allow_empty)
     if as_json:
         click.echo(json.dumps(report.compress_json(result), indent=1))
     else:
@@ -189,11 +191,16 @@ def inspect(model: str, compression_hparams: str | None, method: str | None, tag
     """Show the sites of a rewritten MODEL (with alpha, global step and reconstruction error now),
     or, for an original MODEL, the plan compress would follow (a dry run)."""
     from graphrewrite import manifest, pipeline, report
-    from graphrewrite.errors import UnsafeModelError
+    from graphrewrite.errors import UnsafeModelError, UsageError
     from graphrewrite.scan import scan
 
     found = scan(model)
     data = manifest.read_dir(model)
+    given = _plan_options_given(compression_hparams, method, values, energy, max_error, target_ratio,
+                                min_params, include, exclude)
+    if data is not None and given:
+        raise UsageError(f"{model} is already rewritten: {', '.join(given)} plan a compression, for an "
+                         "original model only (this one's plan is in its manifest)")
     import_tensorflow_quietly()
     if data is None:
         hp = _resolve(compression_hparams, method, values)
@@ -266,6 +273,17 @@ def scan(model: str, as_json: bool) -> None:
         click.echo("rewritten by graphrewrite" if found.rewritten else "not rewritten by graphrewrite")
     if findings:
         raise UnsafeModelError(f"{model}: {len(findings)} unsafe op(s) found")
+
+
+def _plan_options_given(compression_hparams: str | None, method: str | None, values: dict[str, Any],
+                        energy: float | None, max_error: float | None, target_ratio: float | None,
+                        min_params: int, include: str | None, exclude: str | None) -> list[str]:
+    """The planning options (hyperparameters, site selection) given on the command line."""
+    named = {"--compression_hparams": compression_hparams, "--method": method, "--energy": energy,
+             "--max-error": max_error, "--target-ratio": target_ratio, "--min-params": min_params or None,
+             "--include": include, "--exclude": exclude}
+    named.update({f"--{name}": value for name, value in values.items()})
+    return [name for name, value in named.items() if value is not None]
 
 
 def _tags(tag_set: str) -> list[str]:

@@ -119,7 +119,7 @@ def compress(input_dir: str, output_dir: str, hparams: Mapping[str, Any], *,
              tags: Sequence[str] = ("serve",), verify: bool = True, overwrite: bool = False,
              allow_unsafe_ops: bool = False, dry_run: bool = False, allow_larger: bool = False,
              selection: Selection = DEFAULT_SELECTION, progress: Progress = _quiet,
-             warn: Progress = _python_warning) -> CompressResult:
+             warn: Progress = _python_warning, allow_empty: bool = False) -> CompressResult:
     """Rewrites ``input_dir`` into ``output_dir`` (see the module docstring).
 
     Args:
@@ -135,6 +135,8 @@ def compress(input_dir: str, output_dir: str, hparams: Mapping[str, Any], *,
       selection: site filters and rank policy (graphrewrite.plan.Selection).
       progress: called with one-line progress messages.
       warn: called with one-line warnings (default: Python warnings).
+      allow_empty: write the output although every site was skipped (else NothingToRewriteError,
+        before anything is written).
     """
     if not dry_run:
         check_output(input_dir, output_dir, overwrite)
@@ -142,6 +144,10 @@ def compress(input_dir: str, output_dir: str, hparams: Mapping[str, Any], *,
                                         selection, warn)
     if dry_run:
         return CompressResult(None, plan, None, None)
+    if not plan.sites and transform.option != 0 and not allow_empty:
+        from graphrewrite.advice import nothing_to_rewrite
+
+        raise nothing_to_rewrite(plan, input_dir)
     if transform.option == 0:
         progress("compression_option=0: nothing is rewritten; writing an unchanged copy")
         _atomic_write(output_dir, overwrite, lambda tmp: shutil.copytree(input_dir, tmp, dirs_exist_ok=True))

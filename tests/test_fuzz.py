@@ -37,7 +37,7 @@ from test_cli import MLP
 from graphrewrite.cli import main
 
 LONG_RUN = os.environ.get("GRAPHREWRITE_FUZZ_EXAMPLES")
-KNOWN_STATUSES = range(2, 9)
+KNOWN_STATUSES = range(2, 10)
 
 
 def fuzz(examples: int) -> settings:
