@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -17,20 +18,22 @@ import click
 from graphrewrite import __version__
 from graphrewrite.errors import INTERNAL_ERROR_EXIT, GraphrewriteError, first_line
 from graphrewrite.hparams import HPARAMS
-from graphrewrite.tfimport import import_tensorflow_quietly
+from graphrewrite.tfimport import import_tensorflow_quietly, quiet_tensorflow
 
+_STARTED = time.monotonic()  # the command's start, for the elapsed time of progress lines
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 
 def _progress(quiet: bool, forced: bool = False) -> Callable[[str], None]:
-    """Progress lines on stderr when it is a terminal (or --progress); never with --quiet.
+    """Progress lines on stderr when it is a terminal (or --progress); never with --quiet. Each
+    carries the seconds elapsed since the command started.
 
     Off by default when stderr is a file or pipe, so that a failure there is exactly one line."""
     show = not quiet and (forced or sys.stderr.isatty())
 
     def report(message: str) -> None:
         if show:
-            click.echo(f"graphrewrite: {message}", err=True)
+            click.echo(f"graphrewrite: [{time.monotonic() - _STARTED:6.1f} s] {message}", err=True)
 
     return report
 
@@ -94,10 +97,11 @@ def model_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 def _resolve(compression_hparams: str | None, method: str | None, values: dict[str, Any]) -> dict[str, Any]:
     from graphrewrite.errors import UsageError
     from graphrewrite.hparams import resolve
-    from graphrewrite.transforms import BY_NAME
 
     overrides = {p.name: values.pop(p.name) for p in HPARAMS}
     if method is not None:
+        from graphrewrite.transforms import BY_NAME
+
         if method not in BY_NAME:
             raise UsageError(f"--method: unknown method {method!r} (known: {', '.join(BY_NAME)})")
         option = BY_NAME[method].option
@@ -109,8 +113,11 @@ def _resolve(compression_hparams: str | None, method: str | None, values: dict[s
 
 @click.group(context_settings=CONTEXT)
 @click.version_option(__version__, prog_name="graphrewrite")
-def cli() -> None:
+@click.option("-v", "--verbose", is_flag=True,
+              help="let TensorFlow's own log lines through (also GRAPHREWRITE_DEBUG=1)")
+def cli(verbose: bool) -> None:
     """Compress trained TensorFlow SavedModels with compression_lib's alpha-gated factors."""
+    quiet_tensorflow(not (verbose or os.environ.get("GRAPHREWRITE_DEBUG")))
 
 
 @cli.command(context_settings=CONTEXT)
@@ -140,11 +147,14 @@ def compress(in_model: str, out_model: str, compression_hparams: str | None, met
 
     hp = _resolve(compression_hparams, method, values)
     selection = _selection(energy, max_error, target_ratio, min_params, include, exclude)
+    _check_paths(in_model, None if dry_run else out_model, overwrite)
+    progress = _progress(quiet, show_progress)
+    progress("importing TensorFlow")
     import_tensorflow_quietly()
     result = pipeline.compress(
         in_model, out_model, hp, tags=_tags(tag_set), verify=not fast, overwrite=overwrite,
         allow_unsafe_ops=allow_unsafe_ops, dry_run=dry_run, allow_larger=allow_larger, selection=selection,
-        progress=_progress(quiet, show_progress), warn=_warning, allow_empty=allow_empty)
+        progress=progress, warn=_warning, allow_empty=allow_empty)
     if as_json:
         click.echo(json.dumps(report.compress_json(result), indent=1))
     else:
@@ -165,14 +175,16 @@ def compress(in_model: str, out_model: str, compression_hparams: str | None, met
 def export(tuned_model: str, final_model: str, checkpoint: str | None, force: bool, fast: bool,
            overwrite: bool, tag_set: str, allow_unsafe_ops: bool, as_json: bool, quiet: bool) -> None:
     """Write FINAL_MODEL with only the compressed factors of a (fine-tuned) rewritten TUNED_MODEL."""
+    _check_paths(tuned_model, final_model, overwrite)
+    progress = _progress(quiet)
+    progress("importing TensorFlow")
     import_tensorflow_quietly()
     from graphrewrite import exporting as export_lib
     from graphrewrite import report
 
     result = export_lib.export(
         tuned_model, final_model, checkpoint=checkpoint, force=force, verify=not fast,
-        overwrite=overwrite, tags=_tags(tag_set), allow_unsafe_ops=allow_unsafe_ops,
-        progress=_progress(quiet))
+        overwrite=overwrite, tags=_tags(tag_set), allow_unsafe_ops=allow_unsafe_ops, progress=progress)
     click.echo(json.dumps(report.export_json(result), indent=1) if as_json else report.export_text(result, tuned_model))
 
 
@@ -250,15 +262,18 @@ def diff(in_model: str, out_model: str, tag_set: str, as_json: bool, html_file: 
 @click.argument("model", type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="print JSON")
 def scan(model: str, as_json: bool) -> None:
-    """List MODEL's tag sets, signatures and unsafe ops, without loading it. Exit 4 if unsafe."""
-    from graphrewrite.errors import UnsafeModelError
+    """List MODEL's tag sets, signatures and unsafe ops, without loading it. Exit 4 if unsafe, 3 if
+    variables/ is missing."""
+    from graphrewrite.errors import InputModelError, UnsafeModelError
+    from graphrewrite.preflight import variables_missing
     from graphrewrite.scan import scan as do_scan
 
     found = do_scan(model)
     findings = [f for mg in found.meta_graphs for f in mg.findings]
+    missing = variables_missing(model)
     if as_json:
         click.echo(json.dumps({
-            "path": model, "rewritten": found.rewritten,
+            "path": model, "rewritten": found.rewritten, "variables_missing": missing is not None,
             "meta_graphs": [{"tags": list(mg.tags), "signatures": list(mg.signatures),
                              "object_based": mg.object_based, "ops": mg.op_count,
                              "unsafe_ops": [vars(f) for f in mg.findings]} for mg in found.meta_graphs],
@@ -271,6 +286,10 @@ def scan(model: str, as_json: bool) -> None:
             for finding in mg.findings:
                 click.echo(f"  unsafe: {finding}")
         click.echo("rewritten by graphrewrite" if found.rewritten else "not rewritten by graphrewrite")
+        if missing is not None:
+            click.echo("variables/ is missing: the model's weights are not there")
+    if missing is not None:
+        raise InputModelError(missing)
     if findings:
         raise UnsafeModelError(f"{model}: {len(findings)} unsafe op(s) found")
 
@@ -286,13 +305,23 @@ def _plan_options_given(compression_hparams: str | None, method: str | None, val
     return [name for name, value in named.items() if value is not None]
 
 
+def _check_paths(model: str, output: str | None, overwrite: bool) -> None:
+    """The input model's directory and the output's location, before TensorFlow is imported."""
+    from graphrewrite import preflight
+    from graphrewrite.pipeline import check_output
+
+    preflight.model_dir(model)
+    preflight.weights(model)
+    if output is not None:
+        check_output(model, output, overwrite)
+
+
 def _tags(tag_set: str) -> list[str]:
     return [t.strip() for t in tag_set.split(",") if t.strip()]
 
 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: runs the group and turns every failure into one line and an exit code."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
     try:
         cli.main(args=argv, prog_name="graphrewrite", standalone_mode=False)

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from graphrewrite import __version__, views
+from graphrewrite import __version__, preflight, views
 from graphrewrite import manifest as manifest_lib
 from graphrewrite.errors import (
     AlreadyRewrittenError,
@@ -101,6 +101,7 @@ def plan_model(input_dir: str, hparams: Mapping[str, Any], tags: Sequence[str] =
             raise UnsafeModelError(
                 f"{input_dir}: refusing a model with unsafe ops: {names}{more} (--allow-unsafe-ops overrides)")
         warn(f"loading a model with unsafe ops (--allow-unsafe-ops): {names}{more}")
+    preflight.weights(input_dir)
     progress("loading and inlining")
     model = loader.load(input_dir, tags, meta.object_based)
 

@@ -105,31 +105,24 @@ class ScanResult:
 
 def read_saved_model_proto(path: str) -> Any:
     """Parses ``saved_model.pb`` (or ``.pbtxt``) of a directory, with one-line errors."""
+    from graphrewrite import preflight
     from graphrewrite.tfimport import import_tensorflow_quietly
 
+    preflight.model_dir(path)
     import_tensorflow_quietly()
     from google.protobuf import message, text_format
     from tensorflow.core.protobuf import saved_model_pb2
 
-    if not os.path.exists(path):
-        raise InputModelError(f"{path}: no such file or directory")
-    if not os.path.isdir(path):
-        raise InputModelError(f"{path}: is a file, not a SavedModel directory")
     pb = os.path.join(path, "saved_model.pb")
-    pbtxt = os.path.join(path, "saved_model.pbtxt")
     proto = saved_model_pb2.SavedModel()
     try:
         if os.path.isfile(pb):
             with open(pb, "rb") as f:
                 data = f.read()
             proto.ParseFromString(data)
-        elif os.path.isfile(pbtxt):
-            with open(pbtxt, encoding="utf-8") as f:
-                text_format.Parse(f.read(), proto)
         else:
-            if not os.listdir(path):
-                raise InputModelError(f"{path}: empty directory, not a SavedModel")
-            raise InputModelError(f"{path}: not a SavedModel (no saved_model.pb)")
+            with open(os.path.join(path, "saved_model.pbtxt"), encoding="utf-8") as f:
+                text_format.Parse(f.read(), proto)
     except (message.DecodeError, text_format.ParseError, UnicodeDecodeError, ValueError) as exc:
         raise InputModelError(f"{path}: saved_model.pb is corrupted ({first_line(exc, limit=None)})") from None
     except OSError as exc:

@@ -1,8 +1,10 @@
-"""Imports TensorFlow on first need, with its C++ start-up chatter kept off stderr.
+"""Imports TensorFlow on first need; for the command line, without its start-up and C++ log lines.
 
-TensorFlow prints CUDA probing and absl notices from C++ while it is imported, before any Python
-logging setting applies. graphrewrite promises one clear line on stderr for every failure, so the
-command line imports TensorFlow through here (library users get TensorFlow's usual output).
+TensorFlow prints CUDA probing, absl notices and C++ warnings (graph_constructor's
+"_output_shapes" during export) on stderr, before or beside any Python logging setting.
+graphrewrite's command line promises one clear line on stderr for every failure, so it asks for
+quiet (``quiet_tensorflow``) unless ``-v`` or ``GRAPHREWRITE_DEBUG`` is set; library users keep their
+own settings and TensorFlow's usual output.
 """
 
 from __future__ import annotations
@@ -10,16 +12,30 @@ from __future__ import annotations
 import os
 import sys
 
+_SETTINGS = {"quiet": False}
+
+
+def quiet_tensorflow(quiet: bool = True) -> None:
+    """The command line's choice: TensorFlow's start-up output and C++ log lines off (``quiet``),
+    or TensorFlow's own defaults. An explicit ``TF_CPP_MIN_LOG_LEVEL`` in the environment wins."""
+    _SETTINGS["quiet"] = quiet
+    if quiet:
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
 
 def import_tensorflow_quietly() -> None:
-    """Imports TensorFlow without its start-up output, and keeps its Python logging to errors
-    (TF1 loading logs deprecation notices and warnings that are not the user's concern)."""
+    """Imports TensorFlow; where the command line asked for quiet, without its start-up output and
+    with its Python logging kept to errors (TF1 loading logs deprecation notices and warnings that
+    are not the user's concern)."""
     if "tensorflow" in sys.modules:
+        return
+    if not _SETTINGS["quiet"]:
+        import tensorflow  # noqa: F401
+
         return
     import logging
 
     logging.getLogger("tensorflow").setLevel(logging.ERROR)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     sys.stderr.flush()
     saved = os.dup(2)
     try:

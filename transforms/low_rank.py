@@ -25,7 +25,6 @@ from collections.abc import Mapping
 from typing import Any, final
 
 import numpy as np
-import scipy.linalg
 
 from graphrewrite.transforms.base import FactorSpec, Refusal, SizePlan, Transform
 
@@ -37,6 +36,8 @@ def compressed_rank(m: int, n: int, rank: int) -> int:
 
 def svd(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Economy SVD by LAPACK gesdd, falling back to the slower but always-converging gesvd."""
+    import scipy.linalg  # here, not at the top: the command line's argument checks must not wait for it
+
     try:
         return scipy.linalg.svd(matrix, full_matrices=False, lapack_driver="gesdd", check_finite=False)
     except np.linalg.LinAlgError:
@@ -69,6 +70,8 @@ def randomized_svd(matrix: np.ndarray, k: int, oversample: int | None = None, po
 
 def _orthonormal(columns: np.ndarray) -> np.ndarray:
     """An orthonormal basis of the columns (float32 LAPACK QR, in place: no float64 copies)."""
+    import scipy.linalg
+
     q, _ = scipy.linalg.qr(columns, mode="economic", overwrite_a=True, check_finite=False)
     return q
 
