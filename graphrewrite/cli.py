@@ -38,18 +38,39 @@ def _progress(quiet: bool, forced: bool = False) -> Callable[[str], None]:
     return report
 
 
+def _help_all(ctx: click.Context, _: click.Parameter, value: bool) -> None:
+    """``--help-all``: the help with the reference's compatibility hyperparameters too."""
+    if not value or ctx.resilient_parsing:
+        return
+    options = [p for p in ctx.command.params if isinstance(p, click.Option) and p.hidden]
+    for option in options:
+        option.hidden = False
+    try:
+        click.echo(ctx.get_help())
+    finally:
+        for option in options:  # the command object outlives this call (tests run several)
+            option.hidden = True
+    ctx.exit()
+
+
 def hparam_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     """One option per reference hyperparameter (``--rank`` and ``--rank=200`` alike), plus the
-    reference's ``--compression_hparams`` string and ``--method`` by name."""
+    reference's ``--compression_hparams`` string and ``--method`` by name. Only ``--rank`` and
+    ``--method`` show in ``--help``; ``--help-all`` lists the reference's compatibility options."""
     for param in reversed(HPARAMS):
         dashed = param.name.replace("_", "-")
         names = [f"--{param.name}"] + ([f"--{dashed}"] if dashed != param.name else [])
         fn = click.option(*names, param.name, default=None, metavar=param.type.__name__.upper(),
+                          hidden=param.name != "rank",
                           help=f"{param.help} [reference default: {param.default!r}]")(fn)
     fn = click.option("--method", default=None, metavar="NAME",
-                      help="compression method by name (none, low_rank, ...); sets compression_option")(fn)
+                      help="compression method by name (none, low_rank, simhash, dictionary, kmeans, "
+                           "kmeans_pruning, input_output, block, mixed_block); sets compression_option")(fn)
     fn = click.option("--compression_hparams", "--compression-hparams", "compression_hparams", default=None,
-                      metavar="K=V,...", help="the reference's hyperparameter string; single options win")(fn)
+                      metavar="K=V,...", hidden=True,
+                      help="the reference's hyperparameter string; single options win")(fn)
+    fn = click.option("--help-all", is_flag=True, expose_value=False, is_eager=True, callback=_help_all,
+                      help="also list the reference's compatibility hyperparameters, and exit")(fn)
     return fn
 
 
@@ -94,11 +115,23 @@ def model_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     return fn
 
 
-def _resolve(compression_hparams: str | None, method: str | None, values: dict[str, Any]) -> dict[str, Any]:
+def _resolve(compression_hparams: str | None, method: str | None, values: dict[str, Any],
+             schedule: tuple[int | None, int] = (None, 0)) -> dict[str, Any]:
+    """The hyperparameters: the reference's defaults, the string, single options, --method, and
+    the schedule of ``--schedule-steps``/``--schedule-start`` (``schedule``)."""
     from graphrewrite.errors import UsageError
-    from graphrewrite.hparams import resolve
+    from graphrewrite.hparams import resolve, schedule_for_steps
 
     overrides = {p.name: values.pop(p.name) for p in HPARAMS}
+    steps, start = schedule
+    if steps is not None:
+        derived = schedule_for_steps(steps, start)
+        clash = [f"--{key}" for key in derived if overrides.get(key) is not None]
+        if clash:
+            raise UsageError(f"--schedule-steps sets {', '.join(clash)}: give one or the other")
+        overrides.update(derived)
+    elif start:
+        raise UsageError("--schedule-start needs --schedule-steps")
     if method is not None:
         from graphrewrite.transforms import BY_NAME
 
@@ -126,6 +159,11 @@ def cli(verbose: bool) -> None:
 @hparam_options
 @selection_options
 @model_options
+@click.option("--schedule-steps", "schedule_steps", type=int, default=None, metavar="N",
+              help="alpha goes from 1 to 0 within N fine-tuning steps (sets begin/end_compression_step, "
+                   "compression_frequency, alpha_decrement_value)")
+@click.option("--schedule-start", "schedule_start", type=int, default=0, metavar="S",
+              help="with --schedule-steps: the global step of the first update [default: 0]")
 @click.option("--fast", is_flag=True, help="skip reloading and checking the output at alpha = 1")
 @click.option("--overwrite", is_flag=True, help="replace an existing non-empty OUT_MODEL")
 @click.option("--dry-run", is_flag=True, help="print the plan, write nothing")
@@ -139,13 +177,24 @@ def cli(verbose: bool) -> None:
               help="progress messages on stderr even when it is not a terminal")
 def compress(in_model: str, out_model: str, compression_hparams: str | None, method: str | None,
              tag_set: str, allow_unsafe_ops: bool, fast: bool, overwrite: bool, dry_run: bool,
-             allow_empty: bool, allow_larger: bool, as_json: bool, quiet: bool, show_progress: bool, energy: float | None,
-             max_error: float | None, target_ratio: float | None, min_params: int, include: str | None,
-             exclude: str | None, **values: Any) -> None:
-    """Rewrite IN_MODEL into OUT_MODEL with compressed, alpha-gated weights."""
+             allow_empty: bool, allow_larger: bool, schedule_steps: int | None, schedule_start: int,
+             as_json: bool, quiet: bool, show_progress: bool, energy: float | None, max_error: float | None,
+             target_ratio: float | None, min_params: int, include: str | None, exclude: str | None,
+             **values: Any) -> None:
+    """Rewrite IN_MODEL into OUT_MODEL with compressed, alpha-gated weights.
+
+    \b
+    Examples:
+      graphrewrite compress IN OUT --rank=200 --schedule-steps 1000
+      graphrewrite compress IN OUT --target-ratio 0.5
+      graphrewrite compress IN OUT --method simhash --rank=800
+
+    --help-all also lists every hyperparameter of compression_lib (alpha_decrement_value,
+    begin_compression_step, compression_frequency, ...), spelled as in the reference.
+    """
     from graphrewrite import pipeline, report
 
-    hp = _resolve(compression_hparams, method, values)
+    hp = _resolve(compression_hparams, method, values, (schedule_steps, schedule_start))
     selection = _selection(energy, max_error, target_ratio, min_params, include, exclude)
     _check_paths(in_model, None if dry_run else out_model, overwrite)
     progress = _progress(quiet, show_progress)

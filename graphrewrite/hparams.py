@@ -248,3 +248,58 @@ def validate(values: Mapping[str, Any]) -> None:
 def to_string(values: Mapping[str, Any]) -> str:
     """The reference's string form of ``values`` (round-trips through parse_hparams_string)."""
     return ",".join(f"{p.name}={values[p.name]}" for p in HPARAMS if p.name in values)
+
+
+# At most this many alpha decrements for --schedule-steps (the reference's default, 0.01, is 100).
+SCHEDULE_UPDATES = 100
+# The decrement is 1/updates times this, so that the float32 alpha reaches exactly 0 at the last
+# planned update: 1/updates float32 subtractions leave a tiny positive residue (seed-spec 4.3: 101
+# updates for 0.01), and each subtraction rounds by at most 2^-24, far below this margin.
+_DECREMENT_MARGIN = 1 + 1e-4
+_MAX_SIMULATED_UPDATES = 1_000_000
+
+
+def schedule_for_steps(steps: int, start: int = 0) -> dict[str, Any]:
+    """The schedule hyperparameters that take alpha from 1 to 0 within ``steps`` fine-tuning steps
+    from global step ``start`` (``--schedule-steps``/``--schedule-start``).
+
+    Every ``compression_frequency = ceil(steps / 100)`` steps, alpha drops by about
+    ``1 / (steps // frequency)``; the last update, at ``alpha_zero_step`` of the result, leaves 0.
+
+    Raises:
+      UsageError: ``steps`` < 1 or ``start`` < 0.
+    """
+    if steps < 1:
+        raise UsageError(f"--schedule-steps must be >= 1, got {steps}")
+    if start < 0:
+        raise UsageError(f"--schedule-start must be >= 0, got {start}")
+    frequency = -(-steps // SCHEDULE_UPDATES)
+    updates = steps // frequency
+    return {"begin_compression_step": start, "end_compression_step": start + steps - 1,
+            "compression_frequency": frequency, "alpha_decrement_value": min(1.0, _DECREMENT_MARGIN / updates)}
+
+
+def updates_to_zero(decrement: float) -> int | None:
+    """How many due updates take a float32 alpha from 1 to exactly 0 (None beyond a million)."""
+    import numpy as np
+
+    alpha, step, count = np.float32(1.0), np.float32(decrement), 0
+    while alpha > 0 and count < _MAX_SIMULATED_UPDATES:
+        alpha, count = max(alpha - step, np.float32(0.0)), count + 1
+    return count if alpha == 0 else None
+
+
+def alpha_schedule(values: Mapping[str, Any]) -> dict[str, Any]:
+    """When alpha moves under ``values`` (the update's rule, seed-spec 4.3, starting from
+    ``last_update = -1``): ``first_update_step``, ``updates_to_zero``, ``alpha_zero_step`` (None
+    when the schedule ends first, or after more than a million updates) and ``steps`` (the
+    schedule's window, end - begin + 1; None without an end)."""
+    begin, end = int(values["begin_compression_step"]), int(values["end_compression_step"])
+    frequency = int(values["compression_frequency"])
+    updates = updates_to_zero(float(values["alpha_decrement_value"]))
+    first = max(begin, frequency - 1)
+    zero = None if updates is None else first + (updates - 1) * frequency
+    if zero is not None and end != -1 and zero > end:
+        zero = None
+    return {"first_update_step": first, "updates_to_zero": updates, "alpha_zero_step": zero,
+            "steps": None if end == -1 else end - begin + 1}

@@ -15,6 +15,7 @@ from typing import Any
 
 from graphrewrite import views
 from graphrewrite.errors import GraphrewriteError, InputModelError
+from graphrewrite.hparams import alpha_schedule
 from graphrewrite.model import VariableInfo
 from graphrewrite.plan import RewritePlan, Use, display_op
 from graphrewrite.scan import MANIFEST_ASSET
@@ -80,6 +81,7 @@ def build(plan: RewritePlan, source: str, kind: str, tool_version: str,
         "method": plan.method,
         "hparams": dict(plan.hparams),
         "options": dict(plan.options),
+        "schedule": alpha_schedule(plan.hparams),  # when alpha reaches 0 (inspect shows it)
         "signatures": signatures,
         "sites": sites,
         "skipped": skipped,

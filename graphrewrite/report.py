@@ -44,7 +44,31 @@ def inspect_json(data: dict[str, Any]) -> dict[str, Any]:
     for extra in ("global_step", "verification", "options"):
         if extra in data:
             out[extra] = data[extra]
+    schedule = _schedule(data)
+    if schedule is not None:
+        out["schedule"] = schedule
     return out
+
+
+def _schedule(data: dict[str, Any]) -> dict[str, Any] | None:
+    """When alpha moves (hparams.alpha_schedule), for methods with an alpha; else None."""
+    from graphrewrite.hparams import alpha_schedule
+    from graphrewrite.transforms import BY_NAME
+
+    method = BY_NAME.get(str(data.get("method")))
+    return alpha_schedule(data["hparams"]) if method is not None and method.blended else None
+
+
+def schedule_text(schedule: dict[str, Any], hp: dict[str, Any]) -> str:
+    """``schedule: alpha 1 -> 0 in 100 updates every 10 steps from step 9: alpha = 0 at step 999``."""
+    head = (f"schedule: alpha drops by {hp['alpha_decrement_value']:.6g} every {hp['compression_frequency']} "
+            f"step(s) from step {schedule['first_update_step']}")
+    if schedule["updates_to_zero"] is None:
+        return f"{head}; alpha does not reach 0 within a million updates"
+    if schedule["alpha_zero_step"] is None:
+        return f"{head}; alpha does not reach 0 (the schedule ends at step {hp['end_compression_step']} first)"
+    return (f"{head}: alpha = 0 at global step {schedule['alpha_zero_step']:,} "
+            f"({schedule['updates_to_zero']} updates)")
 
 
 def table(rows: list[list[str]], header: list[str]) -> str:
@@ -62,6 +86,9 @@ def inspect_text(data: dict[str, Any]) -> str:
     out = [f"{state}: method {data.get('method')} (compression_option={hp.get('compression_option')}, {policy})"]
     if "global_step" in data:
         out.append(f"global step {data['global_step']}")
+    schedule = _schedule(data)
+    if schedule is not None:
+        out.append(schedule_text(schedule, hp))
     if data["sites"]:
         live = "alpha" in data["sites"][0]
         header = ["op", "variable", "type", "shape", "k", "params", "ratio", "FLOPs/row"]

@@ -167,8 +167,8 @@ def test_compression_option_zero_writes_an_unchanged_copy(capsys, tmp_path):
     assert tree_digest(str(out)) == tree_digest(MLP)
 
 
-def test_help_is_fast_and_lists_every_hparam():
-    code = ("import sys\nfrom graphrewrite.cli import main\ntry:\n    main(['compress', '--help'])\n"
+def test_help_all_is_fast_and_lists_every_hparam():
+    code = ("import sys\nfrom graphrewrite.cli import main\ntry:\n    main(['compress', '--help-all'])\n"
             "except SystemExit:\n    pass\nprint('tensorflow imported' if 'tensorflow' in sys.modules else 'lazy')")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.stdout.rstrip().endswith("lazy")
