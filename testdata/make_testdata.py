@@ -1,11 +1,13 @@
 """Generates the small trained models shipped in testdata/ (deterministic; run from anywhere).
 
-    python testdata/make_testdata.py            # rewrites testdata/digits_mlp and digits_cnn
+    python testdata/make_testdata.py            # rewrites testdata/digits_mlp, digits_cnn, digits.npz
 
 * ``digits_mlp``: a Keras 3 MLP 64-256-128-10 trained on scikit-learn's bundled digits data
   (8x8 images, 10 classes), exported with ``model.export()``. The README's first command
   compresses it.
 * ``digits_cnn``: a small Keras 3 CNN (two Conv2D layers, one Dense head) on the same data.
+* ``digits.npz``: that split itself (``x_train``, ``y_train``, ``x_test``, ``y_test``), so the
+  README's quickstart fine-tunes and evaluates on the real data without scikit-learn.
 
 The split is fixed (``train_test_split(..., test_size=0.25, random_state=0)``); pixels are scaled
 to [0, 1]. ``digits_split()`` is shared with the tests and benchmarks.
@@ -32,6 +34,14 @@ def digits_split() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     x_train, x_test, y_train, y_test = train_test_split(
         x, data.target.astype(np.int64), test_size=0.25, random_state=0)
     return x_train, y_train, x_test, y_test
+
+
+def save_split(path: str = os.path.join(HERE, "digits.npz")) -> str:
+    """Writes ``digits_split()`` as a compressed .npz (the same bytes on every run)."""
+    x_train, y_train, x_test, y_test = digits_split()
+    with open(path, "wb") as f:
+        np.savez_compressed(f, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
+    return path
 
 
 def train_mlp(seed: int = 0, epochs: int = 40):
@@ -83,6 +93,7 @@ def main() -> int:
     print(f"digits_mlp: test accuracy {acc:.4f} -> {_export(mlp, 'digits_mlp')}")
     cnn, acc = train_cnn()
     print(f"digits_cnn: test accuracy {acc:.4f} -> {_export(cnn, 'digits_cnn')}")
+    print(f"digits split -> {save_split()}")
     return 0
 
 
