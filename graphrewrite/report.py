@@ -8,6 +8,7 @@ from typing import Any
 from graphrewrite import __version__
 from graphrewrite import manifest as manifest_lib
 from graphrewrite.plan import RewritePlan
+from graphrewrite.transforms import BY_NAME
 
 _SITE_KEYS = ("op", "variable", "option", "method", "op_type", "shape", "matrix", "k", "params_before",
               "params_after", "flops_before", "flops_after")
@@ -156,23 +157,50 @@ def compress_json(result: Any) -> dict[str, Any]:
     return out
 
 
+# Methods whose saving is in bytes rather than in parameters, and why their parameters shrink less.
+_CODES = ("each code counts as a parameter but is stored in 1 byte (uint8) where the weight's entry took 4 "
+          "(float32), so the parameters shrink less than the bytes")
+BYTES_FIRST = {
+    "kmeans": _CODES,
+    "kmeans_pruning": _CODES,
+    "simhash": "each sign bit counts as a parameter but is stored in 1 bit where the weight's entry took 32 "
+               "(float32), so the parameters shrink less than the bytes",
+}
+
+
+def overall_ratio_text(plan: RewritePlan, target: float) -> str:
+    """``--target-ratio``'s achieved ratio: parameters of every candidate weight, the rewritten
+    ones after and the ones left dense as they are, against all of them before."""
+    import math
+
+    dense = sum(math.prod(s.shape) for s in plan.skipped)
+    before, after = plan.params_before + dense, plan.params_after + dense
+    return (f"kernel parameters overall (the {len(plan.sites)} rewritten and {len(plan.skipped)} left dense): "
+            f"{before:,} -> {after:,} (ratio {after / max(before, 1):.3f}; --target-ratio {target:g})")
+
+
 def compress_text(result: Any, source: str) -> str:
     plan = result.plan
     before, after = plan.params_before, plan.params_after
     if result.output is None:
         return inspect_text(plan_dict(plan))
     lines = [f"rewrote {len(plan.sites)} site(s), skipped {len(plan.skipped)}: {source} -> {result.output}"]
-    if plan.sites:
-        lines.append(f"parameters of the rewritten weights: {before:,} -> {after:,} "
-                     f"(ratio {after / max(before, 1):.3f})")
-    else:
-        lines.append("no weight was rewritten" + (f" ({plan.skipped[0].reason})" if plan.skipped else ""))
+    params = (f"parameters of the rewritten weights: {before:,} -> {after:,} "
+              f"(ratio {after / max(before, 1):.3f})")
     stored = [s.size.details.get("bytes_after") for s in plan.sites]
+    stored_line = None
     if plan.sites and all(b is not None for b in stored):
-        lines.append(f"stored bytes of the rewritten weights: {4 * before:,} -> {sum(stored):,} "
-                     f"(ratio {sum(stored) / max(4 * before, 1):.3f})")
-    from graphrewrite.transforms import BY_NAME
-
+        stored_line = (f"stored bytes of the rewritten weights: {4 * before:,} -> {sum(stored):,} "
+                       f"(ratio {sum(stored) / max(4 * before, 1):.3f})")
+    if not plan.sites:
+        lines.append("no weight was rewritten" + (f" ({plan.skipped[0].reason})" if plan.skipped else ""))
+    elif stored_line is not None and plan.method in BYTES_FIRST:
+        lines += [f"{stored_line}: the saving is in bytes", f"{params}: {BYTES_FIRST[plan.method]}"]
+    else:
+        lines += [params] + ([stored_line] if stored_line else [])
+    target = (plan.options or {}).get("policy") or ""
+    if plan.sites and target.startswith("target_ratio="):
+        lines.append(overall_ratio_text(plan, float(target.partition("=")[2])))
     ver = result.verification
     if ver is not None and BY_NAME[plan.method].blended:
         lines.append(f"verified: at alpha = 1 the outputs equal the input model's; at alpha = 0 "

@@ -57,3 +57,41 @@ def test_export_json_says_what_output_shift_is(digits_export, tmp_path, capsys):
     assert data["params_before"] == 50_826 and data["output_shift"] is None
     assert "alpha = 0" in data["output_shift_is"] and "inputs" in data["output_shift_is"]
     assert math.isclose(data["params_after"] / data["params_before"], 35_900 / 50_826)
+
+
+@pytest.fixture(scope="module")
+def compress_lines():
+    """``compress_lines(overrides, selection)``: compress's text lines for digits_mlp's plan."""
+    from types import SimpleNamespace
+
+    from graphrewrite import hparams, pipeline, report
+
+    def lines(overrides, selection=pipeline.DEFAULT_SELECTION):
+        _, plan, _ = pipeline.plan_model(os.path.join(TESTDATA, "digits_mlp"), hparams.resolve(None, overrides),
+                                         selection=selection)
+        return report.compress_text(SimpleNamespace(plan=plan, output="OUT", verification=None), "IN").splitlines()
+
+    return lines
+
+
+def test_target_ratio_prints_the_achieved_overall_ratio(compress_lines):
+    from graphrewrite.plan import Selection
+    from graphrewrite.rankpolicy import Policy
+
+    lines = compress_lines({"rank": 7}, Selection(policy=Policy(target_ratio=0.3)))
+    # logits/kernel (128x10) stays dense; the two others get 13,824 parameters: of all 50,432
+    # kernel parameters, 13,824 + 1,280 remain.
+    assert lines[1] == "parameters of the rewritten weights: 49,152 -> 13,824 (ratio 0.281)"
+    assert lines[2] == ("kernel parameters overall (the 2 rewritten and 1 left dense): 50,432 -> 15,104 "
+                        f"(ratio {15_104 / 50_432:.3f}; --target-ratio 0.3)")
+
+
+@pytest.mark.parametrize("method, why", [("kmeans", "1 byte (uint8)"), ("simhash", "1 bit")])
+def test_byte_saving_methods_lead_with_bytes(compress_lines, method, why):
+    lines = compress_lines({"rank": 200, "compression_option": {"kmeans": 4, "simhash": 2}[method]})
+    assert lines[1].startswith("stored bytes of the rewritten weights: 201,728 -> ")
+    assert lines[1].endswith(": the saving is in bytes")
+    assert lines[2].startswith("parameters of the rewritten weights: 50,432 -> ") and why in lines[2]
+    stored = int(lines[1].split("-> ")[1].split(" ")[0].replace(",", ""))
+    params = int(lines[2].split("-> ")[1].split(" ")[0].replace(",", ""))
+    assert stored < 4 * params  # fewer bytes than float32 parameters would take: the point of the line
