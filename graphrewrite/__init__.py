@@ -18,11 +18,13 @@ _LAZY = {
     "CompressResult": ("graphrewrite.pipeline", "CompressResult"),
     "compression_update": ("graphrewrite.update", "compression_update"),
     "resolve_hparams": ("graphrewrite.hparams", "resolve"),
+    "schedule_for_steps": ("graphrewrite.hparams", "schedule_for_steps"),
     "read_manifest": ("graphrewrite.manifest", "read_dir"),
     "CompressionCallback": ("graphrewrite.training", "CompressionCallback"),
     "CompressionHook": ("graphrewrite.training", "CompressionHook"),
     "RewrittenLayer": ("graphrewrite.training", "RewrittenLayer"),
     "export": ("graphrewrite.exporting", "export"),
+    "ExportResult": ("graphrewrite.exporting", "ExportResult"),
 }
 
 
