@@ -355,12 +355,12 @@ def _plan_options_given(compression_hparams: str | None, method: str | None, val
 
 
 def _check_paths(model: str, output: str | None, overwrite: bool) -> None:
-    """The input model's directory and the output's location, before TensorFlow is imported."""
+    """The input model's directory and the output's location, before TensorFlow is imported
+    (whether ``variables/`` is there is checked after saved_model.pb: a damaged graph comes first)."""
     from graphrewrite import preflight
     from graphrewrite.pipeline import check_output
 
     preflight.model_dir(model)
-    preflight.weights(model)
     if output is not None:
         check_output(model, output, overwrite)
 
