@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -65,7 +67,10 @@ def test_export_drops_the_dense_weights_and_the_schedule(exported, name):
     others = sum(int(np.prod(v.shape)) for v in rewritten.graphrewrite_source_variables
                  if v.name.split(":")[0] not in {s["variable"] for s in data["sites"]})
     assert uncompressed == others  # factors plus the weights that were not compressed, nothing else
-    assert result.bytes_after < result.bytes_before
+    # The weights on disk shrink; the whole directory (result.bytes_*) also holds the functions,
+    # which for these tiny test models can outweigh the weights.
+    weights = [manifest.dir_bytes(os.path.join(path, "variables")) for path in (out, final)]
+    assert weights[1] < weights[0] and result.bytes_after == manifest.dir_bytes(final)
 
 
 def test_low_rank_is_two_products_and_conv_two_convolutions(exported):
