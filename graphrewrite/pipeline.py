@@ -20,6 +20,7 @@ import numpy as np
 
 from graphrewrite import __version__, preflight, views
 from graphrewrite import manifest as manifest_lib
+from graphrewrite.advice import nothing_to_rewrite
 from graphrewrite.errors import (
     AlreadyRewrittenError,
     InputModelError,
@@ -146,8 +147,6 @@ def compress(input_dir: str, output_dir: str, hparams: Mapping[str, Any], *,
     if dry_run:
         return CompressResult(None, plan, None, None)
     if not plan.sites and transform.option != 0 and not allow_empty:
-        from graphrewrite.advice import nothing_to_rewrite
-
         raise nothing_to_rewrite(plan, input_dir)
     if transform.option == 0:
         progress("compression_option=0: nothing is rewritten; writing an unchanged copy")
