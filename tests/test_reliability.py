@@ -439,8 +439,9 @@ def _previous_output(out: str) -> str:
     return tree_digest(out)
 
 
-@pytest.mark.parametrize("point, overwrite", [
-    ("after the save", False), ("after the save", True), ("after moving the previous output away", True),
+@pytest.mark.parametrize("point, overwrite", [  # one representative case in the default suite
+    pytest.param("after the save", False, marks=pytest.mark.heavy), ("after the save", True),
+    pytest.param("after moving the previous output away", True, marks=pytest.mark.heavy),
 ])
 def test_killed_at_a_fixed_point_leaves_previous_or_nothing(tmp_path, point, overwrite):
     out = str(tmp_path / "out")
