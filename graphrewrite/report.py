@@ -204,7 +204,8 @@ def compress_text(result: Any, source: str) -> str:
     ver = result.verification
     if ver is not None and BY_NAME[plan.method].blended:
         lines.append(f"verified: at alpha = 1 the outputs equal the input model's; at alpha = 0 "
-                     f"(one-shot) they move by {ver['max_rel_diff_alpha0']:.2%} (max relative)")
+                     f"(one-shot) they move by {ver['max_rel_diff_alpha0']:.2%} (max |change| / max |output|, "
+                     "on seeded standard-normal inputs)")
     elif ver is not None:
         lines.append(f"note: {plan.method} replaces each weight outright, as the reference does (no alpha): "
                      f"the outputs start {ver['max_rel_diff_alpha0']:.2%} (max relative) away from the input "
