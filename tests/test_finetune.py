@@ -133,7 +133,7 @@ def _run_script(*args, env=None, timeout=600):
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("where", ["inside", "outside"])
+@pytest.mark.parametrize("where", [pytest.param("inside", marks=pytest.mark.heavy), "outside"])  # inside: 110 s
 def test_mirrored_strategy_keeps_replicas_identical(compressed_factory, where):
     _, out, _, _ = compressed_factory("digits_mlp", **SCHEDULE)
     result = _run_script(out, "mirrored", where, "30")
