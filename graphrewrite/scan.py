@@ -1,10 +1,13 @@
-"""Looks at a SavedModel without executing anything: parse, tag sets, signatures, unsafe ops.
+"""Looks at a SavedModel without executing anything: files, tag sets, signatures, refused ops.
 
 A SavedModel is a program: loading it runs restore ops (and, for TF1 models, an init op), and
-calling it runs whatever ops its functions hold. So before anything is loaded, ``saved_model.pb`` is
-parsed as a protobuf and every op of the graph and of every library function is checked against a
-deny list of file, network and process ops. The saver functions every model has (SaveV2, RestoreV2,
-MergeV2Checkpoints, ...) are exempt only where the SaverDef reaches them.
+calling it runs whatever ops its functions hold. So before anything is loaded, the directory is
+checked (regular files inside it only), ``saved_model.pb`` is parsed as a protobuf, and every op of
+the graph and of every library function (called or not, by op type or through a function
+attribute) must be on the allow-list of pure math, array, control-flow, variable and resource ops
+(``allowed_ops.txt``). The saver's SaveV2/RestoreV2/MergeV2Checkpoints are allowed only where the
+model's own saver is recognised by its structure. An op that reads a graph or program from a
+string (DatasetFromGraph, XlaCallModule, ...) is not on the list, so such strings stay inert data.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import stat
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -71,6 +75,7 @@ class ScanResult:
     path: str
     meta_graphs: tuple[MetaGraphInfo, ...]
     rewritten: bool
+    source_functions: str | None = None  # the text of graphrewrite_ir.json as scanned
 
     def meta_graph(self, tags: Iterable[str]) -> MetaGraphInfo:
         wanted = set(tags)
@@ -319,8 +324,9 @@ def scan_meta_graph(meta_graph: Any, extra: tuple[Finding, ...] = ()) -> MetaGra
     )
 
 
-def _source_function_findings(path: str) -> tuple[Finding, ...]:
-    """Findings in the flat source functions a rewritten model keeps for ``export``."""
+def _source_function_findings(path: str) -> tuple[str | None, tuple[Finding, ...]]:
+    """(the text of the flat source functions a rewritten model keeps for ``export``, the
+    findings in them); (None, ()) when the model has none."""
     import base64
     import binascii
     import json
@@ -330,19 +336,19 @@ def _source_function_findings(path: str) -> tuple[Finding, ...]:
 
     asset = os.path.join(path, "assets", IR_ASSET)
     if not os.path.isfile(asset):
-        return ()
+        return None, ()
     try:
         with open(asset, encoding="utf-8") as f:
-            functions = json.load(f)["functions"]
+            text = f.read()
         findings = []
-        for key, function in functions.items():
+        for key, function in json.loads(text)["functions"].items():
             graph = graph_pb2.GraphDef()
             graph.ParseFromString(base64.b64decode(function["graph_def"]))
             findings.extend(_scan_graph(graph, f"source function {key} ({IR_ASSET})")[0])
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError,
             binascii.Error, message.DecodeError) as exc:
         raise InputModelError(f"{path}: damaged {IR_ASSET} ({first_line(exc, limit=None)})") from None
-    return tuple(findings)
+    return text, tuple(findings)
 
 
 def _object_graph_has(meta_graph: Any, child: str) -> bool:
@@ -350,15 +356,73 @@ def _object_graph_has(meta_graph: Any, child: str) -> bool:
     return bool(nodes) and any(c.local_name == child for c in nodes[0].children)
 
 
+_KINDS = ((stat.S_ISFIFO, "FIFO"), (stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device"),
+          (stat.S_ISSOCK, "socket"))
+
+
+def check_tree(path: str) -> None:
+    """Every entry of the model directory is a regular file or directory inside it.
+
+    A symbolic link is accepted only when it resolves to a regular file or directory inside the
+    model; links out of it, dangling links and special files (FIFOs, devices, sockets) are input
+    errors: TensorFlow and the copy of ``--method none`` would read (or block on) them.
+    """
+    root = os.path.realpath(path)
+
+    def refuse(error: OSError) -> None:
+        raise InputModelError(f"{path}: cannot read {error.filename} ({error.strerror})")
+
+    for base, dirs, files in os.walk(path, onerror=refuse):
+        for name in dirs + files:
+            full = os.path.join(base, name)
+            rel = os.path.relpath(full, path)
+            mode = os.lstat(full).st_mode
+            if stat.S_ISLNK(mode):
+                target = os.path.realpath(full)
+                if not target.startswith(root + os.sep):
+                    raise InputModelError(f"{path}: {rel} is a symbolic link out of the model")
+                if not os.path.exists(target):
+                    raise InputModelError(f"{path}: {rel} is a dangling symbolic link")
+                mode = os.stat(full).st_mode
+            kind = next((k for test, k in _KINDS if test(mode)), None)
+            if kind is not None:
+                raise InputModelError(f"{path}: {rel} is a {kind}, not a regular file")
+
+
+def _check_assets(path: str, meta_graph: Any) -> None:
+    """Each asset the model declares is a plain name of a regular file in its ``assets/``."""
+    for asset in meta_graph.asset_file_def:
+        name = asset.filename
+        parts = name.replace("\\", "/").split("/")
+        if not name or os.path.isabs(name) or ".." in parts:
+            raise InputModelError(f"{path}: asset {name!r} points outside the model's assets")
+        if not os.path.isfile(os.path.join(path, "assets", name)):
+            raise InputModelError(f"{path}: asset {name!r} is missing from the model's assets")
+
+
 def scan(path: str) -> ScanResult:
-    """Parses ``path`` and scans every MetaGraph; raises InputModelError if it is not a SavedModel.
+    """Checks the directory, parses ``path`` and scans every MetaGraph; raises InputModelError if it
+    is not a SavedModel.
 
     A model rewritten by graphrewrite is recognised by its manifest or, if that was removed, by its
-    ``graphrewrite_sites`` attribute; the source functions it keeps for ``export`` are scanned too.
+    ``graphrewrite_sites`` attribute; the source functions it keeps for ``export`` are scanned too,
+    and their text kept, so that ``export`` rebuilds exactly what was scanned.
     """
+    if os.path.isdir(path):
+        check_tree(path)
     proto = read_saved_model_proto(path)
-    extra = _source_function_findings(path)
+    for mg in proto.meta_graphs:
+        _check_assets(path, mg)
+    source_functions, extra = _source_function_findings(path)
     infos = tuple(scan_meta_graph(mg, extra) for mg in proto.meta_graphs)
     rewritten = os.path.isfile(os.path.join(path, "assets", MANIFEST_ASSET)) or any(
         _object_graph_has(mg, "graphrewrite_sites") for mg in proto.meta_graphs)
-    return ScanResult(path=path, meta_graphs=infos, rewritten=rewritten)
+    return ScanResult(path=path, meta_graphs=infos, rewritten=rewritten, source_functions=source_functions)
+
+
+def refusals(path: str, tags: Iterable[str] | None = None) -> list[Finding]:
+    """What the scan refuses in the SavedModel at ``path`` (every MetaGraph, or the one with
+    ``tags``): an empty list means it may be loaded and run without ``--allow-unsafe-ops``."""
+    found = scan(path)
+    infos = found.meta_graphs if tags is None else (found.meta_graph(tags),)
+    return [finding for info in infos for finding in info.findings]
