@@ -17,6 +17,7 @@ import click
 from graphrewrite import __version__
 from graphrewrite.errors import INTERNAL_ERROR_EXIT, GraphrewriteError, first_line
 from graphrewrite.hparams import HPARAMS
+from graphrewrite.safetext import printable
 from graphrewrite.tfimport import import_tensorflow_quietly
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
@@ -30,7 +31,7 @@ def _progress(quiet: bool, forced: bool = False) -> Callable[[str], None]:
 
     def report(message: str) -> None:
         if show:
-            click.echo(f"graphrewrite: {message}", err=True)
+            click.echo(f"graphrewrite: {printable(message)}", err=True)
 
     return report
 
@@ -52,7 +53,7 @@ def hparam_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 def _warning(message: str) -> None:
     """Warnings always reach stderr, one line each (progress lines only on a terminal)."""
-    click.echo(f"graphrewrite: warning: {message}", err=True)
+    click.echo(f"graphrewrite: warning: {printable(message)}", err=True)
 
 
 def selection_options(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -271,10 +272,10 @@ def scan(model: str, as_json: bool) -> None:
     else:
         for mg in found.meta_graphs:
             kind = "TF2 object-based" if mg.object_based else "TF1"
-            click.echo(f"tag set {','.join(mg.tags) or '(none)'}: {kind}, {mg.op_count} ops, "
-                       f"signatures: {', '.join(mg.signatures) or '(none)'}")
+            click.echo(printable(f"tag set {','.join(mg.tags) or '(none)'}: {kind}, {mg.op_count} ops, "
+                                 f"signatures: {', '.join(mg.signatures) or '(none)'}"))
             for finding in mg.findings:
-                click.echo(f"  unsafe: {finding}")
+                click.echo(printable(f"  refused: {finding}"))
         click.echo("rewritten by graphrewrite" if found.rewritten else "not rewritten by graphrewrite")
     if findings:
         raise UnsafeModelError(f"{model}: {len(findings)} unsafe op(s) found")
@@ -299,7 +300,7 @@ def main(argv: list[str] | None = None) -> None:
         click.echo(f"graphrewrite: error: {exc.format_message()}", err=True)
         sys.exit(2)
     except GraphrewriteError as exc:
-        click.echo(f"graphrewrite: error: {exc}", err=True)
+        click.echo(f"graphrewrite: error: {printable(str(exc))}", err=True)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         click.echo("graphrewrite: error: interrupted", err=True)
@@ -310,7 +311,7 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as exc:  # noqa: BLE001 - the one place that turns bugs into one line
         if os.environ.get("GRAPHREWRITE_DEBUG"):
             raise
-        click.echo(f"graphrewrite: error: internal error: {type(exc).__name__}: {first_line(exc, default='')} "
+        click.echo(f"graphrewrite: error: internal error: {type(exc).__name__}: {printable(first_line(exc, default=''))} "
                    "(set GRAPHREWRITE_DEBUG=1 for a traceback)", err=True)
         sys.exit(INTERNAL_ERROR_EXIT)
 
