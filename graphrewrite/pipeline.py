@@ -109,7 +109,7 @@ def plan_model(input_dir: str, hparams: Mapping[str, Any], tags: Sequence[str] =
             raise UnsafeModelError(
                 f"{input_dir}: refusing a model with unsafe ops: {names}{more} (--allow-unsafe-ops overrides)")
         warn(f"loading a model with unsafe ops (--allow-unsafe-ops): {names}{more}")
-    (probe or (lambda: sandbox_probe(input_dir, tags, progress)))()
+    (probe or (lambda: sandbox_probe(input_dir, tags, progress, sandbox.Limits.from_env(allow_unsafe_ops))))()
     progress("loading and inlining")
     model = loader.load(input_dir, tags, meta.object_based)
     check_finite(model)
@@ -150,13 +150,15 @@ def compress(input_dir: str, output_dir: str, hparams: Mapping[str, Any], *,
         check_output(input_dir, output_dir, overwrite)
     reference: dict[str, Any] = {}
 
+    limits = sandbox.Limits.from_env(allow_io=allow_unsafe_ops)
+
     def probe() -> None:
         if not verify or dry_run:
-            sandbox_probe(input_dir, tags, progress)
+            sandbox_probe(input_dir, tags, progress, limits)
             return
         progress("computing the input model's reference outputs (in the sandbox)")
         reference.update(sandbox.run("graphrewrite.pipeline:reference_job", input_dir, list(tags),
-                                     what=f"{input_dir}: running the input model"))
+                                     what=f"{input_dir}: running the input model", limits=limits))
 
     model, plan, transform = plan_model(input_dir, hparams, tags, allow_unsafe_ops, progress, allow_larger,
                                         selection, warn, probe)
@@ -183,7 +185,7 @@ def compress(input_dir: str, output_dir: str, hparams: Mapping[str, Any], *,
         if expected is not None and not in_memory:
             progress("verifying: reloading the output in the sandbox and comparing with the input at alpha = 1")
             verification = sandbox.run("graphrewrite.pipeline:verify_output", expected, tmp, transform.blended,
-                                       what="verifying the rewritten model")
+                                       what="verifying the rewritten model", limits=limits)
         if verification is not None:
             data["verification"] = verification
             manifest_lib.write(data, os.path.join(tmp, "assets", MANIFEST_ASSET))
@@ -433,10 +435,12 @@ class _SignaturesOnly:
     signature_functions: Mapping[str, Any]
 
 
-def sandbox_probe(input_dir: str, tags: Sequence[str], progress: Progress = _quiet) -> None:
+def sandbox_probe(input_dir: str, tags: Sequence[str], progress: Progress = _quiet,
+                  limits: sandbox.Limits | None = None) -> None:
     """Loads the model once in the sandbox: a load that hangs or crashes stops here (exit 10)."""
     progress("loading the model in the sandbox first")
-    sandbox.run("graphrewrite.pipeline:load_job", input_dir, list(tags), what=f"{input_dir}: loading the model")
+    sandbox.run("graphrewrite.pipeline:load_job", input_dir, list(tags), what=f"{input_dir}: loading the model",
+                limits=limits)
 
 
 def check_finite(model: Any) -> None:

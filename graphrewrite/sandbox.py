@@ -53,13 +53,15 @@ _PR_SET_PDEATHSIG = 1
 
 @dataclasses.dataclass(frozen=True)
 class Limits:
-    """What a child may use: wall-clock seconds and bytes of address space (None: no limit)."""
+    """What a child may use: wall-clock seconds, bytes of address space (None: no limit), and
+    whether it may write files and reach the network (``--allow-unsafe-ops`` only)."""
 
     seconds: float
     memory: int | None
+    allow_io: bool = False
 
     @classmethod
-    def from_env(cls) -> Limits:
+    def from_env(cls, allow_io: bool = False) -> Limits:
         """The limits from ``GRAPHREWRITE_RUN_TIMEOUT`` and ``GRAPHREWRITE_RUN_MEMORY``."""
         try:
             seconds = float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT))
@@ -68,7 +70,7 @@ class Limits:
             raise errors.UsageError(f"{TIMEOUT_ENV} and {MEMORY_ENV} must be numbers") from None
         if seconds <= 0 or (memory is not None and memory <= 0):
             raise errors.UsageError(f"{TIMEOUT_ENV} and {MEMORY_ENV} must be positive")
-        return cls(seconds, memory)
+        return cls(seconds, memory, allow_io)
 
 
 def _physical_memory() -> int | None:
@@ -91,7 +93,7 @@ def run(target: str, *args: Any, what: str = "running the model", limits: Limits
     if not target.startswith("graphrewrite."):
         raise ValueError(f"sandbox jobs are graphrewrite functions, not {target!r}")
     limits = limits or Limits.from_env()
-    reply = _SERVER.call((target, args, limits.seconds, limits.memory))
+    reply = _SERVER.call((target, args, limits.seconds, limits.memory, limits.allow_io))
     return _unpack(reply, what, limits)
 
 
@@ -192,13 +194,13 @@ def serve() -> None:
         replies.flush()
 
 
-def _run_child(target: str, args: tuple, seconds: float, memory: int | None) -> tuple:
+def _run_child(target: str, args: tuple, seconds: float, memory: int | None, allow_io: bool) -> tuple:
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid == 0:
         os.close(read_end)
         try:
-            reply = _child(target, args, seconds, memory)
+            reply = _child(target, args, seconds, memory, allow_io)
             with os.fdopen(write_end, "wb") as out:
                 pickle.dump(reply, out)
         finally:
@@ -238,9 +240,9 @@ def _describe(status: int) -> str:
     return f"exit status {os.WEXITSTATUS(status)}"
 
 
-def _child(target: str, args: tuple, seconds: float, memory: int | None) -> tuple:
+def _child(target: str, args: tuple, seconds: float, memory: int | None, allow_io: bool) -> tuple:
     """In the forked child: limits first, then the job; returns the reply to send."""
-    _confine(seconds, memory)
+    _confine(seconds, memory, allow_io)
     import tensorflow as tf
 
     module, _, name = target.partition(":")
@@ -251,22 +253,34 @@ def _child(target: str, args: tuple, seconds: float, memory: int | None) -> tupl
     except (MemoryError, tf.errors.ResourceExhaustedError):
         return ("memory", None)
     except tf.errors.OpError as exc:
-        return ("error", ("InputModelError", f"the model's own ops failed: {type(exc).__name__}: "
-                                             f"{errors.first_line(exc)}"))
+        return ("error", ("InputModelError", f"the model's own ops failed: {op_error_text(exc)}"))
     except Exception as exc:  # noqa: BLE001 - sent to the parent, which reports it as a bug
         return ("bug", f"{type(exc).__name__}: {errors.first_line(exc)}")
 
 
-def _confine(seconds: float, memory: int | None) -> None:
+def op_error_text(exc: BaseException) -> str:
+    """One line for a TensorFlow op error: its type, what it says and the node that raised it
+    (TensorFlow's own first line is only "Graph execution error:")."""
+    lines = [ln.strip() for ln in str(getattr(exc, "message", exc)).splitlines() if ln.strip()]
+    node = next((ln.split("Detected at node", 1)[1].split()[0].strip("'") for ln in lines
+                 if ln.startswith("Detected at node") and len(ln.split()) > 3), None)
+    noise = ("Graph execution error", "Detected at node", "<stack trace", "File ", "[[")
+    text = next((ln for ln in lines if not ln.startswith(noise)), "no message")
+    return f"{type(exc).__name__}: {text[:300]}" + (f" (node {node})" if node else "")
+
+
+def _confine(seconds: float, memory: int | None, allow_io: bool) -> None:
     """Network namespace, parent-death signal and resource limits of the child."""
     import resource
 
     _linux_call("prctl", _PR_SET_PDEATHSIG, signal.SIGKILL)
-    _linux_call("unshare", _CLONE_NEWNET)  # refused without CAP_SYS_ADMIN: the network stays
-    cpu = math.ceil(seconds * (os.cpu_count() or 1)) + 1
-    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a file write then fails with EFBIG
-    for limit, value in ((resource.RLIMIT_CPU, cpu), (resource.RLIMIT_FSIZE, 0), (resource.RLIMIT_CORE, 0),
-                         (getattr(resource, "RLIMIT_AS", None), memory)):
+    limits = [(resource.RLIMIT_CPU, math.ceil(seconds * (os.cpu_count() or 1)) + 1), (resource.RLIMIT_CORE, 0),
+              (getattr(resource, "RLIMIT_AS", None), memory)]
+    if not allow_io:
+        _linux_call("unshare", _CLONE_NEWNET)  # refused without CAP_SYS_ADMIN: the network stays
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a file write then fails with EFBIG
+        limits.append((resource.RLIMIT_FSIZE, 0))
+    for limit, value in limits:
         if limit is not None and value is not None:
             try:
                 resource.setrlimit(limit, (value, value))

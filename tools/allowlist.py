@@ -41,7 +41,7 @@ DENIED: dict[str, str] = {
                                    r"|HostCompute|Nccl|Collective|AllToAll|AllGather|AllReduce"
                                    r"|ReduceScatter|CrossReplica|DTensor|TPU|Tpu|Mesh|Session|Distributed"
                                    r"|SyncDevice|Deadline|TaskId).*",
-    "XLA and device programs": r"Xla.*|_.*|Mkl.*|Risc.*|MlirPassthroughOp|CudnnRNN.*|Copy|CopyHost"
+    "XLA and device programs": r"Xla.*|_.*|Mkl.*|Risc.*|MlirPassthroughOp|Copy|CopyHost"
                                r"|HostConst|BatchFunction",
     "queues, barriers, staging areas and locks": r".*(Queue|Barrier|Stage|Accumulator|Mutex|Notification"
                                                  r").*|Batch|Unbatch|UnbatchGrad|(Ordered)?Map(Clear|IncompleteSize"
@@ -107,7 +107,7 @@ FAMILIES: dict[str, str] = {
                              r"|FusedBatchNorm.*|BatchNormWithGlobalNormalization(Grad)?|LRN(Grad)?|L2Loss"
                              r"|InTopK(V2)?|CTC(Loss|LossV2|GreedyDecoder|BeamSearchDecoder)"
                              r"|(LSTM|GRU)BlockCell(Grad)?|BlockLSTM(Grad)?(V2)?|FusedPadConv2D"
-                             r"|FusedResizeAndPadConv2D|NearestNeighbors",
+                             r"|FusedResizeAndPadConv2D|NearestNeighbors|CudnnRNN.*",
     "random numbers": r"Random.*|Stateless(Random|Truncated|Multinomial|Parameterized|Shuffle"
                       r"|SampleDistorted).*|Stateful(Random|Standard|Truncated|Uniform).*|Multinomial"
                       r"|TruncatedNormal|ParameterizedTruncatedNormal|Rng(ReadAndSkip|Skip)"
