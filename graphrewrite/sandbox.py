@@ -3,27 +3,30 @@
 A SavedModel's signatures are programs: the allow-list of the scan keeps file, network and process
 ops out, but pure ops can still loop forever (``while True``), ask for a 64 GiB tensor, or crash
 TensorFlow. So graphrewrite never runs them in its own process: ``run`` hands a job (a function of
-a graphrewrite module, named as ``"module:function"``) to a sandbox server, which forks one fresh
-child per job with
+a graphrewrite module, named as ``"module:function"``) to a sandbox server, whose worker process
+runs it under
 
 * a wall-clock limit (``GRAPHREWRITE_RUN_TIMEOUT`` seconds, default 900), enforced by the server,
-  which kills the child when it passes;
-* ``RLIMIT_CPU`` (the same seconds times the CPUs), ``RLIMIT_AS`` (``GRAPHREWRITE_RUN_MEMORY``
-  bytes of address space, default the machine's physical memory), ``RLIMIT_FSIZE`` 0 (a write to a
-  regular file fails) and ``RLIMIT_CORE`` 0 (a crash leaves no core file);
+  which kills the worker when a job passes it;
+* ``RLIMIT_CPU`` (what the worker used so far plus the same seconds times the CPUs, per job),
+  ``RLIMIT_AS`` (``GRAPHREWRITE_RUN_MEMORY`` bytes of address space, default the machine's
+  physical memory), ``RLIMIT_FSIZE`` 0 (a write to a regular file fails) and ``RLIMIT_CORE`` 0 (a
+  crash leaves no core file);
 * on Linux, a new network namespace when the process may make one (root or CAP_SYS_ADMIN): no
   interface but a loopback that is down, so nothing the model does reaches the network;
-* ``PR_SET_PDEATHSIG`` on Linux, so a child never outlives the server.
+* ``PR_SET_PDEATHSIG`` on Linux, so a worker never outlives the server.
 
 A hang, a crash or a limit becomes one ModelRunError (exit 10); an error the model's own ops raise
 (an Assert, CheckNumerics, a shape mismatch) an InputModelError (exit 3).
 
 The server is one process per graphrewrite process, started on first use: it imports TensorFlow
-once, before any TensorFlow thread or runtime exists, and forks each child from that state, so a
-job costs a fork and the model's load (about 0.3 s for the digits MLP) instead of a fresh
-interpreter importing TensorFlow (10 to 15 s). On macOS the rlimits other than ``RLIMIT_AS`` apply
-and there is no network namespace; where ``fork`` is missing (Windows) the sandbox is not available
-and ``run`` raises ModelRunError.
+once, before any TensorFlow thread or runtime exists, and forks the worker from that state. The
+worker is reused while its jobs succeed, so TensorFlow's runtime stays warm across jobs (the
+models of one graphrewrite process share it, as they shared that process before), and replaced by
+a fresh fork after any failure (a timeout, a crash, a limit, an error) or when a job asks for other
+limits. The cost, measured by benchmarks/bench_sandbox.py, is in the README. On macOS the rlimits
+other than ``RLIMIT_AS`` apply and there is no network namespace; where ``fork`` is missing
+(Windows) the sandbox is not available and ``run`` raises ModelRunError.
 """
 
 from __future__ import annotations
@@ -173,63 +176,111 @@ start = _SERVER.start
 
 
 def serve() -> None:
-    """The server loop: one request in, one fork, one reply out, until the parent closes stdin.
+    """The server loop: one request in, one reply out, until the parent closes stdin.
 
     TensorFlow is imported before the first fork; the protocol runs on a private copy of stdout,
-    and fds 1 and 2 point at /dev/null, so nothing TensorFlow prints can break it."""
+    and fds 1 and 2 point at /dev/null, so nothing TensorFlow prints can break it. Jobs run in one
+    worker forked from here, reused while its jobs succeed (TensorFlow stays warm in it), replaced
+    after any failure or when a job asks for other limits."""
     replies = os.fdopen(os.dup(1), "wb")
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 1)
     os.dup2(devnull, 2)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    import tensorflow  # noqa: F401 - loaded once, shared by every forked child
+    import tensorflow  # noqa: F401 - loaded once, shared by every forked worker
+
+    import graphrewrite.pipeline  # noqa: F401 - the jobs' module, imported once too
 
     requests = os.fdopen(0, "rb")
+    worker: _Worker | None = None
     while True:
         try:
-            request = pickle.load(requests)
+            target, args, seconds, memory, allow_io = pickle.load(requests)
         except (EOFError, OSError, pickle.UnpicklingError):
             return
-        pickle.dump(_run_child(*request), replies)
+        if worker is not None and worker.limits != (memory, allow_io):
+            worker = worker.stop()
+        worker = worker or _Worker.start(memory, allow_io)
+        reply = worker.ask((target, args, seconds), seconds)
+        if reply[0] != "ok":
+            worker = worker.stop()
+        pickle.dump(reply, replies)
         replies.flush()
 
 
-def _run_child(target: str, args: tuple, seconds: float, memory: int | None, allow_io: bool) -> tuple:
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        os.close(read_end)
+@dataclasses.dataclass
+class _Worker:
+    """The server's handle on its worker: its pid, the pipes to and from it, and its limits."""
+
+    pid: int
+    jobs: int
+    replies: int
+    limits: tuple[int | None, bool]
+
+    @classmethod
+    def start(cls, memory: int | None, allow_io: bool) -> _Worker:
+        job_r, job_w = os.pipe()
+        reply_r, reply_w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.close(job_w)
+            os.close(reply_r)
+            try:
+                _work(job_r, reply_w, memory, allow_io)
+            finally:
+                os._exit(0)
+        os.close(job_r)
+        os.close(reply_w)
+        return cls(pid, job_w, reply_r, (memory, allow_io))
+
+    def ask(self, job: tuple, seconds: float) -> tuple:
+        """The worker's reply to ``job``, or a timeout or crash reply (the worker is then gone)."""
         try:
-            reply = _child(target, args, seconds, memory, allow_io)
-            with os.fdopen(write_end, "wb") as out:
-                pickle.dump(reply, out)
-        finally:
-            os._exit(0)
-    os.close(write_end)
-    data, timed_out = _read_until(read_end, time.monotonic() + seconds)
-    if timed_out:
-        os.kill(pid, signal.SIGKILL)
-    _, status = os.waitpid(pid, 0)
-    if timed_out:
-        return ("timeout", None)
-    try:
+            _write_frame(self.jobs, pickle.dumps(job))
+            data, timed_out = _read_frame(self.replies, time.monotonic() + seconds)
+        except OSError:
+            data, timed_out = None, False
+        if timed_out:
+            os.kill(self.pid, signal.SIGKILL)
+        if data is None or timed_out:
+            _, status = os.waitpid(self.pid, 0)
+            self.pid = 0
+            return ("timeout", None) if timed_out else ("crash", _describe(status))
         return pickle.loads(data)
-    except (EOFError, pickle.UnpicklingError, ValueError):
-        return ("crash", _describe(status))
+
+    def stop(self) -> None:
+        if self.pid:
+            try:
+                os.kill(self.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            os.waitpid(self.pid, 0)
+        os.close(self.jobs)
+        os.close(self.replies)
 
 
-def _read_until(fd: int, deadline: float) -> tuple[bytes, bool]:
-    """Everything the child writes, or (what came, True) once the deadline passed."""
-    chunks = []
-    with os.fdopen(fd, "rb", buffering=0) as pipe:
-        while True:
+def _write_frame(fd: int, payload: bytes) -> None:
+    data = len(payload).to_bytes(8, "big") + payload
+    while data:
+        data = data[os.write(fd, data):]
+
+
+def _read_frame(fd: int, deadline: float | None = None) -> tuple[bytes | None, bool]:
+    """(one frame, False); (None, False) at end of file; (None, True) once ``deadline`` passed."""
+    buffer = b""
+    size = None
+    while size is None or len(buffer) < size + 8:
+        if deadline is not None:
             left = deadline - time.monotonic()
-            if left <= 0 or not select.select([pipe], [], [], left)[0]:
-                return b"".join(chunks), True
-            chunk = pipe.read(1 << 20)
-            if not chunk:
-                return b"".join(chunks), False
-            chunks.append(chunk)
+            if left <= 0 or not select.select([fd], [], [], left)[0]:
+                return None, True
+        chunk = os.read(fd, 1 << 20)
+        if not chunk:
+            return None, False
+        buffer += chunk
+        if size is None and len(buffer) >= 8:
+            size = int.from_bytes(buffer[:8], "big")
+    return buffer[8:], False
 
 
 def _describe(status: int) -> str:
@@ -240,9 +291,25 @@ def _describe(status: int) -> str:
     return f"exit status {os.WEXITSTATUS(status)}"
 
 
-def _child(target: str, args: tuple, seconds: float, memory: int | None, allow_io: bool) -> tuple:
-    """In the forked child: limits first, then the job; returns the reply to send."""
-    _confine(seconds, memory, allow_io)
+def _work(jobs: int, replies: int, memory: int | None, allow_io: bool) -> None:
+    """The worker: limits first, then jobs until the server closes the pipe."""
+    _confine(memory, allow_io)
+    while True:
+        frame, _ = _read_frame(jobs)
+        if frame is None:
+            return
+        target, args, seconds = pickle.loads(frame)
+        _cpu_budget(seconds)
+        reply = _job(target, args)
+        try:
+            payload = pickle.dumps(reply)
+        except Exception as exc:  # noqa: BLE001 - a job returned something that does not pickle
+            payload = pickle.dumps(("bug", f"the job's result does not pickle ({type(exc).__name__})"))
+        _write_frame(replies, payload)
+
+
+def _job(target: str, args: tuple) -> tuple:
+    """Runs one job in the worker; returns the reply to send."""
     import tensorflow as tf
 
     module, _, name = target.partition(":")
@@ -258,6 +325,19 @@ def _child(target: str, args: tuple, seconds: float, memory: int | None, allow_i
         return ("bug", f"{type(exc).__name__}: {errors.first_line(exc)}")
 
 
+def _cpu_budget(seconds: float) -> None:
+    """RLIMIT_CPU: what the worker used so far plus this job's seconds on every CPU."""
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    soft = math.ceil(usage.ru_utime + usage.ru_stime + seconds * (os.cpu_count() or 1)) + 1
+    hard = resource.getrlimit(resource.RLIMIT_CPU)[1]
+    try:
+        resource.setrlimit(resource.RLIMIT_CPU, (soft if hard == resource.RLIM_INFINITY else min(soft, hard), hard))
+    except (ValueError, OSError):
+        pass
+
+
 def op_error_text(exc: BaseException) -> str:
     """One line for a TensorFlow op error: its type, what it says and the node that raised it
     (TensorFlow's own first line is only "Graph execution error:")."""
@@ -269,13 +349,12 @@ def op_error_text(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[:300]}" + (f" (node {node})" if node else "")
 
 
-def _confine(seconds: float, memory: int | None, allow_io: bool) -> None:
-    """Network namespace, parent-death signal and resource limits of the child."""
+def _confine(memory: int | None, allow_io: bool) -> None:
+    """Network namespace, parent-death signal and resource limits of the worker."""
     import resource
 
     _linux_call("prctl", _PR_SET_PDEATHSIG, signal.SIGKILL)
-    limits = [(resource.RLIMIT_CPU, math.ceil(seconds * (os.cpu_count() or 1)) + 1), (resource.RLIMIT_CORE, 0),
-              (getattr(resource, "RLIMIT_AS", None), memory)]
+    limits = [(resource.RLIMIT_CORE, 0), (getattr(resource, "RLIMIT_AS", None), memory)]
     if not allow_io:
         _linux_call("unshare", _CLONE_NEWNET)  # refused without CAP_SYS_ADMIN: the network stays
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a file write then fails with EFBIG

@@ -89,7 +89,8 @@ class ScanResult:
 
 
 def read_saved_model_proto(path: str) -> Any:
-    """Parses ``saved_model.pb`` (or ``.pbtxt``) of a directory, with one-line errors."""
+    """Parses ``saved_model.pb`` (or ``.pbtxt``) of a directory (checked by check_tree first),
+    with one-line errors."""
     from graphrewrite.tfimport import import_tensorflow_quietly
 
     import_tensorflow_quietly()
@@ -100,6 +101,7 @@ def read_saved_model_proto(path: str) -> Any:
         raise InputModelError(f"{path}: no such file or directory")
     if not os.path.isdir(path):
         raise InputModelError(f"{path}: is a file, not a SavedModel directory")
+    check_tree(path)
     pb = os.path.join(path, "saved_model.pb")
     pbtxt = os.path.join(path, "saved_model.pbtxt")
     proto = saved_model_pb2.SavedModel()
@@ -401,15 +403,13 @@ def _check_assets(path: str, meta_graph: Any) -> None:
 
 
 def scan(path: str) -> ScanResult:
-    """Checks the directory, parses ``path`` and scans every MetaGraph; raises InputModelError if it
-    is not a SavedModel.
+    """Checks the directory and its assets, parses ``path`` and scans every MetaGraph; raises
+    InputModelError if it is not a SavedModel.
 
     A model rewritten by graphrewrite is recognised by its manifest or, if that was removed, by its
     ``graphrewrite_sites`` attribute; the source functions it keeps for ``export`` are scanned too,
     and their text kept, so that ``export`` rebuilds exactly what was scanned.
     """
-    if os.path.isdir(path):
-        check_tree(path)
     proto = read_saved_model_proto(path)
     for mg in proto.meta_graphs:
         _check_assets(path, mg)
