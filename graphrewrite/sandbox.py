@@ -14,7 +14,8 @@ runs it under
   crash leaves no core file);
 * on Linux, a new network namespace when the process may make one (root or CAP_SYS_ADMIN): no
   interface but a loopback that is down, so nothing the model does reaches the network;
-* ``PR_SET_PDEATHSIG`` on Linux, so a worker never outlives the server.
+* ``PR_SET_PDEATHSIG`` on Linux, so a worker never outlives the server, nor the server the
+  graphrewrite process (a SIGKILLed ``compress`` leaves no model running).
 
 A hang, a crash or a limit becomes one ModelRunError (exit 10); an error the model's own ops raise
 (an Assert, CheckNumerics, a shape mismatch) an InputModelError (exit 3).
@@ -182,6 +183,7 @@ def serve() -> None:
     and fds 1 and 2 point at /dev/null, so nothing TensorFlow prints can break it. Jobs run in one
     worker forked from here, reused while its jobs succeed (TensorFlow stays warm in it), replaced
     after any failure or when a job asks for other limits."""
+    _linux_call("prctl", _PR_SET_PDEATHSIG, signal.SIGKILL)  # the server dies with graphrewrite
     replies = os.fdopen(os.dup(1), "wb")
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 1)
