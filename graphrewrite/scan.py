@@ -227,10 +227,13 @@ def _saver_exemptions(meta_graph: Any) -> tuple[set[str], dict[str, set[str]]]:
     roots = {"save": _node_name(saver.save_tensor_name), "restore": _node_name(saver.restore_op_name)}
     if not prefix or prefix not in nodes or not all(r in nodes for r in roots.values()):
         return set(), {}
-    restore_side = _ancestors([roots["restore"], *_fetched(meta_graph)], nodes)
+    # Run by a signature, an init op or a collection, the filename would be its default (a path
+    # relative to wherever graphrewrite runs): saver ops reachable from there are never exempt.
+    fetched = _ancestors(_fetched(meta_graph), nodes)
+    restore_side = _ancestors([roots["restore"]], nodes)
     save_side = _ancestors([roots["save"]], nodes)
-    exempt = {n for n in _saver_nodes(nodes, prefix, _WRITERS) if n in save_side and n not in restore_side}
-    exempt |= {n for n in _saver_nodes(nodes, prefix, _READERS) if n in restore_side}
+    exempt = {n for n in _saver_nodes(nodes, prefix, _WRITERS) if n in save_side and n not in restore_side | fetched}
+    exempt |= {n for n in _saver_nodes(nodes, prefix, _READERS) if n in restore_side and n not in fetched}
     library = {f.signature.name: f for f in meta_graph.graph_def.library.function}
     sides = _saver_functions(meta_graph, nodes, prefix, roots)
     return exempt, {f: _function_saver_nodes(library[f], side) for f, side in sides.items()}

@@ -165,6 +165,14 @@ def _tf1_save_in_restore(target: str | None):
     return edit
 
 
+def _tf1_restore_in_a_signature(meta) -> None:
+    """A signature output read by the saver's RestoreV2: run there, its prefix is the default
+    filename, a path relative to wherever graphrewrite runs."""
+    signature = next(iter(meta.signature_def.values()))
+    signature.outputs["leak"].name = "save/RestoreV2:0"
+    signature.outputs["leak"].dtype = 1
+
+
 def _tf2_restore_op_is_the_signature(meta) -> None:
     serving = next(n for n in meta.graph_def.node if "signature_wrapper" in n.attr["f"].func.name)
     meta.saver_def.restore_op_name = serving.name
@@ -183,19 +191,22 @@ def _tf2_save_inside_restore(target: str):
     return edit
 
 
-@pytest.mark.parametrize("case", ["tf1 chosen path", "tf1 own prefix", "tf2 restore op", "tf2 save in restore"])
+@pytest.mark.parametrize("case", ["tf1 chosen path", "tf1 own prefix", "tf1 restore in a signature", "tf2 restore op",
+                                  "tf2 save in restore"])
 def test_saver_abuse_is_refused(capsys, tmp_path, hostile, case):
     target = str(tmp_path / "escaped")
     base, edit = {
         "tf1 chosen path": ("tf1", _tf1_save_in_restore(target)),
         "tf1 own prefix": ("tf1", _tf1_save_in_restore(None)),
+        "tf1 restore in a signature": ("tf1", _tf1_restore_in_a_signature),
         "tf2 restore op": ("tf2", _tf2_restore_op_is_the_signature),
         "tf2 save in restore": ("tf2", _tf2_save_inside_restore(target)),
     }[case]
     model = hostile(base, edit)
     out = str(tmp_path / "out")
-    assert_refused(capsys, ["compress", model, out, "--rank=200"], 4, "SaveV2", model, str(tmp_path), out)
-    assert_refused(capsys, ["inspect", model, "--rank=200"], 4, "SaveV2", model, str(tmp_path))
+    op = "RestoreV2" if "signature" in case else "SaveV2"
+    assert_refused(capsys, ["compress", model, out, "--rank=200"], 4, op, model, str(tmp_path), out)
+    assert_refused(capsys, ["inspect", model, "--rank=200"], 4, op, model, str(tmp_path))
     assert not os.path.exists(target)
 
 
