@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from graphrewrite import irstore
+from graphrewrite import irstore, sandbox
 from graphrewrite import manifest as manifest_lib
 from graphrewrite.errors import (
     ExportRefusedError,
@@ -66,6 +66,7 @@ def _load_tuned(path: str, tags: Sequence[str], checkpoint: str | None,
     data = manifest_lib.read_dir(path)
     if data is None:
         raise InputModelError(f"{path}: not a model rewritten by graphrewrite (no manifest)")
+    sandbox.probe_load(path, tags, sandbox.Limits.from_env(allow_unsafe_ops))
     try:
         tuned = tf.saved_model.load(path, tags=list(tags))
     except (tf.errors.OpError, ValueError, KeyError, OSError) as exc:

@@ -411,21 +411,7 @@ def reference_outputs(model: Any) -> dict[str, Any]:
 def reference_job(input_dir: str, tags: Sequence[str]) -> dict[str, Any]:
     """Sandbox job: loads the input model and returns its reference outputs (see reference_outputs)."""
 
-    return reference_outputs(_SignaturesOnly(_load_for_run(input_dir, tags).signatures))
-
-
-def load_job(input_dir: str, tags: Sequence[str]) -> None:
-    """Sandbox job: loads the model (restore and init ops run), nothing more."""
-    _load_for_run(input_dir, tags)
-
-
-def _load_for_run(input_dir: str, tags: Sequence[str]) -> Any:
-    import tensorflow as tf
-
-    try:
-        return tf.saved_model.load(input_dir, tags=list(tags))
-    except Exception as exc:  # noqa: BLE001 - whatever a damaged model makes TensorFlow raise
-        raise InputModelError(f"{input_dir}: cannot load the SavedModel ({first_line(exc)})") from None
+    return reference_outputs(_SignaturesOnly(sandbox.load_for_run(input_dir, tags).signatures))
 
 
 @dataclasses.dataclass
@@ -437,10 +423,8 @@ class _SignaturesOnly:
 
 def sandbox_probe(input_dir: str, tags: Sequence[str], progress: Progress = _quiet,
                   limits: sandbox.Limits | None = None) -> None:
-    """Loads the model once in the sandbox: a load that hangs or crashes stops here (exit 10)."""
     progress("loading the model in the sandbox first")
-    sandbox.run("graphrewrite.pipeline:load_job", input_dir, list(tags), what=f"{input_dir}: loading the model",
-                limits=limits)
+    sandbox.probe_load(input_dir, tags, limits)
 
 
 def check_finite(model: Any) -> None:

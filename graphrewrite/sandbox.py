@@ -44,6 +44,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from graphrewrite import errors
@@ -442,6 +443,27 @@ def _linux_call(name: str, *args: int) -> bool:
     except (OSError, AttributeError):
         return False
     return function(*args) == 0
+
+
+def probe_load(path: str, tags: Sequence[str], limits: Limits | None = None) -> None:
+    """Loads the SavedModel once in the sandbox (its restore and init ops run there), before the
+    caller loads it in its own process: a load that hangs or crashes stops here (exit 10)."""
+    run("graphrewrite.sandbox:load_job", path, list(tags), what=f"{path}: loading the model", limits=limits)
+
+
+def load_job(path: str, tags: Sequence[str]) -> None:
+    """Sandbox job: loads the model, nothing more."""
+    load_for_run(path, tags)
+
+
+def load_for_run(path: str, tags: Sequence[str]) -> Any:
+    """``tf.saved_model.load`` with its failures as one-line input errors (in the worker)."""
+    import tensorflow as tf
+
+    try:
+        return tf.saved_model.load(path, tags=list(tags))
+    except Exception as exc:  # noqa: BLE001 - whatever a damaged model makes TensorFlow raise
+        raise errors.InputModelError(f"{path}: cannot load the SavedModel ({errors.first_line(exc)})") from None
 
 
 def network_isolated() -> bool:
