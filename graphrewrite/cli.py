@@ -256,7 +256,8 @@ def diff(in_model: str, out_model: str, tag_set: str, as_json: bool, html_file: 
 @click.argument("model", type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="print JSON")
 def scan(model: str, as_json: bool) -> None:
-    """List MODEL's tag sets, signatures and unsafe ops, without loading it. Exit 4 if unsafe."""
+    """List MODEL's tag sets, signatures and the ops the allow-list refuses (op, node, function),
+    without loading it. Exit 4 if any."""
     from graphrewrite.errors import UnsafeModelError
     from graphrewrite.scan import scan as do_scan
 
