@@ -411,7 +411,8 @@ def reference_outputs(model: Any) -> dict[str, Any]:
 def reference_job(input_dir: str, tags: Sequence[str]) -> dict[str, Any]:
     """Sandbox job: loads the input model and returns its reference outputs (see reference_outputs)."""
 
-    return reference_outputs(_SignaturesOnly(sandbox.load_for_run(input_dir, tags).signatures))
+    loaded = sandbox.load_for_run(input_dir, tags)
+    return reference_outputs(_SignaturesOnly(getattr(loaded, "signatures", None) or {}))
 
 
 @dataclasses.dataclass
