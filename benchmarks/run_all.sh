@@ -6,7 +6,7 @@ set -u
 cd "$(dirname "$0")"
 PYTHON=${PYTHON:-../.venv/bin/python}
 status=0
-for script in bench_finetune_step.py bench_export_latency.py bench_accuracy.py bench_rewrite_time.py big_model.py; do
+for script in bench_finetune_step.py bench_export_latency.py bench_accuracy.py bench_rewrite_time.py big_model.py bench_sandbox.py; do
   echo "== $script"
   "$PYTHON" "$script" || status=1
 done

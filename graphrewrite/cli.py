@@ -18,6 +18,7 @@ import click
 from graphrewrite import __version__
 from graphrewrite.errors import INTERNAL_ERROR_EXIT, GraphrewriteError, first_line
 from graphrewrite.hparams import HPARAMS
+from graphrewrite.safetext import printable
 from graphrewrite.tfimport import import_tensorflow_quietly, quiet_tensorflow
 
 _STARTED = time.monotonic()  # the command's start, for the elapsed time of progress lines
@@ -33,7 +34,7 @@ def _progress(quiet: bool, forced: bool = False) -> Callable[[str], None]:
 
     def report(message: str) -> None:
         if show:
-            click.echo(f"graphrewrite: [{time.monotonic() - _STARTED:6.1f} s] {message}", err=True)
+            click.echo(f"graphrewrite: [{time.monotonic() - _STARTED:6.1f} s] {printable(message)}", err=True)
 
     return report
 
@@ -76,7 +77,7 @@ def hparam_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 def _warning(message: str) -> None:
     """Warnings always reach stderr, one line each (progress lines only on a terminal)."""
-    click.echo(f"graphrewrite: warning: {message}", err=True)
+    click.echo(f"graphrewrite: warning: {printable(message)}", err=True)
 
 
 def selection_options(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -311,8 +312,8 @@ def diff(in_model: str, out_model: str, tag_set: str, as_json: bool, html_file: 
 @click.argument("model", type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="print JSON")
 def scan(model: str, as_json: bool) -> None:
-    """List MODEL's tag sets, signatures and unsafe ops, without loading it. Exit 4 if unsafe, 3 if
-    variables/ is missing."""
+    """List MODEL's tag sets, signatures and the ops the allow-list refuses (op, node, function),
+    without loading it. Exit 4 if any op is refused, 3 if variables/ is missing."""
     from graphrewrite.errors import InputModelError, UnsafeModelError
     from graphrewrite.preflight import variables_missing
     from graphrewrite.scan import scan as do_scan
@@ -330,10 +331,10 @@ def scan(model: str, as_json: bool) -> None:
     else:
         for mg in found.meta_graphs:
             kind = "TF2 object-based" if mg.object_based else "TF1"
-            click.echo(f"tag set {','.join(mg.tags) or '(none)'}: {kind}, {mg.op_count} ops, "
-                       f"signatures: {', '.join(mg.signatures) or '(none)'}")
+            click.echo(printable(f"tag set {','.join(mg.tags) or '(none)'}: {kind}, {mg.op_count} ops, "
+                                 f"signatures: {', '.join(mg.signatures) or '(none)'}"))
             for finding in mg.findings:
-                click.echo(f"  unsafe: {finding}")
+                click.echo(printable(f"  refused: {finding}"))
         click.echo("rewritten by graphrewrite" if found.rewritten else "not rewritten by graphrewrite")
         if missing is not None:
             click.echo("variables/ is missing: the model's weights are not there")
@@ -383,7 +384,7 @@ def main(argv: list[str] | None = None) -> None:
         click.echo(f"graphrewrite: error: {exc.format_message()}", err=True)
         sys.exit(2)
     except GraphrewriteError as exc:
-        click.echo(f"graphrewrite: error: {exc}", err=True)
+        click.echo(f"graphrewrite: error: {printable(str(exc))}", err=True)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         click.echo("graphrewrite: error: interrupted", err=True)
@@ -394,7 +395,7 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as exc:  # noqa: BLE001 - the one place that turns bugs into one line
         if os.environ.get("GRAPHREWRITE_DEBUG"):
             raise
-        click.echo(f"graphrewrite: error: internal error: {type(exc).__name__}: {first_line(exc, default='')} "
+        click.echo(f"graphrewrite: error: internal error: {type(exc).__name__}: {printable(first_line(exc, default=''))} "
                    "(set GRAPHREWRITE_DEBUG=1 for a traceback)", err=True)
         sys.exit(INTERNAL_ERROR_EXIT)
 

@@ -70,7 +70,6 @@ import dataclasses
 import json
 import math
 import os
-import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, final
 
@@ -79,6 +78,7 @@ from graphrewrite.errors import InputModelError
 from graphrewrite.graph import shape_dims
 from graphrewrite.loader import tf1_trainable_names
 from graphrewrite.report import table
+from graphrewrite.safetext import printable
 from graphrewrite.scan import (
     MANIFEST_ASSET,
     called_functions,
@@ -94,7 +94,6 @@ _TF1_VARIABLE_OPS = frozenset({"VariableV2", "Variable", "VarHandleOp"})
 _SITE_KEYS = ("id", "op", "op_type", "variable", "method", "option", "shape", "matrix", "k",
               "params_before", "params_after", "flops_before", "flops_after", "details")
 _FACTOR_SUFFIX = "_matrix"
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -367,18 +366,6 @@ def _site(site: dict[str, Any], variables: list[dict[str, Any]]) -> dict[str, An
 # ------------------------------------------------------------------------------------------------
 # Text
 # ------------------------------------------------------------------------------------------------
-
-
-def printable(value: Any) -> Any:
-    """``value`` with control characters in its strings spelled out (``\\x1b``), recursively: names
-    from an untrusted model must not move a terminal's cursor or start a fake line."""
-    if isinstance(value, str):
-        return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", value)
-    if isinstance(value, Mapping):
-        return {printable(k): printable(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [printable(v) for v in value]
-    return value
 
 
 def diff_text(result: Mapping[str, Any]) -> str:

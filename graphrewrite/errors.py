@@ -27,7 +27,8 @@ class InputModelError(GraphrewriteError):
 
 
 class UnsafeModelError(GraphrewriteError):
-    """The model contains file, network or process ops and --allow-unsafe-ops was not given."""
+    """The model holds ops off the allow-list (file, network, process, ...) and
+    --allow-unsafe-ops was not given."""
 
     exit_code = 4
 

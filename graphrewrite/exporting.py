@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from graphrewrite import irstore
+from graphrewrite import irstore, sandbox
 from graphrewrite import manifest as manifest_lib
 from graphrewrite.errors import (
     ExportRefusedError,
@@ -78,7 +78,8 @@ class ExportResult:
     max_rel_diff_alpha0: float | None
 
 
-def _load_tuned(path: str, tags: Sequence[str], checkpoint: str | None, allow_unsafe_ops: bool) -> tuple[Any, dict]:
+def _load_tuned(path: str, tags: Sequence[str], checkpoint: str | None,
+                allow_unsafe_ops: bool) -> tuple[Any, dict, str | None]:
     import tensorflow as tf
 
     found = scan(path)
@@ -88,6 +89,7 @@ def _load_tuned(path: str, tags: Sequence[str], checkpoint: str | None, allow_un
     data = manifest_lib.read_dir(path)
     if data is None:
         raise InputModelError(f"{path}: not a model rewritten by graphrewrite (no manifest)")
+    sandbox.probe_load(path, tags, sandbox.Limits.from_env(allow_unsafe_ops))
     try:
         tuned = tf.saved_model.load(path, tags=list(tags))
     except (tf.errors.OpError, ValueError, KeyError, OSError) as exc:
@@ -97,7 +99,7 @@ def _load_tuned(path: str, tags: Sequence[str], checkpoint: str | None, allow_un
             raise InputModelError(f"{path}: the rewritten model lost its '{attr}' (was it re-saved whole?)")
     if checkpoint is not None:
         _restore(tuned, checkpoint)
-    return tuned, data
+    return tuned, data, found.source_functions
 
 
 def _restore(tuned: Any, checkpoint: str) -> None:
@@ -119,14 +121,15 @@ def _restore(tuned: Any, checkpoint: str) -> None:
     raise InputModelError(f"{checkpoint}: not a checkpoint of this model ({errors[0]})")
 
 
-def _source_model(tuned: Any, data: dict, path: str) -> LoadedModel:
-    import tensorflow as tf
-
-    with tf.init_scope():
-        ir_path = tuned.graphrewrite_ir.asset_path.numpy().decode()
+def _source_model(tuned: Any, data: dict, path: str, source_functions: str | None) -> LoadedModel:
+    """The source functions as the scan read them from ``assets/`` inside the model (never from
+    wherever the loaded model's asset path points)."""
+    if source_functions is None:
+        raise InputModelError(f"{path}: the rewritten model lost its assets/{irstore.ASSET}")
     variables = list(tuned.graphrewrite_source_variables)
     resources = list(getattr(tuned, "graphrewrite_resources", []))
-    functions, entries, captured, by_key = irstore.load(irstore.read(ir_path), variables, resources)
+    functions, entries, captured, by_key = irstore.load(irstore.parse(source_functions, path), variables,
+                                                        resources)
     infos = {key: VariableInfo(key, v.name.split(":")[0], tuple(v.shape), v.dtype.name, v.trainable)
              for key, v in by_key.items()}
     return LoadedModel(path=path, kind=str((data.get("source") or {}).get("kind", "")), variables=by_key, infos=infos,
@@ -149,13 +152,14 @@ def export(tuned_dir: str, output_dir: str, *, checkpoint: str | None = None, fo
     """
     check_output(tuned_dir, output_dir, overwrite)
     progress(f"loading {tuned_dir}")
-    tuned, data = _load_tuned(tuned_dir, tags, checkpoint, allow_unsafe_ops)
+    tuned, data, source_functions = _load_tuned(tuned_dir, tags, checkpoint, allow_unsafe_ops)
     with manifest_lib.damage_guard(tuned_dir):
-        return _export(tuned_dir, output_dir, tuned, data, force, verify, overwrite, progress)
+        return _export(tuned_dir, output_dir, tuned, data, source_functions, force, verify, overwrite,
+                       progress)
 
 
-def _export(tuned_dir: str, output_dir: str, tuned: Any, data: dict, force: bool, verify: bool,
-            overwrite: bool, progress: Progress) -> ExportResult:
+def _export(tuned_dir: str, output_dir: str, tuned: Any, data: dict, source_functions: str | None,
+            force: bool, verify: bool, overwrite: bool, progress: Progress) -> ExportResult:
 
     from graphrewrite.build import build_export
     from graphrewrite.transforms import make as make_transform
@@ -169,7 +173,7 @@ def _export(tuned_dir: str, output_dir: str, tuned: Any, data: dict, force: bool
         raise ExportRefusedError(
             f"{tuned_dir}: alpha is still {max_alpha:.4g} at {busy} of {len(alphas)} sites; fine-tune "
             "until alpha = 0, or pass --force to export the compressed form anyway")
-    model = _source_model(tuned, data, tuned_dir)
+    model = _source_model(tuned, data, tuned_dir, source_functions)
     plan = manifest_lib.plan_from(data, model.infos, transform)
     _check_plan(plan, model, len(states))
     progress("building the compressed functions")

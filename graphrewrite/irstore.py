@@ -90,11 +90,20 @@ def write(model: Any, path: str) -> None:
 def read(path: str) -> dict[str, Any]:
     try:
         with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as exc:
         raise InputModelError(f"{path}: unreadable graphrewrite source functions ({exc})") from None
+    return parse(text, path)
+
+
+def parse(text: str, where: str) -> dict[str, Any]:
+    """The source-function asset's data from its text (as the scan read it)."""
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InputModelError(f"{where}: unreadable graphrewrite source functions ({exc})") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT or data.get("version") != VERSION:
-        raise InputModelError(f"{path}: not a graphrewrite source-function asset of version {VERSION}")
+        raise InputModelError(f"{where}: not a graphrewrite source-function asset of version {VERSION}")
     return data
 
 

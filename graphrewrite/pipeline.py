@@ -12,13 +12,14 @@ import gc
 import os
 import re
 import shutil
+import stat
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
-from graphrewrite import __version__, preflight, views
+from graphrewrite import __version__, preflight, sandbox, views
 from graphrewrite import manifest as manifest_lib
 from graphrewrite.advice import nothing_to_rewrite
 from graphrewrite.errors import (
@@ -83,12 +84,19 @@ def check_output(input_dir: str, output_dir: str, overwrite: bool) -> None:
 def plan_model(input_dir: str, hparams: Mapping[str, Any], tags: Sequence[str] = ("serve",),
                allow_unsafe_ops: bool = False, progress: Progress = _quiet,
                allow_larger: bool = False, selection: Selection = DEFAULT_SELECTION,
-               warn: Progress = _python_warning) -> tuple[Any, RewritePlan, Any]:
-    """Scans, loads and plans; returns (loaded model, plan, transform)."""
+               warn: Progress = _python_warning,
+               probe: Callable[[], None] | None = None) -> tuple[Any, RewritePlan, Any]:
+    """Scans, loads and plans; returns (loaded model, plan, transform).
+
+    Between the scan and the load, ``probe`` (default: loading the model once in the sandbox)
+    runs the model's load in a child process first, so that a model whose loading hangs or
+    crashes stops there, with one line, rather than in this process.
+    """
     from graphrewrite import loader
     from graphrewrite.transforms import make as make_transform
 
     transform = make_transform(hparams, allow_larger=allow_larger)
+    sandbox.start()  # it imports TensorFlow while this process scans
     progress(f"scanning {input_dir}")
     found = scan(input_dir)
     meta = found.meta_graph(tags)
@@ -102,9 +110,11 @@ def plan_model(input_dir: str, hparams: Mapping[str, Any], tags: Sequence[str] =
             raise UnsafeModelError(
                 f"{input_dir}: refusing a model with unsafe ops: {names}{more} (--allow-unsafe-ops overrides)")
         warn(f"loading a model with unsafe ops (--allow-unsafe-ops): {names}{more}")
-    preflight.weights(input_dir)
+from graphrewrite import __version__, preflight, views
+from graphrewrite import __version__, sandbox, views
     progress("loading and inlining")
     model = loader.load(input_dir, tags, meta.object_based)
+    check_finite(model)
 
     def spectrum(key: str, view: views.View) -> np.ndarray:
         import scipy.linalg
@@ -142,18 +152,30 @@ def compress(input_dir: str, output_dir: str, hparams: Mapping[str, Any], *,
     """
     if not dry_run:
         check_output(input_dir, output_dir, overwrite)
+    reference: dict[str, Any] = {}
+
+    limits = sandbox.Limits.from_env(allow_io=allow_unsafe_ops)
+
+    def probe() -> None:
+        if not verify or dry_run:
+            sandbox_probe(input_dir, tags, progress, limits)
+            return
+        progress("computing the input model's reference outputs (in the sandbox)")
+        reference.update(sandbox.run("graphrewrite.pipeline:reference_job", input_dir, list(tags),
+                                     what=f"{input_dir}: running the input model", limits=limits))
+
     model, plan, transform = plan_model(input_dir, hparams, tags, allow_unsafe_ops, progress, allow_larger,
-                                        selection, warn)
+                                        selection, warn, probe)
     if dry_run:
         return CompressResult(None, plan, None, None)
     if not plan.sites and transform.option != 0 and not allow_empty:
         raise nothing_to_rewrite(plan, input_dir)
     if transform.option == 0:
         progress("compression_option=0: nothing is rewritten; writing an unchanged copy")
-        _atomic_write(output_dir, overwrite, lambda tmp: shutil.copytree(input_dir, tmp, dirs_exist_ok=True))
+        _atomic_write(output_dir, overwrite, lambda tmp: copy_model(input_dir, tmp))
         return CompressResult(output_dir, plan, None, None)
 
-    expected = reference_outputs(model) if verify else None
+    expected = reference if verify else None
     in_memory = verify and weight_bytes(model) > VERIFY_IN_MEMORY_ABOVE
     signatures = sorted(e.name for e in model.entries if e.kind == "signature")
     data = manifest_lib.build(plan, input_dir, model.kind, __version__, signatures)
@@ -168,8 +190,9 @@ def compress(input_dir: str, output_dir: str, hparams: Mapping[str, Any], *,
                                      expected if in_memory else None)
         gc.collect()  # the input model and the rewritten one in memory: release both
         if expected is not None and not in_memory:
-            progress("verifying: reloading the output and comparing with the input at alpha = 1")
-            verification = verify_output(expected, tmp, transform.blended)
+            progress("verifying: reloading the output in the sandbox and comparing with the input at alpha = 1")
+            verification = sandbox.run("graphrewrite.pipeline:verify_output", expected, tmp, transform.blended,
+                                       what="verifying the rewritten model", limits=limits)
         if verification is not None:
             data["verification"] = verification
             manifest_lib.write(data, os.path.join(tmp, "assets", MANIFEST_ASSET))
@@ -284,6 +307,14 @@ def _remove_stale(parent: str, base: str) -> None:
             continue
 
 
+def _discard(path: str) -> None:
+    """Removes a directory tree, or a symbolic link without following it."""
+    if os.path.islink(path):
+        os.unlink(path)
+    else:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def _atomic_write(output_dir: str, overwrite: bool, fill: Callable[[str], None]) -> None:
     """Fills a fresh temporary directory beside ``output_dir``, then renames it into place.
 
@@ -305,7 +336,7 @@ def _atomic_write(output_dir: str, overwrite: bool, fill: Callable[[str], None])
         if not os.path.lexists(output_dir):
             os.replace(tmp, output_dir)
         elif _exchange(tmp, output_dir):
-            shutil.rmtree(tmp, ignore_errors=True)  # now holds the previous output
+            _discard(tmp)  # now holds the previous output (a directory, or the link OUT was)
         else:
             old = tempfile.mkdtemp(prefix=f".{base}.graphrewrite-old-{os.getpid()}-", dir=parent)
             os.replace(output_dir, os.path.join(old, "previous"))
@@ -379,8 +410,52 @@ def reference_outputs(model: Any) -> dict[str, Any]:
             out[key] = "inputs of a type that cannot be sampled"
             continue
         outputs = original(**inputs)
-        out[key] = (inputs, {k: (np.asarray(v), v.dtype in (tf.float16, tf.bfloat16)) for k, v in outputs.items()})
+        out[key] = ({k: v.numpy() for k, v in inputs.items()},
+                    {k: (np.asarray(v), v.dtype in (tf.float16, tf.bfloat16)) for k, v in outputs.items()})
     return out
+
+
+def reference_job(input_dir: str, tags: Sequence[str]) -> dict[str, Any]:
+    """Sandbox job: loads the input model and returns its reference outputs (see reference_outputs)."""
+
+    loaded = sandbox.load_for_run(input_dir, tags)
+    return reference_outputs(_SignaturesOnly(getattr(loaded, "signatures", None) or {}))
+
+
+@dataclasses.dataclass
+class _SignaturesOnly:
+    """What reference_outputs reads of a LoadedModel: its signature functions."""
+
+    signature_functions: Mapping[str, Any]
+
+
+def sandbox_probe(input_dir: str, tags: Sequence[str], progress: Progress = _quiet,
+                  limits: sandbox.Limits | None = None) -> None:
+    progress("loading the model in the sandbox first")
+    sandbox.probe_load(input_dir, tags, limits)
+
+
+def check_finite(model: Any) -> None:
+    """Every floating-point weight is finite: NaN or Inf in one is an input error naming it."""
+    import tensorflow as tf
+
+    for key, variable in model.variables.items():
+        if variable.dtype.is_floating and not bool(tf.reduce_all(tf.math.is_finite(variable))):
+            raise InputModelError(f"{model.path}: weight {model.infos[key].name!r} holds NaN or Inf values")
+
+
+def copy_model(source: str, destination: str) -> None:
+    """Copies a (scanned) model directory: regular files and directories only, a symbolic link
+    only as the file inside the model it points at."""
+    root = os.path.realpath(source)
+
+    def copy_file(src: str, dst: str) -> None:
+        real = os.path.realpath(src)
+        if not real.startswith(root + os.sep) or not stat.S_ISREG(os.stat(real).st_mode):
+            raise InputModelError(f"{source}: {os.path.relpath(src, source)} is not a regular file inside the model")
+        shutil.copyfile(real, dst)
+
+    shutil.copytree(source, destination, dirs_exist_ok=True, copy_function=copy_file)
 
 
 def verify_output(expected: Mapping[str, Any], output_dir: str, blended: bool = True) -> dict[str, Any]:

@@ -8,6 +8,7 @@ from typing import Any
 from graphrewrite import __version__
 from graphrewrite import manifest as manifest_lib
 from graphrewrite.plan import RewritePlan
+from graphrewrite.safetext import printable
 from graphrewrite.transforms import BY_NAME
 
 _SITE_KEYS = ("op", "variable", "option", "method", "op_type", "shape", "matrix", "k", "params_before",
@@ -81,6 +82,7 @@ def table(rows: list[list[str]], header: list[str]) -> str:
 
 
 def inspect_text(data: dict[str, Any]) -> str:
+    data = printable(data)  # names from the model, never control characters on a terminal
     state = "rewritten model" if data.get("rewritten", True) else "plan (dry run, nothing written)"
     hp = data["hparams"]
     policy = (data.get("options") or {}).get("policy") or f"rank={hp.get('rank')}"
@@ -212,7 +214,7 @@ def compress_text(result: Any, source: str) -> str:
                      "model's; fine-tune to recover (see the README)")
     for skip in plan.skipped:
         lines.append(f"skipped {skip.op} ({skip.variable}): {skip.reason}")
-    return "\n".join(lines)
+    return "\n".join(printable(line) for line in lines)  # each one line, whatever the names hold
 
 
 OUTPUT_SHIFT = ("max relative change of the outputs, tuned model as it is (its alphas) vs the final model "

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from graphrewrite import views
+from graphrewrite import sandbox, views
 from graphrewrite.errors import InputModelError, first_line
 from graphrewrite.transforms import SizePlan, make
 
@@ -27,6 +27,7 @@ def rewritten_status(path: str, data: dict[str, Any], spectra: bool = False) -> 
     """
     import tensorflow as tf
 
+    sandbox.probe_load(path, ["serve"])
     try:
         model = tf.saved_model.load(path)
     except (tf.errors.OpError, ValueError, KeyError, OSError) as exc:
