@@ -110,8 +110,8 @@ def plan_model(input_dir: str, hparams: Mapping[str, Any], tags: Sequence[str] =
             raise UnsafeModelError(
                 f"{input_dir}: refusing a model with unsafe ops: {names}{more} (--allow-unsafe-ops overrides)")
         warn(f"loading a model with unsafe ops (--allow-unsafe-ops): {names}{more}")
-from graphrewrite import __version__, preflight, views
-from graphrewrite import __version__, sandbox, views
+    preflight.weights(input_dir)
+    (probe or (lambda: sandbox_probe(input_dir, tags, progress, sandbox.Limits.from_env(allow_unsafe_ops))))()
     progress("loading and inlining")
     model = loader.load(input_dir, tags, meta.object_based)
     check_finite(model)
