@@ -20,6 +20,7 @@ import numpy as np
 
 from graphrewrite import __version__, views
 from graphrewrite import manifest as manifest_lib
+from graphrewrite.calibration import Calibration
 from graphrewrite.errors import (
     AlreadyRewrittenError,
     InputModelError,
@@ -82,12 +83,16 @@ def check_output(input_dir: str, output_dir: str, overwrite: bool) -> None:
 def plan_model(input_dir: str, hparams: Mapping[str, Any], tags: Sequence[str] = ("serve",),
                allow_unsafe_ops: bool = False, progress: Progress = _quiet,
                allow_larger: bool = False, selection: Selection = DEFAULT_SELECTION,
-               warn: Progress = _python_warning) -> tuple[Any, RewritePlan, Any]:
-    """Scans, loads and plans; returns (loaded model, plan, transform)."""
-    from graphrewrite import loader
+               warn: Progress = _python_warning, calibration: Calibration | None = None,
+               calibration_signature: str = "serving_default") -> tuple[Any, RewritePlan, Any]:
+    """Scans, loads, calibrates (with ``calibration`` data: graphrewrite.statistics) and plans;
+    returns (loaded model, plan, transform)."""
+    from graphrewrite import loader, statistics
     from graphrewrite.transforms import make as make_transform
 
     transform = make_transform(hparams, allow_larger=allow_larger)
+    if calibration is not None:
+        statistics.check_method(transform)
     progress(f"scanning {input_dir}")
     found = scan(input_dir)
     meta = found.meta_graph(tags)
@@ -103,15 +108,20 @@ def plan_model(input_dir: str, hparams: Mapping[str, Any], tags: Sequence[str] =
         warn(f"loading a model with unsafe ops (--allow-unsafe-ops): {names}{more}")
     progress("loading and inlining")
     model = loader.load(input_dir, tags, meta.object_based)
+    if calibration is not None:
+        model.calibration = statistics.calibrate(model, calibration, calibration_signature, progress)
 
     def spectrum(key: str, view: views.View) -> np.ndarray:
         import scipy.linalg
 
         progress(f"singular values of {model.infos[key].name}")
         matrix = views.apply_numpy(model.variables[key].numpy(), view).astype(np.float32, copy=False)
-        return scipy.linalg.svdvals(matrix, check_finite=False)
+        whitened = statistics.spectrum(matrix, model.calibration, key)
+        return scipy.linalg.svdvals(matrix, check_finite=False) if whitened is None else whitened
 
     plan = make_plan(model.functions.values(), model.infos, transform, selection, spectrum)
+    if model.calibration is not None:
+        plan = statistics.mark_plan(plan, model.calibration)
     return model, plan, transform
 
 
@@ -119,7 +129,8 @@ def compress(input_dir: str, output_dir: str, hparams: Mapping[str, Any], *,
              tags: Sequence[str] = ("serve",), verify: bool = True, overwrite: bool = False,
              allow_unsafe_ops: bool = False, dry_run: bool = False, allow_larger: bool = False,
              selection: Selection = DEFAULT_SELECTION, progress: Progress = _quiet,
-             warn: Progress = _python_warning) -> CompressResult:
+             warn: Progress = _python_warning, calibration: Calibration | None = None,
+             calibration_signature: str = "serving_default") -> CompressResult:
     """Rewrites ``input_dir`` into ``output_dir`` (see the module docstring).
 
     Args:
@@ -135,11 +146,15 @@ def compress(input_dir: str, output_dir: str, hparams: Mapping[str, Any], *,
       selection: site filters and rank policy (graphrewrite.plan.Selection).
       progress: called with one-line progress messages.
       warn: called with one-line warnings (default: Python warnings).
+      calibration: example inputs (graphrewrite.calibration: an .npz or TFRecord path, a dict of
+        arrays, an iterable of dicts): low rank and input/output then fit their factors, and the
+        rank policies measure their errors, on the outputs of each weight for these inputs.
+      calibration_signature: the signature the calibration examples are inputs of.
     """
     if not dry_run:
         check_output(input_dir, output_dir, overwrite)
     model, plan, transform = plan_model(input_dir, hparams, tags, allow_unsafe_ops, progress, allow_larger,
-                                        selection, warn)
+                                        selection, warn, calibration, calibration_signature)
     if dry_run:
         return CompressResult(None, plan, None, None)
     if transform.option == 0:
@@ -198,6 +213,10 @@ def _save_rewrite(model: Any, plan: RewritePlan, transform: Any, hparams: Mappin
     from graphrewrite import update as update_lib
 
     initial = build_lib.factorize_all(model, plan, transform, progress)
+    if model.calibration is not None:
+        from graphrewrite import statistics
+
+        statistics.record_errors(data["sites"], model, plan, transform, initial)
     schedule = update_lib.Schedule.from_hparams(hparams)
 
     def update_factory(root: Any, plan_: RewritePlan, transform_: Any) -> Any:
