@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import sys
@@ -11,6 +13,7 @@ import pytest
 from test_cli import MLP, ROOT, run
 
 from graphrewrite import hparams, whiten
+from graphrewrite.cli import main
 from graphrewrite.transforms import SizePlan, make
 
 sys.path.insert(0, os.path.join(ROOT, "testdata"))
@@ -181,27 +184,39 @@ def test_bad_calibration_source_signature_and_method(capsys, tmp_path, digits):
 
 @pytest.fixture(scope="module")
 def calibrated_cnn(tmp_path_factory, digits):
+    """The CNN compressed at --target-ratio=0.29 by the CLI, plain and calibrated; their stdout."""
     root = tmp_path_factory.mktemp("calibrated")
     np.savez(root / "cal.npz", image=digits[0].reshape(-1, 8, 8, 1))
-    return root
+    printed = {}
+    for name, extra in (("plain", []), ("calibrated", ["--calibration", str(root / "cal.npz")])):
+        with contextlib.redirect_stdout(io.StringIO()) as stdout, contextlib.suppress(SystemExit):
+            main(["compress", CNN, str(root / name), "--target-ratio=0.29", "-q", *extra])
+        assert os.path.isfile(root / name / "saved_model.pb")
+        printed[name] = stdout.getvalue()
+    return root, printed
 
 
-def one_shot_accuracy(path: str, x: np.ndarray, y: np.ndarray) -> float:
+def at_alpha0(path: str):
     import tensorflow as tf
 
     model = tf.saved_model.load(path)
     for site in model.graphrewrite_sites:
         site.alpha.assign(0.0)
+    return model
+
+
+def one_shot_accuracy(path: str, x: np.ndarray, y: np.ndarray) -> float:
+    import tensorflow as tf
+
+    model = at_alpha0(path)  # kept referenced: a restored function dies with its object
     return float(np.mean(np.argmax(model.serve(tf.constant(x)).numpy(), axis=1) == y))
 
 
 def test_cli_round_trip_on_the_digits_cnn(capsys, calibrated_cnn, digits):
-    outs = {}
-    for name, extra in (("plain", []), ("calibrated", ["--calibration", str(calibrated_cnn / "cal.npz")])):
-        outs[name] = str(calibrated_cnn / name)
-        code, stdout, err = run(capsys, "compress", CNN, outs[name], "--target-ratio=0.29", "-q", *extra)
-        assert code == 0, err
-    assert "calibrated 2 site(s)" in stdout and "verified" in stdout
+    root, printed = calibrated_cnn
+    outs = {name: str(root / name) for name in ("plain", "calibrated")}
+    assert "calibrated 2 site(s)" in printed["calibrated"] and "verified" in printed["calibrated"]
+    assert "calibrated 2 site(s)" not in printed["plain"]
     code, stdout, _ = run(capsys, "inspect", outs["calibrated"], "--json")
     data = json.loads(stdout)
     assert data["options"]["calibration"] == {"signature": "serving_default", "examples": 256, "damping": 0.01}
@@ -210,7 +225,7 @@ def test_cli_round_trip_on_the_digits_cnn(capsys, calibrated_cnn, digits):
         assert 0 < site["output_error"] < site["output_error_plain"]
     code, text, _ = run(capsys, "inspect", outs["calibrated"])
     assert "output error: plain -> calibrated" in text and "calibration examples" in text
-    html = str(calibrated_cnn / "diff.html")
+    html = str(root / "diff.html")
     code, _, err = run(capsys, "diff", CNN, outs["calibrated"], "--html", html)
     assert code == 0, err
     with open(html, encoding="utf-8") as f:
@@ -228,7 +243,8 @@ def test_first_update_keeps_calibrated_factors(calibrated_cnn):
 
     import graphrewrite
 
-    model = tf.saved_model.load(str(calibrated_cnn / "calibrated"))
+    root, _ = calibrated_cnn
+    model = tf.saved_model.load(str(root / "calibrated"))
     before = [{k: v.numpy() for k, v in s.factors.items()} for s in model.graphrewrite_sites]
     result = graphrewrite.compression_update(model, tf.constant(10, tf.int64))
     assert bool(result["updated"])
@@ -236,8 +252,43 @@ def test_first_update_keeps_calibrated_factors(calibrated_cnn):
         assert float(site.alpha.numpy()) < 1.0
         for name, value in values.items():
             np.testing.assert_array_equal(site.factors[name].numpy(), value)
-    plain = tf.saved_model.load(str(calibrated_cnn / "plain"))  # the reference's refactorisation still runs
+    plain = tf.saved_model.load(str(root / "plain"))  # the reference's refactorisation still runs
     for site in plain.graphrewrite_sites:
         site.factors["b"].assign(tf.zeros_like(site.factors["b"]))
     graphrewrite.compression_update(plain, tf.constant(10, tf.int64))
     assert all(np.abs(s.factors["b"].numpy()).max() > 0 for s in plain.graphrewrite_sites)
+
+
+def test_export_of_a_calibrated_model_is_the_plain_factored_form(calibrated_cnn, digits):
+    import tensorflow as tf
+
+    import graphrewrite
+
+    root, _ = calibrated_cnn
+    final = str(root / "final")
+    graphrewrite.export(str(root / "calibrated"), final, force=True)
+    x = tf.constant(digits[1][:16].reshape(-1, 8, 8, 1))
+    compressed = at_alpha0(str(root / "calibrated"))
+    expected = compressed.serve(x).numpy()
+    exported = tf.saved_model.load(final)
+    np.testing.assert_allclose(exported.serve(x).numpy(), expected, rtol=1e-4, atol=1e-4)
+    shapes = sorted(tuple(v.shape) for v in exported.variables if len(v.shape) == 2)
+    assert all(min(s) <= 16 for s in shapes), shapes  # only the thin factors B and C, no dense kernel
+
+
+def test_max_error_is_measured_in_output_space(capsys, tmp_path, digits):
+    np.savez(tmp_path / "cal.npz", pixels=digits[0])
+    out = str(tmp_path / "out")
+    code, _, err = run(capsys, "compress", MLP, out, "--max-error=0.2", "--calibration", str(tmp_path / "cal.npz"),
+                       "-q", "--fast")
+    assert code == 0, err
+    code, stdout, _ = run(capsys, "inspect", out, "--json")
+    sites = json.loads(stdout)["sites"]
+    assert sites and all(s["relative_error"] < 0.2 for s in sites)
+    # the policy's error is the damped output error, within a few percent of the exact one ...
+    assert all(s["output_error"] < 0.2 * 1.05 for s in sites)
+    # ... and the ranks are those the output needs: in weight space, 0.2 needs ranks so high that
+    # every weight is left dense (no saving)
+    assert len(sites) == 3 and sum(s["k"] for s in sites) < 64
+    code, stdout, _ = run(capsys, "compress", MLP, str(tmp_path / "plain"), "--max-error=0.2", "--dry-run", "--json")
+    assert json.loads(stdout)["sites"] == []
