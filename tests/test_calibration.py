@@ -292,3 +292,28 @@ def test_max_error_is_measured_in_output_space(capsys, tmp_path, digits):
     assert len(sites) == 3 and sum(s["k"] for s in sites) < 64
     code, stdout, _ = run(capsys, "compress", MLP, str(tmp_path / "plain"), "--max-error=0.2", "--dry-run", "--json")
     assert json.loads(stdout)["sites"] == []
+
+
+@pytest.mark.parametrize("name,first_layers", [
+    ("keras3_multi_input", {"fa/kernel": "features", "fb/kernel": "extra"}),  # two inputs, fed in order
+    ("tf1_builder", {"layer1/weights": "x"}),  # TF1 VariableV2 weights
+    ("keras3_attention", {"query/kernel": "tokens", "value/kernel": "tokens"}),  # BatchMatMul/Einsum, 3-D
+])
+def test_statistics_on_other_model_kinds(model_factory, name, first_layers):
+    from graphrewrite import calibration, loader, statistics
+
+    path, _ = model_factory(name)
+    model = loader.load(path, ["serve"], name != "tf1_builder")
+    specs = statistics.input_specs(model, "serving_default")
+    rng = np.random.default_rng(0)
+    data = calibration.read({s.name: rng.standard_normal((40, *s.shape[1:])).astype("float32") for s in specs}, specs)
+    stats = statistics.collect(model, data, "serving_default", batch_size=16)
+    by_name = {model.infos[k].name: k for k in stats.grams}
+    assert not stats.missing
+    for variable, source in first_layers.items():
+        key = next(k for n, k in by_name.items() if n.endswith(variable))
+        x = data[source].reshape(-1, data[source].shape[-1]).astype(np.float64)
+        np.testing.assert_allclose(stats.grams[key], x.T @ x / len(x), rtol=1e-4, atol=1e-6)
+    for gram in stats.grams.values():  # every other Gram is a Gram: symmetric, positive semi-definite
+        np.testing.assert_allclose(gram, gram.T, atol=1e-6 * np.abs(gram).max())
+        assert np.linalg.eigvalsh(gram).min() >= -1e-5 * np.abs(gram).max()
