@@ -167,6 +167,9 @@ def collect(model: LoadedModel, data: Mapping[str, np.ndarray], signature: str,
         rows.pop(key, None)
     for key in grams:
         grams[key] /= max(rows[key], 1)
+        if not np.all(np.isfinite(grams[key])):
+            raise CalibrationDataError(f"the inputs of {model.infos[key].name} overflow on the calibration data "
+                                       "(non-finite activations)")
     return Statistics(signature, examples, grams, rows, missing)
 
 

@@ -27,9 +27,10 @@ from __future__ import annotations
 import numpy as np
 import scipy.linalg
 
-# 1% of the mean input energy: small enough that the output error on the calibration data stays
-# within a fraction of a percent of the undamped optimum on the digits models, large enough that a
-# Gram estimated from a few hundred examples does not over-fit directions they barely excite.
+# 1% of the mean input energy. Some damping is needed: the digits CNN head's Gram (1024 features,
+# 512 examples, so rank <= 512) fails Cholesky at 1e-8. And it costs nothing measurable: on the
+# digits models, from 1e-8 to 1e-1 the relative output errors at k = 3 and 10 move by less than
+# 0.001, on the calibration images and on held-out ones alike.
 DAMPING = 1e-2
 
 
