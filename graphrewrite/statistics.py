@@ -12,9 +12,9 @@ model, data) returning numpy arrays, so that it can run in another process.
 
 Memory bound, besides the model and the calibration arrays: the float64 accumulators,
 ``8 * sum(m_i^2)`` bytes over the sites (a ResNet50's 54 sites: 0.26 GB), the activations of one
-batch (``batch_size`` examples), and for each Conv2D site the patches of a single example
-(``positions * kh * kw * cin`` floats): patches are extracted and reduced one example at a time
-(``tf.image.extract_patches`` in a ``tf.while_loop``), never for the whole batch.
+batch (``batch_size`` examples), and for each Conv2D site at most ``PATCH_FLOATS`` (64 MiB) of
+im2col patches, or one example's where that is more: patches are extracted and reduced a chunk of
+examples at a time (``tf.image.extract_patches`` in a ``tf.while_loop``).
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from graphrewrite.plan import RewritePlan
 from graphrewrite.transforms import Transform
 
 DEFAULT_BATCH = 32
+PATCH_FLOATS = 1 << 24  # 64 MiB of im2col patches at most at once
 
 
 @dataclasses.dataclass
@@ -237,7 +238,12 @@ def _gram_function(fir: FunctionIR, model: LoadedModel, uses: Sequence[Use], dty
 
 
 def _gram(fir: FunctionIR, model: LoadedModel, use: Use, x: Any) -> tuple[Any, Any]:
-    """``(X^T X, rows)`` of one use's activation ``x`` (float32)."""
+    """``(X^T X, rows)`` of one use's activation ``x`` (float32).
+
+    Ops with many rows per example (convolutions) are reduced a chunk of examples at a time, with
+    at most PATCH_FLOATS patch values formed at once. Every row counts: the Gram costs ``m^2`` per
+    row against the op's own ``m n`` (9x for a 3 x 3 convolution with as many outputs as inputs).
+    """
     import tensorflow as tf
 
     node = fir.graph[use.op]
@@ -253,10 +259,14 @@ def _gram(fir: FunctionIR, model: LoadedModel, use: Use, x: Any) -> tuple[Any, A
 
     if not adapter.rows_per_example:
         return reduce(x)
+    chunk = 1
+    if x.shape[1:].is_fully_defined():
+        positions = int(np.prod(x.shape[1:])) // max(int(shape[-2]), 1)  # an upper bound (stride 1)
+        chunk = max(1, PATCH_FLOATS // (positions * use.m))
 
     def body(i: Any, gram: Any, count: Any) -> tuple[Any, Any, Any]:
-        g, r = reduce(x[i:i + 1])
-        return i + 1, gram + g, count + r
+        g, r = reduce(x[i:i + chunk])
+        return i + chunk, gram + g, count + r
 
     _, gram, count = tf.while_loop(lambda i, *_: i < tf.shape(x)[0], body,
                                    (tf.constant(0), tf.zeros([use.m, use.m]), tf.constant(0, tf.int64)))
