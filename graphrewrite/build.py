@@ -605,13 +605,18 @@ def _set_variables(root: Any, variables: list[Any]) -> None:
 
 def factorize_all(model: LoadedModel, plan: RewritePlan, transform: Transform,
                   progress: Callable[[str], None]) -> dict[str, dict[str, np.ndarray]]:
-    """Initial factor values of every site, from the weights as they are now (LAPACK)."""
+    """Initial factor values of every site, from the weights as they are now (LAPACK), fitted to
+    the calibration statistics (``model.calibration``) where the plan marks a site calibrated."""
+    grams = model.calibration.grams if model.calibration is not None else {}
     out = {}
     for i, site in enumerate(plan.sites, 1):
         progress(f"factorizing {i}/{len(plan.sites)}: {site.variable.name} {site.size.m}x{site.size.n}")
         value = model.variables[site.variable.key].numpy()
         matrix = views.apply_numpy(value, site.view).astype(np.float32, copy=False)
-        out[site.id] = transform.factorize(matrix, site.size)
+        if site.size.details.get("factors") == "calibrated":
+            out[site.id] = transform.factorize_calibrated(matrix, site.size, grams[site.variable.key])
+        else:
+            out[site.id] = transform.factorize(matrix, site.size)
         del value, matrix
     return out
 

@@ -176,12 +176,17 @@ def cli(verbose: bool) -> None:
 @click.option("-q", "--quiet", is_flag=True, help="no progress messages on stderr")
 @click.option("--progress", "show_progress", is_flag=True,
               help="progress messages on stderr even when it is not a terminal")
+@click.option("--calibration", type=click.Path(), default=None, metavar="DATA",
+              help="example inputs (.npz, or a directory of TFRecord tf.train.Example files): fit the "
+                   "factors and rank policies to each weight's outputs on them")
+@click.option("--calibration-signature", "calibration_signature", default="serving_default", show_default=True,
+              metavar="NAME", help="the signature whose inputs --calibration holds")
 def compress(in_model: str, out_model: str, compression_hparams: str | None, method: str | None,
              tag_set: str, allow_unsafe_ops: bool, fast: bool, overwrite: bool, dry_run: bool,
              allow_empty: bool, allow_larger: bool, schedule_steps: int | None, schedule_start: int,
              as_json: bool, quiet: bool, show_progress: bool, energy: float | None, max_error: float | None,
              target_ratio: float | None, min_params: int, include: str | None, exclude: str | None,
-             **values: Any) -> None:
+             calibration: str | None, calibration_signature: str, **values: Any) -> None:
     """Rewrite IN_MODEL into OUT_MODEL with compressed, alpha-gated weights.
 
     \b
@@ -204,7 +209,8 @@ def compress(in_model: str, out_model: str, compression_hparams: str | None, met
     result = pipeline.compress(
         in_model, out_model, hp, tags=_tags(tag_set), verify=not fast, overwrite=overwrite,
         allow_unsafe_ops=allow_unsafe_ops, dry_run=dry_run, allow_larger=allow_larger, selection=selection,
-        progress=progress, warn=_warning, allow_empty=allow_empty)
+        progress=progress, warn=_warning, allow_empty=allow_empty, calibration=calibration,
+        calibration_signature=calibration_signature)
     if as_json:
         click.echo(json.dumps(report.compress_json(result), indent=1))
     else:

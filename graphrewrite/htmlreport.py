@@ -30,6 +30,7 @@ from graphrewrite.diff import (
     variables_text,
 )
 from graphrewrite.errors import OutputError
+from graphrewrite.report import calibration_text
 
 _CHAR_W = 7.3  # advance of one 12px monospace character
 _LINE_H = 15
@@ -153,10 +154,15 @@ def _site_section(site: Mapping[str, Any]) -> str:
     facts = [[site.get("op", ""), site.get("op_type", ""), dims_text(site["shape"]), dims_text(site["matrix"]),
               "-" if site.get("k") is None else site["k"], site.get("method", ""),
               f"{site['params_before']:,} -> {site['params_after']:,}"]]
+    header = ["op", "type", "shape", "matrix", "k", "method", "parameters"]
+    details = site.get("details") or {}
+    if "output_error" in details or "calibration" in details:
+        header.append("output error on calibration data: plain -> calibrated")
+        facts[0].append(calibration_text(details))
     return "\n".join([
         "<section class=\"site\">",
         f"<h3><code>{_e(site['variable'])}</code></h3>",
-        _table(["op", "type", "shape", "matrix", "k", "method", "parameters"], facts),
+        _table(header, facts),
         site_svg(site),
         "</section>",
     ])

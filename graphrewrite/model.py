@@ -85,3 +85,4 @@ class LoadedModel:
     regularization_losses: list[Any]
     source: Any  # the loaded object (kept alive, used to compute reference outputs)
     signature_functions: dict[str, Any]  # signature key -> callable of the original model
+    calibration: Any = None  # graphrewrite.statistics.Statistics when compress was given calibration data

@@ -33,9 +33,14 @@ MatrixFn = Callable[[Any], Any]
 
 
 class OpAdapter:
-    """Base of the op adapters (one per op type; subclasses are final)."""
+    """Base of the op adapters (one per op type; subclasses are final).
+
+    ``rows_per_example``: ``activation_rows`` of one example are many (a convolution's patches), so
+    calibration statistics are gathered one example at a time to bound their memory.
+    """
 
     op_types: ClassVar[tuple[str, ...]]
+    rows_per_example: ClassVar[bool] = False
 
     def weight_positions(self, node: Node) -> tuple[int, ...]:
         return (0, 1)
@@ -54,6 +59,11 @@ class OpAdapter:
 
     def apply_matrix_fn(self, node: Node, inputs: list[Any], pos: int, fn: MatrixFn) -> Any | None:
         """The op with ``x @ W`` replaced by ``fn(x)`` on the flattened input; None if unsupported."""
+        return None
+
+    def activation_rows(self, node: Node, x: Any, pos: int, weight_shape: tuple[int, ...]) -> Any | None:
+        """The rows that multiply W (``[rows, m]``) from the op's other operand ``x``, for calibration
+        statistics; None where not supported (the site then factorises from its weight alone)."""
         return None
 
 
@@ -99,6 +109,13 @@ class _MatMulLike(OpAdapter):
             return fn(_transpose_last2(x) if ta else x)
         return _transpose_last2(fn(x if tb else _transpose_last2(x)))
 
+    def activation_rows(self, node: Node, x: Any, pos: int, weight_shape: tuple[int, ...]) -> Any:
+        import tensorflow as tf
+
+        ta, tb = self._flags(node)
+        rows = (_transpose_last2(x) if ta else x) if pos == 1 else (x if tb else _transpose_last2(x))
+        return tf.reshape(rows, [-1, tf.shape(rows)[-1]])
+
 
 @dataclasses.dataclass(frozen=True)
 class MatMul(_MatMulLike):
@@ -132,6 +149,7 @@ class BatchMatMul(_MatMulLike):
 @dataclasses.dataclass(frozen=True)
 class Conv2D(OpAdapter):
     op_types: ClassVar[tuple[str, ...]] = ("Conv2D",)
+    rows_per_example: ClassVar[bool] = True
 
     def weight_positions(self, node: Node) -> tuple[int, ...]:
         return (1,)
@@ -168,6 +186,26 @@ class Conv2D(OpAdapter):
         k = b.shape[-1]
         first = self._conv(node, x, tf.reshape(b, [kh, kw, cin, k]), first=True)
         return self._conv(node, first, tf.reshape(c, [1, 1, k, cout]), first=False)
+
+    def activation_rows(self, node: Node, x: Any, pos: int, weight_shape: tuple[int, ...]) -> Any | None:
+        """The im2col patches, ordered (kh, kw, cin) like the kernel's matrix view."""
+        import tensorflow as tf
+
+        kh, kw, cin, _ = weight_shape
+        strides, rates = list(node.attr("strides")), list(node.attr("dilations", [1, 1, 1, 1]))
+        padding, pads = node.attr("padding"), list(node.attr("explicit_paddings", []) or [])
+        if node.attr("data_format", "NHWC") == "NCHW":
+            x = tf.transpose(x, [0, 2, 3, 1])
+            strides, rates = ([v[0], v[2], v[3], v[1]] for v in (strides, rates))
+            pads = pads[:2] + pads[4:] + pads[2:4] if pads else pads
+        if x.shape.rank != 4 or x.shape[-1] != cin:  # grouped convolution
+            return None
+        if padding == "EXPLICIT":
+            x = tf.pad(x, [pads[i:i + 2] for i in range(0, 8, 2)])
+            padding = "VALID"
+        patches = tf.image.extract_patches(x, sizes=[1, kh, kw, 1], strides=[1, strides[1], strides[2], 1],
+                                           rates=[1, rates[1], rates[2], 1], padding=padding)
+        return tf.reshape(patches, [-1, kh * kw * cin])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -235,6 +273,20 @@ class Einsum(OpAdapter):
         c_r = tf.reshape(c, [k] + [dims[ch] for ch in outs])
         t = tf.einsum(f"{x_letters},{ins}{z}->{keep}{z}", inputs[1 - pos], b_r)
         return tf.einsum(f"{keep}{z},{z}{outs}->{out}", t, c_r)
+
+    def activation_rows(self, node: Node, x: Any, pos: int, weight_shape: tuple[int, ...]) -> Any | None:
+        """The input's contracted axes moved last (in the weight's order) and flattened."""
+        import tensorflow as tf
+
+        letters = self._letters(node, pos)
+        if isinstance(letters, str):
+            return None
+        w_letters, x_letters, _, ins, _ = letters
+        keep = "".join(ch for ch in x_letters if ch not in ins)
+        m = 1
+        for ch in ins:
+            m *= weight_shape[w_letters.index(ch)]
+        return tf.reshape(tf.einsum(f"{x_letters}->{keep}{ins}", x), [-1, m])
 
 
 ADAPTERS: dict[str, OpAdapter] = {

@@ -22,6 +22,7 @@ import numpy as np
 from graphrewrite import __version__, preflight, sandbox, views
 from graphrewrite import manifest as manifest_lib
 from graphrewrite.advice import nothing_to_rewrite
+from graphrewrite.calibration import Calibration
 from graphrewrite.errors import (
     AlreadyRewrittenError,
     InputModelError,
@@ -85,17 +86,21 @@ def plan_model(input_dir: str, hparams: Mapping[str, Any], tags: Sequence[str] =
                allow_unsafe_ops: bool = False, progress: Progress = _quiet,
                allow_larger: bool = False, selection: Selection = DEFAULT_SELECTION,
                warn: Progress = _python_warning,
-               probe: Callable[[], None] | None = None) -> tuple[Any, RewritePlan, Any]:
-    """Scans, loads and plans; returns (loaded model, plan, transform).
+               probe: Callable[[], None] | None = None, calibration: Calibration | None = None,
+               calibration_signature: str = "serving_default") -> tuple[Any, RewritePlan, Any]:
+    """Scans, loads, calibrates (with ``calibration`` data: graphrewrite.statistics) and plans;
+    returns (loaded model, plan, transform).
 
     Between the scan and the load, ``probe`` (default: loading the model once in the sandbox)
     runs the model's load in a child process first, so that a model whose loading hangs or
     crashes stops there, with one line, rather than in this process.
     """
-    from graphrewrite import loader
+    from graphrewrite import loader, statistics
     from graphrewrite.transforms import make as make_transform
 
     transform = make_transform(hparams, allow_larger=allow_larger)
+    if calibration is not None:
+        statistics.check_method(transform)
     sandbox.start()  # it imports TensorFlow while this process scans
     progress(f"scanning {input_dir}")
     found = scan(input_dir)
@@ -115,15 +120,22 @@ def plan_model(input_dir: str, hparams: Mapping[str, Any], tags: Sequence[str] =
     progress("loading and inlining")
     model = loader.load(input_dir, tags, meta.object_based)
     check_finite(model)
+    if calibration is not None:
+        model.calibration = statistics.calibrate(model, calibration, calibration_signature, progress, input_dir,
+                                                 tags, meta.object_based,
+                                                 sandbox.Limits.from_env(allow_io=allow_unsafe_ops))
 
     def spectrum(key: str, view: views.View) -> np.ndarray:
         import scipy.linalg
 
         progress(f"singular values of {model.infos[key].name}")
         matrix = views.apply_numpy(model.variables[key].numpy(), view).astype(np.float32, copy=False)
-        return scipy.linalg.svdvals(matrix, check_finite=False)
+        whitened = statistics.spectrum(matrix, model.calibration, key)
+        return scipy.linalg.svdvals(matrix, check_finite=False) if whitened is None else whitened
 
     plan = make_plan(model.functions.values(), model.infos, transform, selection, spectrum)
+    if model.calibration is not None:
+        plan = statistics.mark_plan(plan, model.calibration)
     return model, plan, transform
 
 
@@ -131,7 +143,9 @@ def compress(input_dir: str, output_dir: str, hparams: Mapping[str, Any], *,
              tags: Sequence[str] = ("serve",), verify: bool = True, overwrite: bool = False,
              allow_unsafe_ops: bool = False, dry_run: bool = False, allow_larger: bool = False,
              selection: Selection = DEFAULT_SELECTION, progress: Progress = _quiet,
-             warn: Progress = _python_warning, allow_empty: bool = False) -> CompressResult:
+             warn: Progress = _python_warning, allow_empty: bool = False,
+             calibration: Calibration | None = None,
+             calibration_signature: str = "serving_default") -> CompressResult:
     """Rewrites ``input_dir`` into ``output_dir`` (see the module docstring).
 
     Args:
@@ -149,6 +163,10 @@ def compress(input_dir: str, output_dir: str, hparams: Mapping[str, Any], *,
       warn: called with one-line warnings (default: Python warnings).
       allow_empty: write the output although every site was skipped (else NothingToRewriteError,
         before anything is written).
+      calibration: example inputs (graphrewrite.calibration: an .npz or TFRecord path, a dict of
+        arrays, an iterable of dicts): low rank and input/output then fit their factors, and the
+        rank policies measure their errors, on the outputs of each weight for these inputs.
+      calibration_signature: the signature the calibration examples are inputs of.
     """
     if not dry_run:
         check_output(input_dir, output_dir, overwrite)
@@ -165,7 +183,7 @@ def compress(input_dir: str, output_dir: str, hparams: Mapping[str, Any], *,
                                      what=f"{input_dir}: running the input model", limits=limits))
 
     model, plan, transform = plan_model(input_dir, hparams, tags, allow_unsafe_ops, progress, allow_larger,
-                                        selection, warn, probe)
+                                        selection, warn, probe, calibration, calibration_signature)
     if dry_run:
         return CompressResult(None, plan, None, None)
     if not plan.sites and transform.option != 0 and not allow_empty:
@@ -228,6 +246,10 @@ def _save_rewrite(model: Any, plan: RewritePlan, transform: Any, hparams: Mappin
     from graphrewrite import update as update_lib
 
     initial = build_lib.factorize_all(model, plan, transform, progress)
+    if model.calibration is not None:
+        from graphrewrite import statistics
+
+        statistics.record_errors(data["sites"], model, plan, transform, initial)
     schedule = update_lib.Schedule.from_hparams(hparams)
 
     def update_factory(root: Any, plan_: RewritePlan, transform_: Any) -> Any:

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
+
 from graphrewrite import __version__
 from graphrewrite import manifest as manifest_lib
 from graphrewrite.plan import RewritePlan
@@ -28,7 +30,8 @@ def inspect_json(data: dict[str, Any]) -> dict[str, Any]:
     for site in data["sites"]:
         entry = {key: site.get(key) for key in _SITE_KEYS}
         entry["ratio"] = site["params_after"] / site["params_before"] if site["params_before"] else 1.0
-        for key in ("policy", "kept_energy", "relative_error"):
+        for key in ("policy", "kept_energy", "relative_error", "factors", "calibration", "output_error",
+                    "output_error_plain"):
             if key in site.get("details", {}):
                 entry[key] = site["details"][key]
         for extra in ("alpha", "reconstruction_error"):
@@ -94,8 +97,10 @@ def inspect_text(data: dict[str, Any]) -> str:
         out.append(schedule_text(schedule, hp))
     if data["sites"]:
         live = "alpha" in data["sites"][0]
+        calibrated = any("output_error" in s.get("details", {}) for s in data["sites"])
         header = ["op", "variable", "type", "shape", "k", "params", "ratio", "FLOPs/row"]
         header += ["alpha", "error now"] if live else []
+        header += ["output error: plain -> calibrated"] if calibrated else []
         rows = []
         for s in data["sites"]:
             row = [s["op"], s["variable"], s.get("op_type", ""), "x".join(map(str, s["shape"])),
@@ -104,10 +109,16 @@ def inspect_text(data: dict[str, Any]) -> str:
                    f"{s.get('flops_before', 0):,} -> {s.get('flops_after', 0):,}"]
             if live:
                 row += [f"{s['alpha']:.4f}", f"{s['reconstruction_error']:.4f}"]
+            if calibrated:
+                row.append(calibration_text(s.get("details", {})))
             rows.append(row)
         out.append(table(rows, header))
     else:
         out.append("no sites")
+    if calibrated_with := (data.get("options") or {}).get("calibration"):
+        out.append(f"output error: ||X (A - W_c)|| / ||X A|| of each weight on the rows X it multiplies "
+                   f"for the {calibrated_with['examples']} calibration examples of "
+                   f"{calibrated_with['signature']!r}, with factors from the weight alone (plain) and calibrated")
     if data["skipped"]:
         out.append("skipped:")
         out.extend(f"  {s['op']} ({s.get('variable')}): {s['reason']}" for s in data["skipped"])
@@ -116,6 +127,13 @@ def inspect_text(data: dict[str, Any]) -> str:
                f"{t['params_after']:,} ({t['ratio']:.3f}x), FLOPs per row {t.get('flops_before', 0):,} -> "
                f"{t.get('flops_after', 0):,}")
     return "\n".join(out)
+
+
+def calibration_text(details: dict[str, Any]) -> str:
+    """``plain -> calibrated`` output errors of a site, or why it has none."""
+    if "output_error" in details:
+        return f"{details['output_error_plain']:.4f} -> {details['output_error']:.4f}"
+    return f"- ({details['calibration']})" if "calibration" in details else "-"
 
 
 def add_spectra(data: dict[str, Any], model: Any, plan: RewritePlan) -> None:
@@ -212,6 +230,11 @@ def compress_text(result: Any, source: str) -> str:
         lines.append(f"note: {plan.method} replaces each weight outright, as the reference does (no alpha): "
                      f"the outputs start {ver['max_rel_diff_alpha0']:.2%} (max relative) away from the input "
                      "model's; fine-tune to recover (see the README)")
+    errors = [s["details"] for s in (result.manifest or {}).get("sites", []) if "output_error" in s["details"]]
+    if errors:
+        lines.append(f"calibrated {len(errors)} site(s): relative output error of each weight on the calibration "
+                     f"examples, mean {np.mean([e['output_error'] for e in errors]):.2%} (factors from the weight "
+                     f"alone: {np.mean([e['output_error_plain'] for e in errors]):.2%}); per site in inspect")
     for skip in plan.skipped:
         lines.append(f"skipped {skip.op} ({skip.variable}): {skip.reason}")
     return "\n".join(printable(line) for line in lines)  # each one line, whatever the names hold

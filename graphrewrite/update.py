@@ -6,7 +6,8 @@ site, at global step ``step``:
     in_range = begin <= step and (end == -1 or step <= end)       (end inclusive)
     due      = last_update + frequency <= step
     if in_range and due:
-        if last_update < 0:  factors := factorize(current A)      (first due update only)
+        if last_update < 0:  factors := factorize(current A)      (first due update only,
+                                                               not for calibrated factors)
         last_update := step
         alpha := max(alpha - alpha_decrement_value, 0)
 
@@ -124,7 +125,10 @@ def _update_site(site: SiteHandle, step: Any) -> Any:
     due = tf.logical_and(in_range, last + sched.frequency <= step)
 
     def run() -> Any:
-        refreshed = tf.cond(last < 0, lambda: _refactor(site), lambda: tf.constant(False))
+        # Calibrated factors were fitted to A's outputs at rewrite time: that was the first
+        # factorisation, and redoing it from A alone would undo the calibration (README).
+        refreshed = tf.constant(False) if site.size.details.get("factors") == "calibrated" else tf.cond(
+            last < 0, lambda: _refactor(site), lambda: tf.constant(False))
         with tf.control_dependencies([refreshed]):
             new_alpha = tf.maximum(state.alpha.read_value() - sched.decrement, 0.0)
             ops = [state.alpha.assign(new_alpha), state.last_update.assign(step)]

@@ -213,6 +213,7 @@ def test_readme_python_examples_run(tmp_path):
         blocks = re.findall(r"```python\n(.*?)```", f.read(), re.S)
     assert len(blocks) >= 4
     (tmp_path / "out").mkdir()
+    (tmp_path / "testdata").symlink_to(os.path.join(ROOT, "testdata"))  # the calibration example's input
     main_proc = subprocess.run([sys.executable, "-c", "from graphrewrite.cli import main; main()", "compress",
                                 os.path.join(ROOT, "testdata", "digits_mlp"), "out/digits_mlp_r200", "--rank=200",
                                 "--fast", "-q"], cwd=tmp_path, capture_output=True, text=True, timeout=600)

@@ -52,7 +52,8 @@ class SizePlan:
         """What the built ops depend on: the plan without the statistics recorded beside it (which
         SVD found the factors, a rank policy's kept energy and error). Sites with equal keys, op
         and shapes share their traced functions."""
-        informational = {"svd", "policy", "kept_energy", "relative_error"}
+        informational = {"svd", "policy", "kept_energy", "relative_error", "error_space", "output_error",
+                         "output_error_plain"}
         details = tuple(sorted((k, repr(v)) for k, v in self.details.items() if k not in informational))
         return (self.m, self.n, self.k, self.params_after, details)
 
@@ -102,6 +103,18 @@ class Transform(abc.ABC):
     @abc.abstractmethod
     def factorize(self, matrix: np.ndarray, plan: SizePlan) -> dict[str, np.ndarray]:
         """Initial values of the factor variables from the weight (numpy)."""
+
+    def factorize_calibrated(self, matrix: np.ndarray, plan: SizePlan,
+                             gram: np.ndarray) -> dict[str, np.ndarray] | None:
+        """Initial factor values fitted to the weight's outputs on calibration data, or None where the
+        method has no data-aware form (``factorize`` is used then).
+
+        Args:
+          matrix: the weight's m x n matrix view.
+          plan: its size plan.
+          gram: ``X^T X / rows`` (m x m) of the rows X that multiply the matrix (graphrewrite.statistics).
+        """
+        return None
 
     def factorize_tf(self, matrix: Any, plan: SizePlan) -> dict[str, Any]:
         """In-graph factorisation for the ``use_tpu`` update path; methods without one refuse."""

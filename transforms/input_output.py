@@ -16,6 +16,15 @@ Initial values ignore the weight, as in the reference: ``uniform(+-sqrt(3 / max(
 2)))`` for B and D, and ``(rows + cols) / (2 fi)`` in C's limit, drawn from a fixed seed.
 Trainable flags: ``is_b/c/d_matrix_trainable``.
 
+With calibration data (``factorize_calibrated``; ``G_d`` the damped Gram of the site's input rows,
+graphrewrite.whiten) the start is fitted to the weight's outputs instead, blockwise PCA then least
+squares: D's rows are the leading ``obs/fo`` eigenvectors of the output Gram ``A^T G_d A`` averaged
+over its diagonal obs x obs blocks (Q = blockdiag(D), orthonormal rows); B's columns the leading
+``ibs/fi`` generalised eigenvectors of ``(H, G)``, the block averages of ``H = G_d A Q^T Q A^T G_d``
+and of ``G_d`` (the input directions that carry most of the kept output, exact for a single block);
+and ``C = (P^T G_d P)^-1 P^T G_d A Q^T`` with P = blockdiag(B), the least-squares optimum of
+``||S (A - P C Q)||_F`` for those projections.
+
 Differences from the reference: none in the algebra. Sizes that do not divide, or a compression factor
 without the matching ``compress_*`` flag (its C would not fit the input), are refused here instead of
 failing inside TF; the weight-independent initial values come from NumPy's seeded generator.
@@ -28,6 +37,7 @@ from typing import Any, final
 
 import numpy as np
 
+from graphrewrite import whiten
 from graphrewrite.transforms._common import (
     FLOAT_BYTES,
     dense_by_identity,
@@ -86,6 +96,27 @@ class InputOutput(Transform):
         return uniform_init([(s.name, s.shape, xavier_limit(*s.shape, divisors[s.name]))
                              for s in self.factor_specs(plan)])
 
+    def factorize_calibrated(self, matrix: np.ndarray, plan: SizePlan, gram: np.ndarray) -> dict[str, np.ndarray]:
+        import scipy.linalg
+
+        ci, co, ibs, fi, obs, fo = self._sizes()
+        a, g = np.asarray(matrix, np.float64), whiten.damped(gram)
+        out = {}
+        q = np.eye(plan.n)
+        if co:
+            d = _leading(_block_mean(a.T @ g @ a, obs), obs // fo).T
+            q = np.kron(np.eye(plan.n // obs), d)
+            out["d"] = d
+        p = np.eye(plan.m)
+        if ci:
+            h = g @ a @ q.T @ q @ a.T @ g
+            b = _leading(_block_mean(h, ibs), ibs // fi, _block_mean(g, ibs))
+            p = np.kron(np.eye(plan.m // ibs), b)
+            out["b"] = b
+        gp = p.T @ g
+        out["c"] = scipy.linalg.solve(gp @ p, gp @ a @ q.T, assume_a="pos", check_finite=False)
+        return {name: value.astype(np.float32) for name, value in out.items()}
+
     def factorize_tf(self, matrix: Any, plan: SizePlan) -> dict[str, Any]:
         return tf_constants(self.factorize(np.zeros((plan.m, plan.n), np.float32), plan))
 
@@ -115,3 +146,17 @@ class InputOutput(Transform):
         if "d" in values:
             w = w @ np.kron(np.eye(plan.n // values["d"].shape[1], dtype=np.float32), values["d"])
         return w
+
+
+def _block_mean(matrix: np.ndarray, size: int) -> np.ndarray:
+    """The mean of the diagonal size x size blocks of a square matrix."""
+    count = matrix.shape[0] // size
+    return np.mean([matrix[i * size:(i + 1) * size, i * size:(i + 1) * size] for i in range(count)], axis=0)
+
+
+def _leading(matrix: np.ndarray, count: int, metric: np.ndarray | None = None) -> np.ndarray:
+    """The ``count`` leading (generalised, with ``metric``) eigenvectors, as columns."""
+    import scipy.linalg
+
+    _, vectors = scipy.linalg.eigh(matrix, metric, check_finite=False)
+    return vectors[:, ::-1][:, :count]

@@ -17,6 +17,11 @@ finder with power iterations); measured on 2 cores, each is 1.5-4x faster than g
 and slower elsewhere (``benchmarks/bench_rewrite_time.py``). The blended weight is ``alpha * A + (1 - alpha) * B @ C``; the
 product with an input is taken as ``(x @ B) @ C``, which costs ``k (m + n)`` per row instead of
 ``m n``. Parameters after: ``m k + k n``; a site where that is not below ``m n`` is refused.
+
+With calibration data (``factorize_calibrated``), B and C instead minimise the damped output-space
+error ``tr((A - BC)^T (G + lambda I) (A - BC))`` for the Gram ``G`` of the site's input rows:
+``S^T S = G + lambda I`` (Cholesky), ``S A = U diag(s) V^T``, ``B = S^-1 U_k sqrt(s_k)``,
+``C = sqrt(s_k) V_k^T`` (graphrewrite.whiten has the derivation and the damping).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from typing import Any, final
 
 import numpy as np
 
+from graphrewrite import whiten
 from graphrewrite.transforms.base import FactorSpec, Refusal, SizePlan, Transform
 
 
@@ -167,6 +173,11 @@ class LowRank(Transform):
             u, s, vt = svd(np.asarray(matrix, dtype=np.float32))
         b, c = split_factors(u, s, vt, plan.k)
         return {"b": b.astype(np.float32), "c": c.astype(np.float32)}
+
+    def factorize_calibrated(self, matrix: np.ndarray, plan: SizePlan, gram: np.ndarray) -> dict[str, np.ndarray]:
+        assert plan.k is not None
+        b, c = whiten.low_rank(matrix, gram, plan.k)
+        return {"b": b, "c": c}
 
     def factorize_tf(self, matrix: Any, plan: SizePlan) -> dict[str, Any]:
         import tensorflow as tf

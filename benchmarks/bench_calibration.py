@@ -1,0 +1,272 @@
+"""Data-aware compression (``--calibration``) against factors from the weights alone.
+
+Four parts (``--only`` runs one):
+
+* ``oneshot``: the digits MLP and CNN compressed with ``--target-ratio`` 0.48, 0.29 and 0.20 of
+  the kernel parameters and exported as they are (alpha = 0, no fine-tuning); test accuracy on the
+  450 held-out images, plain vs calibrated. Calibration: 512 training images drawn with each seed,
+  the calibrated figure the mean of 2 seeds (plain is deterministic).
+* ``finetune``: the README's fine-tuning (bench_accuracy.py: gradual schedule, Adam 1e-3, batch 32,
+  45 epochs) after plain and calibrated compression at 0.48 and 0.29, the accuracy after 1, 2, 3,
+  5, 10, 20 and 45 epochs, mean of 2 seeds (batch order and calibration draw).
+* ``zoo``: a transformer encoder (2 layers, width 128, 4 heads, 32 tokens) and a ResNet50
+  (``keras.applications``, random weights, 64 x 64 inputs, no softmax): the relative output error
+  ``||y_c - y||_F / ||y||_F`` at alpha = 0 on 128 held-out random inputs, calibrated on 512 others,
+  at the same budget (the reference's rule, rank=200: the same k everywhere); the factor is
+  calibrated / plain.
+* ``cost``: for those two models, compress without and with calibration (512 examples), the
+  calibration pass alone, and the plain forward pass of the same 512 examples through the original.
+
+Targets (issue 14): one-shot calibrated never below plain, and at 20% within 1.5 points of
+uncompressed for the MLP and 1 point for the CNN; fine-tuned calibrated at least the README's
+best-policy figures (98.00 / 99.11 at 48%, 98.11 / 98.56 at 29%); the zoo factors below 1; the
+calibration pass at most the forward pass's time (the factorisation comes on top).
+
+    python benchmarks/bench_calibration.py [--only oneshot|finetune|zoo|cost] [--epochs 45] [--seeds 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import time
+
+import common
+import numpy as np
+import tensorflow as tf
+from bench_accuracy import GRADUAL, TESTDATA, accuracy, kernel_ratio
+from bench_rewrite_time import build_bert_base
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "testdata"))
+from make_testdata import digits_split  # noqa: E402
+
+MODELS = (("digits_mlp", "pixels", (-1, 64)), ("digits_cnn", "image", (-1, 8, 8, 1)))
+BEST_POLICY = {("digits_mlp", 0.48): 0.98, ("digits_cnn", 0.48): 0.9911,
+               ("digits_mlp", 0.29): 0.9811, ("digits_cnn", 0.29): 0.9856}
+CURVE = (1, 2, 3, 5, 10, 20, 45)
+EXAMPLES = 512
+
+
+def compress(src: str, out: str, hp: dict, ratio: float | None, calibration) -> object:
+    import graphrewrite
+    from graphrewrite import hparams
+    from graphrewrite.plan import Selection
+    from graphrewrite.rankpolicy import Policy
+
+    selection = Selection(policy=Policy(target_ratio=ratio)) if ratio else Selection()
+    return graphrewrite.compress(src, out, hparams.resolve(None, hp), verify=False, overwrite=True,
+                                 selection=selection, calibration=calibration)
+
+
+def draw(x: np.ndarray, key: str, seed: int) -> dict:
+    return {key: x[np.random.default_rng(seed).choice(len(x), EXAMPLES, replace=False)]}
+
+
+def at_alpha0(path: str):
+    model = tf.saved_model.load(path)
+    for site in model.graphrewrite_sites:
+        site.alpha.assign(0.0)
+    return model
+
+
+def oneshot(args, work: str, targets: common.Targets) -> None:
+    x_train, _, x_test, y_test = digits_split()
+    rows = []
+    for name, key, shape in MODELS:
+        src = os.path.join(TESTDATA, name)
+        xtr, xte = x_train.reshape(shape), x_test.reshape(shape)
+        base = accuracy(tf.saved_model.load(src), xte, y_test)
+        for ratio in (0.48, 0.29, 0.20):
+            out = os.path.join(work, f"{name}_{ratio}")
+            result = compress(src, out, GRADUAL, ratio, None)
+            plain = accuracy(at_alpha0(out), xte, y_test)
+            accuracies = []
+            for seed in range(args.seeds):
+                compress(src, out, GRADUAL, ratio, draw(xtr, key, seed))
+                accuracies.append(accuracy(at_alpha0(out), xte, y_test))
+            calibrated = float(np.mean(accuracies))
+            ok = targets.check(calibrated >= plain - 1e-9, f"{name} at {ratio}: calibrated below plain")
+            if ratio == 0.20:
+                limit = 0.015 if name == "digits_mlp" else 0.01
+                ok = targets.check(calibrated >= base - limit - 1e-9,
+                                   f"{name} at 20%: calibrated {calibrated:.2%} vs {base:.2%}") + " / " + ok
+            rows.append([name, f"{base:.2%}", f"{kernel_ratio(result.plan):.0%}", f"{plain:.2%}",
+                         f"{calibrated:.2%}", f"{calibrated - plain:+.2%}", ok])
+    print(f"# one-shot (alpha = 0, no fine-tuning) test accuracy on digits, --target-ratio; calibrated: "
+          f"{EXAMPLES} training images, mean of {args.seeds} draws; {common.machine()}")
+    print(common.table(["model", "uncompressed", "kernel params kept", "plain SVD", "calibrated", "gain", "target"],
+                       rows))
+
+
+def tune_curve(path: str, x, y, x_test, y_test, epochs: int, seed: int) -> dict[int, float]:
+    """The README's fine-tuning, with the test accuracy after each epoch of CURVE."""
+    import graphrewrite
+
+    model = tf.saved_model.load(path)
+    optimizer = tf.keras.optimizers.Adam(1e-3)
+
+    @tf.function
+    def step(xb, yb):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_mean(tf.keras.losses.sparse_categorical_crossentropy(yb, model.serve(xb), from_logits=True))
+        grads = tape.gradient(loss, model.trainable_variables)
+        optimizer.apply_gradients(zip(grads, model.trainable_variables))
+        graphrewrite.compression_update(model, optimizer.iterations)
+
+    rng = np.random.default_rng(seed)
+    curve = {}
+    for epoch in range(1, epochs + 1):
+        order = rng.permutation(len(x))
+        for i in range(0, len(order) - 31, 32):
+            batch = order[i:i + 32]
+            step(tf.constant(x[batch]), tf.constant(y[batch]))
+        if epoch in CURVE or epoch == epochs:
+            curve[epoch] = accuracy(model, x_test, y_test)
+    assert all(float(s.alpha.numpy()) == 0.0 for s in model.graphrewrite_sites)
+    return curve
+
+
+def finetune(args, work: str, targets: common.Targets) -> None:
+    x_train, y_train, x_test, y_test = digits_split()
+    rows = []
+    for name, key, shape in MODELS:
+        src = os.path.join(TESTDATA, name)
+        xtr, xte = x_train.reshape(shape), x_test.reshape(shape)
+        for ratio in (0.48, 0.29):
+            curves: dict[str, list[dict[int, float]]] = {"plain": [], "calibrated": []}
+            for seed in range(args.seeds):
+                for kind in curves:
+                    out = os.path.join(work, f"{name}_{ratio}_{kind}_{seed}")
+                    compress(src, out, GRADUAL, ratio, draw(xtr, key, seed) if kind == "calibrated" else None)
+                    curves[kind].append(tune_curve(out, xtr, y_train, xte, y_test, args.epochs, seed))
+            want = BEST_POLICY[(name, ratio)]
+            for kind, runs in curves.items():
+                mean = {e: float(np.mean([c[e] for c in runs])) for e in runs[0]}
+                # the README's figures are rounded to 0.01 points: compare at that precision
+                reach = next((e for e in sorted(mean) if round(mean[e], 4) >= want), None)
+                final = mean[max(mean)]
+                ok = targets.check(round(final, 4) >= want, f"{name} at {ratio}: fine-tuned {final:.2%} < {want:.2%}") \
+                    if kind == "calibrated" else ""
+                rows.append([name, f"{ratio:g}", kind, *(f"{mean[e]:.2%}" for e in sorted(mean)),
+                             "-" if reach is None else str(reach), ok])
+    epochs = [e for e in CURVE if e < args.epochs] + [args.epochs]
+    print(f"# test accuracy during the README's fine-tuning (gradual schedule), mean of {args.seeds} seeds; "
+          f"'reaches' = first epoch at the README's best-policy figure; {common.machine()}")
+    print(common.table(["model", "ratio", "factors", *(f"epoch {e}" for e in epochs), "reaches", "target"], rows))
+
+
+def build_encoder(path: str) -> None:
+    build_bert_base(path, layers=2, width=128, heads=4, ffn=512, vocab=1000, length=32)
+
+
+def build_resnet(path: str) -> None:
+    import keras
+
+    keras.utils.set_random_seed(0)
+    keras.applications.ResNet50(weights=None, input_shape=(64, 64, 3), classifier_activation=None).export(
+        path, verbose=False)
+
+
+def zoo_inputs(name: str, count: int, seed: int) -> dict:
+    rng = np.random.default_rng(seed)
+    if name == "encoder":
+        return {"tokens": rng.integers(0, 1000, (count, 32)).astype(np.int32)}
+    return {"keras_tensor": rng.standard_normal((count, 64, 64, 3)).astype(np.float32)}
+
+
+def zoo_models(work: str) -> list[tuple[str, str]]:
+    out = []
+    for name, builder in (("encoder", build_encoder), ("resnet50_64", build_resnet)):
+        path = os.path.join(work, name)
+        if not os.path.isdir(path):
+            builder(path)
+        out.append((name, path))
+    return out
+
+
+def rename(model_path: str, data: dict) -> dict:
+    """The random inputs keyed by the signature's actual input name."""
+    specs = tf.saved_model.load(model_path).signatures["serving_default"].structured_input_signature[1]
+    (name,) = specs
+    return {name: next(iter(data.values()))}
+
+
+def zoo(args, work: str, targets: common.Targets) -> None:
+    rows = []
+    for name, src in zoo_models(work):
+        kind = "encoder" if name == "encoder" else "resnet"
+        calibration = rename(src, zoo_inputs(kind, EXAMPLES, 0))
+        held_out = rename(src, zoo_inputs(kind, 128, 1))
+        reference = np.asarray(next(iter(tf.saved_model.load(src).signatures["serving_default"](
+            **{k: tf.constant(v) for k, v in held_out.items()}).values())))
+        errors = {}
+        for label, data in (("plain", None), ("calibrated", calibration)):
+            out = os.path.join(work, f"{name}_{label}")
+            result = compress(src, out, {"rank": 200}, None, data)
+            got = np.asarray(next(iter(at_alpha0(out).signatures["serving_default"](
+                **{k: tf.constant(v) for k, v in held_out.items()}).values())))
+            errors[label] = float(np.linalg.norm(got - reference) / np.linalg.norm(reference))
+        factor = errors["calibrated"] / errors["plain"]
+        ok = targets.check(factor < 1.0, f"{name}: calibrated/plain output error {factor:.3f}")
+        rows.append([name, str(len(result.plan.sites)), f"{result.plan.params_after / result.plan.params_before:.0%}",
+                     f"{errors['plain']:.4f}", f"{errors['calibrated']:.4f}", f"{factor:.3f}", ok])
+    print(f"# relative output error at alpha = 0 on 128 held-out random inputs, rank=200, calibrated on "
+          f"{EXAMPLES} others; {common.machine()}")
+    print(common.table(["model", "sites", "params kept", "plain SVD", "calibrated", "factor", "target"], rows))
+
+
+def cost(args, work: str, targets: common.Targets) -> None:
+    from graphrewrite import loader, statistics
+
+    rows = []
+    for name, src in zoo_models(work):
+        kind = "encoder" if name == "encoder" else "resnet"
+        data = rename(src, zoo_inputs(kind, EXAMPLES, 0))
+        signature = tf.saved_model.load(src).signatures["serving_default"]
+        signature(**{k: tf.constant(v[:32]) for k, v in data.items()})  # first call: graph optimisation
+
+        def forward(signature=signature, data=data) -> None:
+            for i in range(0, EXAMPLES, statistics.DEFAULT_BATCH):
+                signature(**{k: tf.constant(v[i:i + statistics.DEFAULT_BATCH]) for k, v in data.items()})
+
+        model = loader.load(src, ["serve"], True)
+        fwd = common.median_time(forward, repeats=2, warmup=1)
+        start = time.perf_counter()
+        statistics.collect(model, data, "serving_default")
+        collect = time.perf_counter() - start
+        times = {}
+        for label, calibration in (("plain", None), ("calibrated", data)):
+            start = time.perf_counter()
+            compress(src, os.path.join(work, f"{name}_cost"), {"rank": 200}, None, calibration)
+            times[label] = time.perf_counter() - start
+        ok = targets.check(collect <= fwd * 1.0, f"{name}: calibration pass {collect:.1f} s > forward {fwd:.1f} s")
+        rows.append([name, f"{fwd:.1f} s", f"{collect:.1f} s", f"{times['plain']:.1f} s", f"{times['calibrated']:.1f} s",
+                     f"{times['calibrated'] - times['plain'] - collect:.1f} s", ok])
+    print(f"# cost of calibration with {EXAMPLES} examples (batch {statistics.DEFAULT_BATCH}); compress with "
+          f"--fast (no verification); {common.machine()}")
+    print(common.table(["model", "forward pass", "calibration pass", "compress", "compress --calibration",
+                        "extra factorisation", "target (pass <= forward)"], rows))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", choices=("oneshot", "finetune", "zoo", "cost"), default=None)
+    parser.add_argument("--epochs", type=int, default=45)
+    parser.add_argument("--seeds", type=int, default=2)
+    args = parser.parse_args()
+    targets = common.Targets()
+    work = tempfile.mkdtemp(prefix="bench-calibration-")
+    try:
+        for part in (oneshot, finetune, zoo, cost):
+            if args.only in (None, part.__name__):
+                part(args, work, targets)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    targets.exit()
+
+
+if __name__ == "__main__":
+    main()
