@@ -289,8 +289,13 @@ class FunctionBuilder:
                     proto = stage.node.add()
                     proto.CopyFrom(graph[name].proto)
                     proto.device = ""
-                    if "_class" in proto.attr:
-                        del proto.attr["_class"]
+                    # _gradient_op_type names a custom gradient restored with the input model, bound
+                    # to tensors of the input's own function graphs: the save cannot re-bind those
+                    # (swish/silu in EfficientNet). Without it the op gets the plain autodiff
+                    # gradient of its forward ops, which is what Keras' custom gradients compute.
+                    for attr in ("_class", "_gradient_op_type"):
+                        if attr in proto.attr:
+                            del proto.attr[attr]
                     kept = self._edges(graph[name])
                     if len(kept) != len(graph[name].inputs):
                         del proto.input[:]
