@@ -2,9 +2,10 @@
 
 Each builder takes a directory to build in (a ``pathlib.Path`` or str) and returns the path of the
 SavedModel it wrote there; nothing is downloaded (``weights=None``, keras_hub backbones from small
-configs). ``ZOO`` maps a name to its ``ZooModel``; ``heavy`` ones take long enough to compress that
-they run only under ``pytest -m heavy``. The module is importable on its own (no pytest, no
-graphrewrite) so that other checks (the op allow-list) can build the same models.
+configs; their weights get the power-law spectra of trained ones, see ``_trained_like``). ``ZOO``
+maps a name to its ``ZooModel``; ``heavy`` ones take long enough to compress that they run only
+under ``pytest -m heavy``. The module is importable on its own (no pytest, no graphrewrite) so that
+other checks (the op allow-list) can build the same models.
 """
 
 from __future__ import annotations
@@ -109,6 +110,23 @@ def conv_decoder(directory: Any) -> str:
     return _export(keras.Model(z, out), directory, "conv_decoder")
 
 
+def _trained_like(model: Any) -> Any:
+    """Gives every matrix-shaped weight the power-law spectrum (s_i ~ i^-1.5) trained weights have,
+    keeping its singular vectors and Frobenius norm. With i.i.d. Gaussian weights every singular
+    value is worth its parameters, so a spectrum policy (--target-ratio) rightly keeps square
+    kernels dense; trained language models are not like that."""
+    for variable in model.weights:
+        value = np.asarray(variable.numpy())
+        if value.ndim < 2 or min(value.shape[-1], value.size // value.shape[-1]) < 2:
+            continue
+        matrix = value.reshape(-1, value.shape[-1]).astype(np.float64)
+        u, s, vt = np.linalg.svd(matrix, full_matrices=False)
+        decay = np.arange(1, s.size + 1) ** -1.5
+        decay *= np.linalg.norm(s) / np.linalg.norm(decay)
+        variable.assign(((u * decay) @ vt).reshape(value.shape).astype(value.dtype))
+    return model
+
+
 def _lm_config() -> dict[str, int]:
     return {"vocabulary_size": 1000, "num_layers": 2, "num_heads": 2, "hidden_dim": 128,
             "intermediate_dim": 512, "max_sequence_length": 32}
@@ -120,7 +138,7 @@ def bert_tiny(directory: Any) -> str:
     import keras_hub
 
     keras.utils.set_random_seed(5)
-    return _export(keras_hub.models.BertBackbone(**_lm_config()), directory, "bert_tiny")
+    return _export(_trained_like(keras_hub.models.BertBackbone(**_lm_config())), directory, "bert_tiny")
 
 
 def gpt2_tiny(directory: Any) -> str:
@@ -130,7 +148,7 @@ def gpt2_tiny(directory: Any) -> str:
     import keras_hub
 
     keras.utils.set_random_seed(6)
-    backbone = keras_hub.models.GPT2Backbone(**_lm_config())
+    backbone = _trained_like(keras_hub.models.GPT2Backbone(**_lm_config()))
     logits = backbone.token_embedding(backbone.output, reverse=True)
     return _export(keras.Model(backbone.input, logits), directory, "gpt2_tiny")
 
@@ -143,7 +161,7 @@ def vit_tiny(directory: Any) -> str:
     keras.utils.set_random_seed(7)
     backbone = keras_hub.models.ViTBackbone(
         image_shape=(32, 32, 3), patch_size=8, num_layers=2, num_heads=2, hidden_dim=128, mlp_dim=512)
-    return _export(backbone, directory, "vit_tiny")
+    return _export(_trained_like(backbone), directory, "vit_tiny")
 
 
 ZOO: dict[str, ZooModel] = {
