@@ -104,14 +104,22 @@ def test_conv_family_sites_and_depthwise_reason(zoo_run):
     assert types == ["Conv2D", "Conv2DBackpropInput", "Conv2DBackpropInput", "Conv3D", "MatMul"]
     depthwise = [s for s in result.plan.skipped if s.op_type == "DepthwiseConv2dNative"]
     assert len(depthwise) == 2 and all("no input-by-output matrix" in s.reason for s in depthwise)
-    conv1d = zoo_run("conv1d_text")[3].plan
-    assert [(s.op_type, s.size.m, s.size.n) for s in conv1d.sites[:2]] == [("Conv2D", 80, 32), ("Conv2D", 96, 48)]
 
 
-def test_recurrent_kernels_are_skipped_with_the_reason(zoo_run):
-    _, _, _, result, _ = zoo_run("lstm_text")
-    assert {s.variable.name for s in result.plan.sites} == {"embed/embeddings", "head/kernel"}
-    reasons = [s.reason for s in result.plan.skipped if "lstm" in s.variable]
+def _plan(tmp_path, name: str):
+    return plan_model(zoo.ZOO[name].build(tmp_path), hparams.resolve(None, {"rank": 200}))[1]
+
+
+def test_conv1d_kernels_are_seen_through_expand_dims(tmp_path):
+    plan = _plan(tmp_path, "conv1d_text")
+    assert [(s.op_type, s.size.m, s.size.n) for s in plan.sites[:2]] == [("Conv2D", 80, 32), ("Conv2D", 96, 48)]
+    assert plan.sites[0].view == (("reshape", (80, 32)),)  # [5, 16, 32] -> [1, 5, 16, 32] -> matrix
+
+
+def test_recurrent_kernels_are_skipped_with_the_reason(tmp_path):
+    plan = _plan(tmp_path, "lstm_text")
+    assert {s.variable.name for s in plan.sites} == {"embed/embeddings", "head/kernel"}
+    reasons = [s.reason for s in plan.skipped if "lstm" in s.variable]
     assert len(reasons) == 2 and all("inside a While/If" in r for r in reasons)
 
 
