@@ -69,6 +69,8 @@ def build(plan: RewritePlan, source: str, kind: str, tool_version: str,
         "signatures": signatures,
         "sites": sites,
         "skipped": skipped,
+        "left_dense": [{"reason": reason, "weights": count, "params": params}
+                       for reason, (count, params) in plan.left_dense.items()],
         "totals": {
             "sites": len(sites),
             "skipped": len(skipped),
@@ -207,6 +209,10 @@ def validate(data: Any, where: str) -> None:
         resolve(None, expect(data.get("hparams"), dict, "'hparams'"))
     except GraphrewriteError as exc:
         raise bad(f"hparams: {exc}") from None
+    for i, group in enumerate(expect(data.get("left_dense", []), list, "'left_dense'")):
+        expect(expect(group, dict, f"left_dense {i}").get("reason"), str, f"left_dense {i}: 'reason'")
+        for key in ("weights", "params"):
+            expect(group.get(key), int, f"left_dense {i}: '{key}'")
     for i, skip in enumerate(data["skipped"]):
         for key in ("op", "reason"):
             expect(expect(skip, dict, f"skipped {i}").get(key), str, f"skipped {i}: '{key}'")

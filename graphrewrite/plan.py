@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from graphrewrite import rankpolicy
+from graphrewrite import coverage, rankpolicy
 from graphrewrite.errors import UsageError
 from graphrewrite.match import Blocker, Use, match_function
 from graphrewrite.model import FunctionIR, VariableInfo
@@ -119,6 +119,8 @@ class RewritePlan:
     hparams: Mapping[str, Any]
     method: str
     options: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # selection, allow_larger
+    # reason -> [weights, parameters] of the model's variables that are not sites (coverage.py)
+    left_dense: Mapping[str, list[int]] = dataclasses.field(default_factory=dict)
 
     @property
     def params_before(self) -> int:
@@ -200,7 +202,8 @@ def make_plan(functions: Iterable[FunctionIR], infos: Mapping[str, VariableInfo]
     options = {"include": selection.include, "exclude": selection.exclude, "min_params": selection.min_params,
                "policy": selection.policy.describe(int(transform.hparams["rank"])),
                "allow_larger": transform.allow_larger}
-    return RewritePlan(tuple(sites), tuple(skipped), dict(transform.hparams), transform.name, options)
+    dense = coverage.left_dense(infos, (s.variable.key for s in sites), skipped, blockers)
+    return RewritePlan(tuple(sites), tuple(skipped), dict(transform.hparams), transform.name, options, dense)
 
 
 def _decide(ready: list[tuple], infos: Mapping[str, VariableInfo], transform: Transform, policy: Policy,

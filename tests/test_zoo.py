@@ -121,6 +121,11 @@ def test_recurrent_kernels_are_skipped_with_the_reason(tmp_path):
     assert {s.variable.name for s in plan.sites} == {"embed/embeddings", "head/kernel"}
     reasons = [s.reason for s in plan.skipped if "lstm" in s.variable]
     assert len(reasons) == 2 and all("inside a While/If" in r for r in reasons)
+    # inspect's count of what is left dense: LSTM kernel 32x192 + recurrent kernel 48x192, and
+    # every parameter of the model either in a site or in one of the groups.
+    assert plan.left_dense["read inside a While/If body (recurrent kernels)"] == [2, 32 * 192 + 48 * 192]
+    total = 200 * 32 + (32 + 48 + 1) * 192 + 48 * 5 + 5
+    assert sum(p for _, p in plan.left_dense.values()) + sum(s.size.params_before for s in plan.sites) == total
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=[pytest.mark.heavy] if zoo.ZOO[n].heavy else [])
