@@ -19,6 +19,7 @@ from graphrewrite.plan import RewritePlan, Use, display_op
 from graphrewrite.scan import MANIFEST_ASSET
 
 FORMAT = "graphrewrite-manifest"
+LOOKUPS = frozenset({"GatherV2", "ResourceGather"})
 VERSION = 1
 
 
@@ -47,8 +48,10 @@ def build(plan: RewritePlan, source: str, kind: str, tool_version: str,
             "k": site.size.k,
             "params_before": site.size.params_before,
             "params_after": site.size.params_after,
-            "flops_before": 2 * site.size.m * site.size.n,
-            "flops_after": transform.flops(site.size),
+            # A lookup (the first use) multiplies nothing; its compressed form costs 2 k n per row.
+            "flops_before": 0 if first.op_type in LOOKUPS else 2 * site.size.m * site.size.n,
+            "flops_after": 2 * (site.size.k or 0) * site.size.n if first.op_type in LOOKUPS
+            else transform.flops(site.size),
             "details": dict(site.size.details),
             "uses": [{"function": u.function, "node": u.op, "op_type": u.op_type, "operand": u.operand,
                       "chain": views.to_json(u.chain), "op_steps": views.to_json(u.op_steps),
