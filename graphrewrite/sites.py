@@ -4,8 +4,8 @@ A site is one weight; each op reading it (a *use*) is replaced by the op on the 
 blended with the original by alpha. Most ops go through a gated function (graphrewrite.blend) that
 never pays for the path whose coefficient is zero. Lookups (``GatherV2``/``ResourceGather``) are
 blended directly, ``alpha * gather(A, ids) + (1 - alpha) * gather(B, ids) @ C``: both paths cost
-only the rows looked up, and TensorFlow's own gradient then stays sparse (IndexedSlices) for A and
-B, where a cond branch would have to densify a vocabulary-sized table every step.
+only the rows looked up, and TensorFlow's own gather gradients (IndexedSlices) for A and B are
+not densified by a cond branch inside the function.
 
 A use may read the site's matrix transposed (a tied embedding: ``gather(W, ids)`` and the LM head's
 ``x @ W^T``): it computes with ``W_c^T = C^T B^T``, the same factors.
