@@ -8,7 +8,7 @@ import pytest
 import tensorflow as tf
 import zoo
 
-from graphrewrite import compress, hparams, loader
+from graphrewrite import compress, hparams, loader, report
 from graphrewrite.exporting import export
 from graphrewrite.match import match_function
 from graphrewrite.pipeline import _max_diff, plan_model
@@ -126,6 +126,9 @@ def test_recurrent_kernels_are_skipped_with_the_reason(tmp_path):
     assert plan.left_dense["read inside a While/If body (recurrent kernels)"] == [2, 32 * 192 + 48 * 192]
     total = 200 * 32 + (32 + 48 + 1) * 192 + 48 * 5 + 5
     assert sum(p for _, p in plan.left_dense.values()) + sum(s.size.params_before for s in plan.sites) == total
+    text = report.inspect_text(report.plan_dict(plan))
+    assert f"parameters of the original model: {total:,}; in rewritten sites 6,640 (29.9%)" in text
+    assert "15,360 in 2 weight(s): read inside a While/If body (recurrent kernels)" in text
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=[pytest.mark.heavy] if zoo.ZOO[n].heavy else [])
