@@ -74,7 +74,8 @@ def test_gradients_reach_every_factor(zoo_run, name):
     grads = tape.gradient(loss, factors)
     for factor, grad in zip(factors, grads):
         assert grad is not None, factor.name
-        assert float(tf.norm(tf.convert_to_tensor(grad))) > 0, factor.name
+        # (a random classifier's gradients can be ~1e-23: count non-zeros, a norm would underflow)
+        assert np.count_nonzero(tf.convert_to_tensor(grad).numpy()) > 0, factor.name
 
 
 @pytest.mark.parametrize("name", ALL)
