@@ -184,7 +184,7 @@ ZOO: dict[str, ZooModel] = {
 
 def sample_inputs(path: str, seed: int = 0) -> dict[str, dict[str, np.ndarray]]:
     """Deterministic inputs for every signature of a SavedModel: token ids below 100 (masks and
-    segments 0 or 1), unknown dimensions 2 (batch) or 16, floats standard normal."""
+    segments 0 or 1), unknown dimensions 2 (batch) or 32, floats standard normal."""
     import tensorflow as tf
 
     loaded = tf.saved_model.load(path)
@@ -193,7 +193,7 @@ def sample_inputs(path: str, seed: int = 0) -> dict[str, dict[str, np.ndarray]]:
     for key, fn in loaded.signatures.items():
         feed = {}
         for name, spec in sorted(fn.structured_input_signature[1].items()):
-            shape = [(2 if i == 0 else 16) if d is None else d for i, d in enumerate(spec.shape.as_list())]
+            shape = [(2 if i == 0 else 32) if d is None else d for i, d in enumerate(spec.shape.as_list())]
             if spec.dtype.is_integer:  # token ids in the vocabulary; masks, segments 0 or 1
                 high = 100 if "ids" in name and "segment" not in name else 2
                 feed[name] = rng.integers(0, high, shape).astype(spec.dtype.as_numpy_dtype)
