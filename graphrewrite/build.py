@@ -21,22 +21,12 @@ from typing import Any
 
 import numpy as np
 
-from graphrewrite import blend, views
+from graphrewrite import views
 from graphrewrite.graph import Graph, Node
 from graphrewrite.model import NO_DEFAULT, Entry, FunctionIR, LoadedModel, Variant
-from graphrewrite.ops import ADAPTERS
 from graphrewrite.plan import RewritePlan, SitePlan, Use
+from graphrewrite.sites import SiteRuntime, site_output, weight_spec
 from graphrewrite.transforms import Transform
-
-
-@dataclasses.dataclass
-class SiteRuntime:
-    """What a rebuilt function needs to emit one site's replacement."""
-
-    plan: SitePlan
-    state: Any  # SiteState trackable
-    transform: Transform
-    gates: dict[Any, Any] = dataclasses.field(default_factory=dict)  # shared by the sites of one build
 
 
 def _site_state_class() -> type:
@@ -70,76 +60,6 @@ def make_site_state(plan: SitePlan, weight: Any, transform: Transform,
     alpha = tf.Variable(1.0 if transform.blended else 0.0, dtype=tf.float32, name=f"{base}/alpha", **state_kw)
     last = tf.Variable(-1, dtype=tf.int64, name=f"{base}/last_alpha_update_step", **state_kw)
     return _site_state_class()(weight, factors, alpha, last)
-
-
-def site_output(runtime: SiteRuntime, use: Use, node: Node, inputs: list[Any], reads: Mapping[str, Any],
-                export: bool = False) -> Any:
-    """The replacement of one rewritten op: alpha-gated where the method blends, or (``export``)
-    the compressed form alone, which never reads the original weight."""
-    import tensorflow as tf
-
-    adapter = ADAPTERS[node.op]
-    transform, size, pos = runtime.transform, runtime.plan.size, use.operand
-    names = sorted(n for n in reads if n != "__alpha__")
-    # The compressed form uses only the weight's shape and dtype (in export mode it is given as a
-    # TensorSpec): never its value, which a gated function shared by several sites must not capture.
-    weight = inputs[pos] if isinstance(inputs[pos], tf.TensorSpec) else tf.TensorSpec(
-        inputs[pos].shape, inputs[pos].dtype)
-    others = [t for i, t in enumerate(inputs) if i != pos]
-
-    def with_weight(xs: Sequence[Any], w: Any) -> list[Any]:
-        out = list(xs)
-        out.insert(pos, w)
-        return out
-
-    def dense(args: Sequence[Any]) -> Any:
-        w = args[-1]
-        mask = transform.mask(dict(zip(names, args[len(others):-1])), size)
-        if mask is not None:
-            w = w * views.invert_tf(tf.cast(mask, w.dtype), use.op_steps, w.shape.as_list())
-        return adapter.apply(node, with_weight(args[:len(others)], w))
-
-    def compressed(args: Sequence[Any]) -> Any:
-        xs, factor_values = list(args[: len(others)]), dict(zip(names, args[len(others):]))
-        full = with_weight(xs, weight)
-        pair = transform.low_rank(factor_values, size)
-        if pair is not None:
-            b, c = (tf.cast(t, weight.dtype) for t in pair)
-            y = adapter.apply_low_rank(node, full, pos, b, c)
-            if y is not None:
-                return y
-        y = adapter.apply_matrix_fn(node, full, pos, lambda x: transform.matmul(x, factor_values, size))
-        if y is not None:
-            return y
-        matrix = tf.cast(transform.dense(factor_values, size), weight.dtype)
-        w = views.invert_tf(matrix, use.op_steps, weight.shape.as_list())
-        return adapter.apply(node, with_weight(xs, w))
-
-    factor_tensors = [reads[name] for name in names]
-    if export or not transform.blended:
-        return compressed(others + factor_tensors)
-    has_mask = type(transform).mask is not Transform.mask
-    dense_inputs = others + (factor_tensors if has_mask else []) + [inputs[pos]]
-    compressed_inputs = others + factor_tensors
-    # Sites that compute the same thing share one gated function (a nested tf.function): its custom
-    # gradient is then traced once for all of them when the model is saved, not once per site.
-    key = (id(transform), node.op, _attr_key(node), pos, use.op_steps, size.structure_key(), tuple(names),
-           has_mask, str(weight.shape), weight.dtype.name, len(dense_inputs))
-    gate = runtime.gates.get(key)
-    if gate is None:
-        n_dense = len(dense_inputs)
-
-        def gate_body(*args: Any) -> Any:
-            return blend.gated(dense, compressed, args[:n_dense], args[n_dense:-1], args[-1])
-
-        gate = runtime.gates[key] = tf.function(gate_body, autograph=False)
-    return gate(*dense_inputs, *compressed_inputs, reads["__alpha__"])
-
-
-def _attr_key(node: Node) -> tuple[tuple[str, bytes], ...]:
-    """The attributes that define what an op computes (not its device, class or gradient type)."""
-    return tuple(sorted((k, v.SerializeToString(deterministic=True))
-                        for k, v in node.proto.attr.items() if not k.startswith("_")))
 
 
 class FunctionBuilder:
@@ -268,7 +188,7 @@ class FunctionBuilder:
                 if name in self.sites:
                     runtime, use = self.sites[name]
                     if self.export or not runtime.transform.blended:
-                        data[use.operand] = _weight_spec(runtime, use, node)
+                        data[use.operand] = weight_spec(runtime, use, node)
                     out = site_output(runtime, use, node, data, site_reads[runtime.plan.id], self.export)
                 else:
                     out = tf.identity(model.variables[fir.reads[name]])
@@ -289,8 +209,13 @@ class FunctionBuilder:
                     proto = stage.node.add()
                     proto.CopyFrom(graph[name].proto)
                     proto.device = ""
-                    if "_class" in proto.attr:
-                        del proto.attr["_class"]
+                    # _gradient_op_type names a custom gradient restored with the input model, bound
+                    # to tensors of the input's own function graphs: the save cannot re-bind those
+                    # (swish/silu in EfficientNet). Without it the op gets the plain autodiff
+                    # gradient of its forward ops, which is what Keras' custom gradients compute.
+                    for attr in ("_class", "_gradient_op_type"):
+                        if attr in proto.attr:
+                            del proto.attr[attr]
                     kept = self._edges(graph[name])
                     if len(kept) != len(graph[name].inputs):
                         del proto.input[:]
@@ -330,14 +255,6 @@ def fingerprint(fir: FunctionIR) -> str:
     digest.update(repr((fir.inputs, fir.outputs, sorted(fir.handles.items()), sorted(fir.reads.items()),
                         sorted(fir.captures.items()))).encode())
     return digest.hexdigest()
-
-
-def _weight_spec(runtime: SiteRuntime, use: Use, node: Node) -> Any:
-    """Shape and dtype of a rewritten op's weight operand, without reading the weight."""
-    import tensorflow as tf
-
-    shape = views.shape_after(runtime.plan.variable.shape, use.chain)
-    return tf.TensorSpec(shape, tf.as_dtype(node.attr("T")))
 
 
 def _canonical(tensor_name: str) -> str:

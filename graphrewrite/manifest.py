@@ -21,6 +21,7 @@ from graphrewrite.plan import RewritePlan, Use, display_op
 from graphrewrite.scan import MANIFEST_ASSET
 
 FORMAT = "graphrewrite-manifest"
+LOOKUPS = frozenset({"GatherV2", "ResourceGather"})
 VERSION = 1
 
 
@@ -63,11 +64,14 @@ def build(plan: RewritePlan, source: str, kind: str, tool_version: str,
             "k": site.size.k,
             "params_before": site.size.params_before,
             "params_after": site.size.params_after,
-            "flops_before": 2 * site.size.m * site.size.n,
-            "flops_after": transform.flops(site.size),
+            # A lookup (the first use) multiplies nothing; its compressed form costs 2 k n per row.
+            "flops_before": 0 if first.op_type in LOOKUPS else 2 * site.size.m * site.size.n,
+            "flops_after": 2 * (site.size.k or 0) * site.size.n if first.op_type in LOOKUPS
+            else transform.flops(site.size),
             "details": dict(site.size.details),
             "uses": [{"function": u.function, "node": u.op, "op_type": u.op_type, "operand": u.operand,
-                      "chain": views.to_json(u.chain), "op_steps": views.to_json(u.op_steps)}
+                      "chain": views.to_json(u.chain), "op_steps": views.to_json(u.op_steps),
+                      "view": views.to_json(u.view)}
                      for u in site.uses],
         })
     skipped = [{"op": s.op, "op_type": s.op_type, "variable": s.variable, "shape": list(s.shape),
@@ -85,6 +89,8 @@ def build(plan: RewritePlan, source: str, kind: str, tool_version: str,
         "signatures": signatures,
         "sites": sites,
         "skipped": skipped,
+        "left_dense": [{"reason": reason, "weights": count, "params": params}
+                       for reason, (count, params) in plan.left_dense.items()],
         "totals": {
             "sites": len(sites),
             "skipped": len(skipped),
@@ -107,9 +113,7 @@ def plan_from(data: dict[str, Any], infos: Mapping[str, VariableInfo], transform
         for site in data["sites"]:
             info = infos[site["variable_key"]]
             uses = tuple(
-                Use(u["function"], u["node"], u["op_type"], int(u["operand"]), info.key,
-                    views.from_json(u["chain"]), views.from_json(u["op_steps"]), views.from_json(site["view"]),
-                    int(site["matrix"][0]), int(site["matrix"][1]))
+                _use(u, site, info.key)
                 for u in site["uses"])
             size = SizePlan(int(site["matrix"][0]), int(site["matrix"][1]), site["k"], int(site["params_after"]),
                             dict(site.get("details", {})))
@@ -117,6 +121,15 @@ def plan_from(data: dict[str, Any], infos: Mapping[str, VariableInfo], transform
     except (KeyError, TypeError, ValueError) as exc:
         raise InputModelError(f"damaged graphrewrite manifest ({type(exc).__name__}: {exc})") from None
     return RewritePlan(tuple(sites), (), dict(data["hparams"]), data.get("method", transform.name))
+
+
+def _use(use: dict[str, Any], site: dict[str, Any], key: str) -> Use:
+    """One recorded use; its view is the site's, or (a tied weight's other reader) the transpose."""
+    view = views.from_json(use.get("view", site["view"]))
+    m, n = int(site["matrix"][0]), int(site["matrix"][1])
+    flipped = view != views.from_json(site["view"])
+    return Use(use["function"], use["node"], use["op_type"], int(use["operand"]), key, views.from_json(use["chain"]),
+               views.from_json(use["op_steps"]), view, n if flipped else m, m if flipped else n)
 
 
 @contextlib.contextmanager
@@ -216,6 +229,10 @@ def validate(data: Any, where: str) -> None:
         resolve(None, expect(data.get("hparams"), dict, "'hparams'"))
     except GraphrewriteError as exc:
         raise bad(f"hparams: {exc}") from None
+    for i, group in enumerate(expect(data.get("left_dense", []), list, "'left_dense'")):
+        expect(expect(group, dict, f"left_dense {i}").get("reason"), str, f"left_dense {i}: 'reason'")
+        for key in ("weights", "params"):
+            expect(group.get(key), int, f"left_dense {i}: '{key}'")
     for i, skip in enumerate(data["skipped"]):
         for key in ("op", "reason"):
             expect(expect(skip, dict, f"skipped {i}").get(key), str, f"skipped {i}: '{key}'")
@@ -245,3 +262,5 @@ def validate(data: Any, where: str) -> None:
             expect(use.get("operand"), int, f"site {i} use {j}: 'operand'")
             view(use.get("chain"), f"site {i} use {j}: 'chain'")
             view(use.get("op_steps"), f"site {i} use {j}: 'op_steps'")
+            if "view" in use:
+                view(use["view"], f"site {i} use {j}: 'view'")

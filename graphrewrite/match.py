@@ -3,10 +3,11 @@
 From every read of a variable the matcher walks forward through ``Identity``, ``Cast`` (mixed
 precision), ``Reshape`` and ``Transpose`` with constant arguments (Keras 3 attention projections
 reshape their kernel before a ``BatchMatMulV2``). A walk that ends in the weight operand of a
-MatMul, BatchMatMul, Conv2D or Einsum is a *use*; any other consumer blocks the variable, because
-rewriting only some of its readers would change what the others see. A variable whose handle is
-passed to a While/If body or another function is blocked too: weights inside control flow are
-reported, never silently lost.
+MatMul, BatchMatMul, Conv2D/3D, Conv2DBackpropInput, Einsum or lookup (GatherV2; ResourceGather
+reads the handle itself) is a *use*; ``ExpandDims`` (Conv1D's kernel) is a wrapper too. Any other
+consumer blocks the variable, because rewriting only some of its readers would change what the
+others see. A variable whose handle is passed to a While/If body or another function is blocked
+too: weights inside control flow are reported, never silently lost.
 """
 
 from __future__ import annotations
@@ -97,22 +98,34 @@ def match_function(fir: FunctionIR, infos: dict[str, VariableInfo]) -> tuple[lis
                     reason = f"both operands of {consumer.op} '{consumer.name}' are weights"
                     blockers.append(Blocker(fir.key, consumer.name, consumer.op, key, reason, True))
                     continue
-                described = adapter.describe(consumer, pos, shape)
-                if isinstance(described, str):
-                    blockers.append(Blocker(fir.key, consumer.name, consumer.op, key, described, True))
-                    continue
-                view = simplify(chain + described.steps, info.shape)
-                uses.append(Use(fir.key, consumer.name, consumer.op, pos, key, chain, described.steps,
-                                view, described.m, described.n))
+                found = _use(fir, consumer, pos, info, chain, shape)
+                (blockers if isinstance(found, Blocker) else uses).append(found)
     for handle, key in fir.handles.items():
-        for consumer, _ in graph.data_consumers(handle):
+        for consumer, pos in graph.data_consumers(handle):
             if consumer.name in fir.reads or consumer.name in fir.handles:
+                continue
+            if consumer.op == "ResourceGather" and pos == 0 and infos[key].dtype in _FLOAT_DTYPES:
+                # a lookup straight from the variable
+                found = _use(fir, consumer, pos, infos[key], (), infos[key].shape)
+                (blockers if isinstance(found, Blocker) else uses).append(found)
                 continue
             reason = f"the handle of '{infos[key].name}' goes to {consumer.op} '{consumer.name}'"
             if consumer.op in _CONTROL_FLOW:
-                reason += " (weights inside control-flow or function bodies are not rewritten)"
+                reason += (" (read inside a While/If or function body, as recurrent kernels of LSTM/GRU/"
+                           "SimpleRNN are: not rewritten; it keeps working and training)")
             blockers.append(Blocker(fir.key, consumer.name, consumer.op, key, reason, False))
     return uses, blockers
+
+
+def _use(fir: FunctionIR, node, pos: int, info: VariableInfo, chain: View, shape: tuple[int, ...]) -> Use | Blocker:
+    """The use of a weight by one weight-bearing op, or why it cannot be one."""
+    adapter = ADAPTERS[node.op]
+    constants = {i: fir.graph.constant(e.node) for i, e in enumerate(node.data_inputs) if i != pos}
+    described = adapter.describe(node, pos, shape, {i: v for i, v in constants.items() if v is not None})
+    if isinstance(described, str):
+        return Blocker(fir.key, node.name, node.op, info.key, described, True)
+    view = simplify(chain + described.steps, info.shape)
+    return Use(fir.key, node.name, node.op, pos, info.key, chain, described.steps, view, described.m, described.n)
 
 
 def _wrapper_step(graph: Graph, node, pos: int, shape: tuple[int, ...]) -> View | str | None:
@@ -125,6 +138,13 @@ def _wrapper_step(graph: Graph, node, pos: int, shape: tuple[int, ...]) -> View 
         if resolved is None:
             return f"weight reshaped to a shape that is not a constant ({node.name})"
         return (("reshape", resolved),)
+    if node.op == "ExpandDims" and pos == 0:  # Conv1D's kernel, [1, kw, cin, cout] for Conv2D
+        axis = graph.constant(node.data_inputs[1].node)
+        if axis is None:
+            return f"weight expanded along an axis that is not a constant ({node.name})"
+        at = int(axis.reshape(-1)[0])
+        at = at + len(shape) + 1 if at < 0 else at
+        return (("reshape", (*shape[:at], 1, *shape[at:])),)
     if node.op == "Transpose" and pos == 0:
         perm = graph.constant(node.data_inputs[1].node)
         if perm is None:

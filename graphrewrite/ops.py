@@ -1,4 +1,5 @@
-"""The weight-bearing ops graphrewrite rewrites: MatMul, BatchMatMulV2/V3, Conv2D, Einsum.
+"""The weight-bearing ops graphrewrite rewrites: MatMul, BatchMatMulV2/V3, Conv2D/3D, Conv2DBackpropInput,
+Einsum, and lookups (GatherV2/ResourceGather); DepthwiseConv2dNative only to say why not.
 
 One small adapter per op type answers two kinds of question:
 
@@ -13,8 +14,10 @@ One small adapter per op type answers two kinds of question:
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
+
+import numpy as np
 
 from graphrewrite.graph import Node
 from graphrewrite.views import View
@@ -41,12 +44,22 @@ class OpAdapter:
 
     op_types: ClassVar[tuple[str, ...]]
     rows_per_example: ClassVar[bool] = False
+    # Both paths cost little (a lookup): blend them directly, without a gate (graphrewrite.sites).
+    cheap: ClassVar[bool] = False
 
     def weight_positions(self, node: Node) -> tuple[int, ...]:
         return (0, 1)
 
-    def describe(self, node: Node, pos: int, shape: tuple[int, ...]) -> OperandView | str:
-        """The operand's matrix view, or the reason this operand cannot be a compressed weight."""
+    def weight_dtype(self, node: Node) -> Any:
+        """The dtype enum of the weight operand."""
+        return node.attr("T")
+
+    def describe(self, node: Node, pos: int, shape: tuple[int, ...],
+                 constants: Mapping[int, Any] | None = None) -> OperandView | str:
+        """The operand's matrix view, or the reason this operand cannot be a compressed weight.
+
+        ``constants``: the values of the op's constant data inputs, by position (a gather's axis).
+        """
         raise NotImplementedError
 
     def apply(self, node: Node, inputs: list[Any]) -> Any:
@@ -83,7 +96,8 @@ class _MatMulLike(OpAdapter):
     def _flags(self, node: Node) -> tuple[bool, bool]:
         return bool(node.attr(self.flags[0], False)), bool(node.attr(self.flags[1], False))
 
-    def describe(self, node: Node, pos: int, shape: tuple[int, ...]) -> OperandView | str:
+    def describe(self, node: Node, pos: int, shape: tuple[int, ...],
+                 constants: Mapping[int, Any] | None = None) -> OperandView | str:
         if len(shape) != 2:
             return f"the weight operand of {node.op} has shape {list(shape)}, not a matrix (batch dimensions)"
         ta, tb = self._flags(node)
@@ -134,10 +148,11 @@ class BatchMatMul(_MatMulLike):
     op_types: ClassVar[tuple[str, ...]] = ("BatchMatMulV2", "BatchMatMulV3", "BatchMatMul")
     flags: ClassVar[tuple[str, str]] = ("adj_x", "adj_y")
 
-    def describe(self, node: Node, pos: int, shape: tuple[int, ...]) -> OperandView | str:
+    def describe(self, node: Node, pos: int, shape: tuple[int, ...],
+                 constants: Mapping[int, Any] | None = None) -> OperandView | str:
         if node.op == "BatchMatMulV3" and len({node.attr("Ta"), node.attr("Tb"), node.attr("Tout")}) != 1:
             return "BatchMatMulV3 with mixed input/output dtypes is not rewritten"
-        return super().describe(node, pos, shape)
+        return super().describe(node, pos, shape, constants)
 
     def apply(self, node: Node, inputs: list[Any]) -> Any:
         import tensorflow as tf
@@ -147,30 +162,37 @@ class BatchMatMul(_MatMulLike):
 
 
 @dataclasses.dataclass(frozen=True)
-class Conv2D(OpAdapter):
-    op_types: ClassVar[tuple[str, ...]] = ("Conv2D",)
+class Conv(OpAdapter):
+    """Conv2D and Conv3D (Conv1D arrives as a Conv2D on an ExpandDims'd kernel): the kernel
+    [*spatial, cin, cout] is the matrix [prod(spatial) * cin, cout]; low rank is a convolution to k
+    channels followed by a 1 x ... x 1 one to cout."""
+
+    op_types: ClassVar[tuple[str, ...]] = ("Conv2D", "Conv3D")
     rows_per_example: ClassVar[bool] = True
 
     def weight_positions(self, node: Node) -> tuple[int, ...]:
         return (1,)
 
-    def describe(self, node: Node, pos: int, shape: tuple[int, ...]) -> OperandView | str:
+    def describe(self, node: Node, pos: int, shape: tuple[int, ...],
+                 constants: Mapping[int, Any] | None = None) -> OperandView | str:
         if pos != 1:
-            return "the weight is the Conv2D input, not its filter"
-        kh, kw, cin, cout = shape
-        return OperandView((("reshape", (kh * kw * cin, cout)),), kh * kw * cin, cout)
+            return f"the weight is the {node.op} input, not its filter"
+        rows = int(np.prod(shape[:-1]))
+        return OperandView((("reshape", (rows, shape[-1])),), rows, shape[-1])
 
     def _conv(self, node: Node, x: Any, kernel: Any, first: bool) -> Any:
         import tensorflow as tf
 
-        if first:
-            return tf.raw_ops.Conv2D(
-                input=x, filter=kernel, strides=node.attr("strides"), padding=node.attr("padding"),
-                explicit_paddings=node.attr("explicit_paddings", []) or [],
-                data_format=node.attr("data_format", "NHWC"), dilations=node.attr("dilations", [1, 1, 1, 1]),
-                use_cudnn_on_gpu=bool(node.attr("use_cudnn_on_gpu", True)))
-        return tf.raw_ops.Conv2D(input=x, filter=kernel, strides=[1, 1, 1, 1], padding="VALID",
-                                 data_format=node.attr("data_format", "NHWC"))
+        ones = [1] * (5 if node.op == "Conv3D" else 4)
+        attrs = {"strides": node.attr("strides"), "padding": node.attr("padding"),
+                 "data_format": node.attr("data_format", "NDHWC" if node.op == "Conv3D" else "NHWC"),
+                 "dilations": node.attr("dilations", ones)}
+        if not first:
+            attrs.update(strides=ones, padding="VALID", dilations=ones)
+        if node.op == "Conv2D":
+            attrs["explicit_paddings"] = (node.attr("explicit_paddings", []) or []) if first else []
+            attrs["use_cudnn_on_gpu"] = bool(node.attr("use_cudnn_on_gpu", True))
+        return getattr(tf.raw_ops, node.op)(input=x, filter=kernel, **attrs)
 
     def apply(self, node: Node, inputs: list[Any]) -> Any:
         return self._conv(node, inputs[0], inputs[1], first=True)
@@ -179,19 +201,22 @@ class Conv2D(OpAdapter):
         import tensorflow as tf
 
         x, w = inputs
-        kh, kw, cin, cout = w.shape.as_list()
-        channel_axis = 1 if node.attr("data_format", "NHWC") == "NCHW" else -1
-        if x.shape.rank != 4 or x.shape[channel_axis] != cin:  # grouped convolution: no split
+        *spatial, cin, cout = w.shape.as_list()
+        channel_axis = 1 if node.attr("data_format", "NHWC").startswith("NC") else -1
+        if x.shape.rank != len(spatial) + 2 or x.shape[channel_axis] != cin:  # grouped: no split
             return None
         k = b.shape[-1]
-        first = self._conv(node, x, tf.reshape(b, [kh, kw, cin, k]), first=True)
-        return self._conv(node, first, tf.reshape(c, [1, 1, k, cout]), first=False)
+        first = self._conv(node, x, tf.reshape(b, [*spatial, cin, k]), first=True)
+        return self._conv(node, first, tf.reshape(c, [1] * len(spatial) + [k, cout]), first=False)
 
     def activation_rows(self, node: Node, x: Any, pos: int, weight_shape: tuple[int, ...]) -> Any | None:
         """The im2col patches, ordered (kh, kw, cin) like the kernel's matrix view."""
         import tensorflow as tf
 
-        kh, kw, cin, _ = weight_shape
+        *spatial, cin, _ = weight_shape
+        if node.op != "Conv2D" or len(spatial) not in (1, 2):  # Conv3D: no statistics yet
+            return None
+        kh, kw = [1] * (2 - len(spatial)) + list(spatial)  # Conv1D: Keras' ExpandDims'd [1, kw] kernel
         strides, rates = list(node.attr("strides")), list(node.attr("dilations", [1, 1, 1, 1]))
         padding, pads = node.attr("padding"), list(node.attr("explicit_paddings", []) or [])
         if node.attr("data_format", "NHWC") == "NCHW":
@@ -206,6 +231,105 @@ class Conv2D(OpAdapter):
         patches = tf.image.extract_patches(x, sizes=[1, kh, kw, 1], strides=[1, strides[1], strides[2], 1],
                                            rates=[1, rates[1], rates[2], 1], padding=padding)
         return tf.reshape(patches, [-1, kh * kw * cin])
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvTranspose(OpAdapter):
+    """Conv2DBackpropInput (Keras' Conv2DTranspose): filter [kh, kw, cout, cin] spreads each input
+    pixel's cin vector over kh x kw x cout outputs, the matrix [cin, kh*kw*cout]; low rank is a
+    1 x 1 convolution cin -> k followed by the transposed convolution k -> cout."""
+
+    op_types: ClassVar[tuple[str, ...]] = ("Conv2DBackpropInput",)
+
+    def weight_positions(self, node: Node) -> tuple[int, ...]:
+        return (1,)
+
+    def describe(self, node: Node, pos: int, shape: tuple[int, ...],
+                 constants: Mapping[int, Any] | None = None) -> OperandView | str:
+        kh, kw, cout, cin = shape
+        return OperandView((("transpose", (3, 0, 1, 2)), ("reshape", (cin, kh * kw * cout))), cin, kh * kw * cout)
+
+    def _attrs(self, node: Node) -> dict[str, Any]:
+        return {"strides": node.attr("strides"), "padding": node.attr("padding"),
+                "explicit_paddings": node.attr("explicit_paddings", []) or [],
+                "data_format": node.attr("data_format", "NHWC"), "dilations": node.attr("dilations", [1, 1, 1, 1]),
+                "use_cudnn_on_gpu": bool(node.attr("use_cudnn_on_gpu", True))}
+
+    def apply(self, node: Node, inputs: list[Any]) -> Any:
+        import tensorflow as tf
+
+        return tf.raw_ops.Conv2DBackpropInput(input_sizes=inputs[0], filter=inputs[1], out_backprop=inputs[2],
+                                              **self._attrs(node))
+
+    def apply_low_rank(self, node: Node, inputs: list[Any], pos: int, b: Any, c: Any) -> Any | None:
+        import tensorflow as tf
+
+        sizes, w, x = inputs
+        kh, kw, cout, cin = w.shape.as_list()
+        data_format = node.attr("data_format", "NHWC")
+        if x.shape.rank != 4 or x.shape[1 if data_format == "NCHW" else -1] != cin:
+            return None
+        k = b.shape[-1]
+        narrow = tf.raw_ops.Conv2D(input=x, filter=tf.reshape(b, [1, 1, cin, k]), strides=[1, 1, 1, 1],
+                                   padding="VALID", data_format=data_format)
+        spread = tf.transpose(tf.reshape(c, [k, kh, kw, cout]), [1, 2, 3, 0])
+        return tf.raw_ops.Conv2DBackpropInput(input_sizes=sizes, filter=spread, out_backprop=narrow,
+                                              **self._attrs(node))
+
+
+@dataclasses.dataclass(frozen=True)
+class Depthwise(OpAdapter):
+    """DepthwiseConv2dNative: recognised only to say why it is left dense."""
+
+    op_types: ClassVar[tuple[str, ...]] = ("DepthwiseConv2dNative",)
+
+    def weight_positions(self, node: Node) -> tuple[int, ...]:
+        return (1,)
+
+    def describe(self, node: Node, pos: int, shape: tuple[int, ...],
+                 constants: Mapping[int, Any] | None = None) -> OperandView | str:
+        return ("a depthwise kernel filters each channel on its own (kh x kw x multiplier per channel): "
+                "it has no input-by-output matrix for low rank to factor")
+
+
+@dataclasses.dataclass(frozen=True)
+class Gather(OpAdapter):
+    """An embedding lookup ``gather(W, ids)`` (GatherV2 of a read, or ResourceGather of the handle):
+    the lookup of one-hot rows, ``onehot(ids) @ W``, so W [vocabulary, width] is the matrix as it is;
+    low rank is ``gather(B, ids) @ C``, which never forms ``B @ C``."""
+
+    op_types: ClassVar[tuple[str, ...]] = ("GatherV2", "ResourceGather")
+    cheap: ClassVar[bool] = True
+
+    def weight_positions(self, node: Node) -> tuple[int, ...]:
+        return (0,)
+
+    def weight_dtype(self, node: Node) -> Any:
+        return node.attr("dtype" if node.op == "ResourceGather" else "Tparams")
+
+    def describe(self, node: Node, pos: int, shape: tuple[int, ...],
+                 constants: Mapping[int, Any] | None = None) -> OperandView | str:
+        if len(shape) != 2:
+            return f"a lookup in a table of shape {list(shape)}, not a matrix"
+        axis = (constants or {}).get(2)
+        if node.op == "GatherV2" and (axis is None or int(np.asarray(axis).reshape(-1)[0]) != 0):
+            return f"a gather along an axis other than a constant 0 ({node.name})"
+        if node.attr("batch_dims", 0):
+            return f"a gather with batch dimensions ({node.name})"
+        return OperandView((), shape[0], shape[1])
+
+    def apply(self, node: Node, inputs: list[Any]) -> Any:
+        import tensorflow as tf
+
+        if node.op == "ResourceGather" and inputs[0].dtype == tf.resource:
+            return tf.raw_ops.ResourceGather(resource=inputs[0], indices=inputs[1], dtype=node.attr("dtype"),
+                                             validate_indices=bool(node.attr("validate_indices", True)))
+        return tf.gather(inputs[0], inputs[1])
+
+    def apply_low_rank(self, node: Node, inputs: list[Any], pos: int, b: Any, c: Any) -> Any:
+        import tensorflow as tf
+
+        return tf.tensordot(tf.gather(b, inputs[1]), c, axes=1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -237,7 +361,8 @@ class Einsum(OpAdapter):
             return f"einsum equation {node.attr('equation')!r}: the weight has no input or no output axis"
         return w, x, out, ins, outs
 
-    def describe(self, node: Node, pos: int, shape: tuple[int, ...]) -> OperandView | str:
+    def describe(self, node: Node, pos: int, shape: tuple[int, ...],
+                 constants: Mapping[int, Any] | None = None) -> OperandView | str:
         letters = self._letters(node, pos)
         if isinstance(letters, str):
             return letters
@@ -290,5 +415,5 @@ class Einsum(OpAdapter):
 
 
 ADAPTERS: dict[str, OpAdapter] = {
-    op: adapter for adapter in (MatMul(), BatchMatMul(), Conv2D(), Einsum()) for op in adapter.op_types
+    op: adapter for adapter in (MatMul(), BatchMatMul(), Conv(), ConvTranspose(), Depthwise(), Gather(), Einsum()) for op in adapter.op_types
 }

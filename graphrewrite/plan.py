@@ -1,9 +1,10 @@
 """Decides, per weight variable, whether and how it is compressed (a site) or why not (a skip).
 
 A site is one variable: every op reading it, in every signature and function, reads the same
-factors, alpha and schedule. A variable is skipped when any reader is not a rewritable weight
-operand, when its readers see it through different matrix views, or when the method refuses its
-shape (the refusal's reason is kept).
+factors, alpha and schedule (a tied embedding's lookup and its LM head's transposed MatMul too). A
+variable is skipped when any reader is not a rewritable weight operand, when its readers see it
+through matrix views other than one and its transpose, or when the method refuses its shape (the
+refusal's reason is kept).
 """
 
 from __future__ import annotations
@@ -15,13 +16,13 @@ from typing import Any
 
 import numpy as np
 
-from graphrewrite import rankpolicy
+from graphrewrite import coverage, rankpolicy
 from graphrewrite.errors import UsageError
 from graphrewrite.match import Blocker, Use, match_function
 from graphrewrite.model import FunctionIR, VariableInfo
 from graphrewrite.rankpolicy import Policy
 from graphrewrite.transforms import Refusal, SizePlan, Transform
-from graphrewrite.views import View
+from graphrewrite.views import View, simplify
 
 Spectrum = Callable[[str, View], np.ndarray]  # (variable key, view) -> singular values, descending
 
@@ -118,6 +119,8 @@ class RewritePlan:
     hparams: Mapping[str, Any]
     method: str
     options: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # selection, allow_larger
+    # reason -> [weights, parameters] of the model's variables that are not sites (coverage.py)
+    left_dense: Mapping[str, list[int]] = dataclasses.field(default_factory=dict)
 
     @property
     def params_before(self) -> int:
@@ -176,12 +179,14 @@ def make_plan(functions: Iterable[FunctionIR], infos: Mapping[str, VariableInfo]
         if key in blockers:
             skipped.append(Skip(op_name, op_type, info.name, info.shape, blockers[key][0].reason))
             continue
-        views_seen = {(u.view, u.m, u.n) for u in found}
-        if len(views_seen) > 1:
+        view, m, n = found[0].view, found[0].m, found[0].n
+        # A tied weight (an embedding and its transposed LM head) is one site: its uses read the
+        # same matrix, or its transpose (sites.transposed).
+        flipped = (simplify(view + (("transpose", (1, 0)),), info.shape), n, m)
+        if any((u.view, u.m, u.n) not in ((view, m, n), flipped) for u in found):
             reason = f"'{info.name}' is read as differently shaped matrices by different ops"
             skipped.append(Skip(op_name, op_type, info.name, info.shape, reason))
             continue
-        view, m, n = views_seen.pop()
         refused = selection.refuses(info.name, sorted({display_op(u.op) for u in found}), m * n)
         if refused:
             skipped.append(Skip(op_name, op_type, info.name, info.shape, refused))
@@ -197,7 +202,8 @@ def make_plan(functions: Iterable[FunctionIR], infos: Mapping[str, VariableInfo]
     options = {"include": selection.include, "exclude": selection.exclude, "min_params": selection.min_params,
                "policy": selection.policy.describe(int(transform.hparams["rank"])),
                "allow_larger": transform.allow_larger}
-    return RewritePlan(tuple(sites), tuple(skipped), dict(transform.hparams), transform.name, options)
+    dense = coverage.left_dense(infos, (s.variable.key for s in sites), skipped, blockers)
+    return RewritePlan(tuple(sites), tuple(skipped), dict(transform.hparams), transform.name, options, dense)
 
 
 def _decide(ready: list[tuple], infos: Mapping[str, VariableInfo], transform: Transform, policy: Policy,

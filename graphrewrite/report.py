@@ -43,6 +43,7 @@ def inspect_json(data: dict[str, Any]) -> dict[str, Any]:
         "method": data.get("method"),
         "sites": sites,
         "skipped": [{"op": s["op"], "variable": s.get("variable"), "reason": s["reason"]} for s in data["skipped"]],
+        "left_dense": data.get("left_dense", []),
         "totals": data["totals"],
         "hparams": data["hparams"],
     }
@@ -122,6 +123,7 @@ def inspect_text(data: dict[str, Any]) -> str:
     if data["skipped"]:
         out.append("skipped:")
         out.extend(f"  {s['op']} ({s.get('variable')}): {s['reason']}" for s in data["skipped"])
+    out.extend(_left_dense_lines(data))
     t = data["totals"]
     out.append(f"total: {t['sites']} sites, {t['skipped']} skipped, parameters {t['params_before']:,} -> "
                f"{t['params_after']:,} ({t['ratio']:.3f}x), FLOPs per row {t.get('flops_before', 0):,} -> "
@@ -134,6 +136,19 @@ def calibration_text(details: dict[str, Any]) -> str:
     if "output_error" in details:
         return f"{details['output_error_plain']:.4f} -> {details['output_error']:.4f}"
     return f"- ({details['calibration']})" if "calibration" in details else "-"
+
+
+def _left_dense_lines(data: dict[str, Any]) -> list[str]:
+    """What the rewrite leaves dense, by reason, against all of the original model's parameters."""
+    groups = data.get("left_dense") or []
+    if not groups:
+        return []
+    dense = sum(g["params"] for g in groups)
+    total = dense + sum(s["params_before"] for s in data["sites"])
+    lines = [f"parameters of the original model: {total:,}; in rewritten sites "
+             f"{total - dense:,} ({(total - dense) / max(total, 1):.1%}); left dense {dense:,}, by reason:"]
+    lines.extend(f"  {g['params']:,} in {g['weights']} weight(s): {g['reason']}" for g in groups)
+    return lines
 
 
 def add_spectra(data: dict[str, Any], model: Any, plan: RewritePlan) -> None:

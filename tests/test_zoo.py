@@ -1,0 +1,160 @@
+"""The zoo (tests/zoo.py): other projects' architectures compress, keep every signature bit for bit at
+alpha = 1, train (gradients reach every factor) and export (equal to alpha = 0, no ``B @ C``)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import zoo
+
+from graphrewrite import compress, hparams, loader, report
+from graphrewrite.exporting import export
+from graphrewrite.match import match_function
+from graphrewrite.pipeline import _max_diff, plan_model
+from graphrewrite.plan import Selection
+from graphrewrite.rankpolicy import Policy
+
+LIGHT = [name for name, model in zoo.ZOO.items() if not model.heavy]
+HEAVY = [name for name, model in zoo.ZOO.items() if model.heavy]
+ALL = [pytest.param(n) for n in LIGHT] + [pytest.param(n, marks=pytest.mark.heavy) for n in HEAVY]
+
+
+@pytest.fixture(scope="module")
+def zoo_run(tmp_path_factory):
+    """``zoo_run(name)`` -> (source, rewritten, final, CompressResult, inputs), each built once."""
+    cache: dict[str, tuple] = {}
+
+    def get(name: str) -> tuple:
+        if name not in cache:
+            root = tmp_path_factory.mktemp(name)
+            src = zoo.ZOO[name].build(root)
+            out, final = str(root / "rewritten"), str(root / "final")
+            result = compress(src, out, hparams.resolve(None, {"rank": 200}), allow_larger=False)
+            export(out, final, force=True)
+            cache[name] = (src, out, final, result, zoo.sample_inputs(src))
+        return cache[name]
+
+    return get
+
+
+def _call(fn, feed):
+    return {k: v.numpy() for k, v in fn(**{n: tf.constant(x) for n, x in feed.items()}).items()}
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_bit_exact_at_alpha_one_on_every_signature(zoo_run, name):
+    src, out, _, result, inputs = zoo_run(name)
+    original, rewritten = tf.saved_model.load(src), tf.saved_model.load(out)
+    assert result.plan.sites, "nothing was rewritten"
+    assert set(inputs) == set(original.signatures) and set(rewritten.signatures) >= set(inputs)
+    for key, feed in inputs.items():
+        want, got = _call(original.signatures[key], feed), _call(rewritten.signatures[key], feed)
+        assert want.keys() == got.keys()
+        for k in want:
+            np.testing.assert_array_equal(got[k], want[k], err_msg=f"{name} {key} {k}")
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_gradients_reach_every_factor(zoo_run, name):
+    _, out, _, _, inputs = zoo_run(name)
+    model = tf.saved_model.load(out)
+    for site in model.graphrewrite_sites:
+        site.alpha.assign(0.5)
+    key = "serving_default"
+    feed = {n: tf.constant(x) for n, x in inputs[key].items()}
+    rng = np.random.default_rng(0)
+    with tf.GradientTape() as tape:
+        outputs = model.signatures[key](**feed)
+        # A random projection of the outputs: a softmax of a random-weight classifier is nearly
+        # uniform, where the gradient of the sum of squares vanishes.
+        loss = tf.add_n([tf.reduce_sum(v * rng.standard_normal(v.shape).astype(v.dtype.as_numpy_dtype))
+                         for v in outputs.values() if v.dtype.is_floating])
+    factors = [f for site in model.graphrewrite_sites for f in site.factors.values()]
+    grads = tape.gradient(loss, factors)
+    for factor, grad in zip(factors, grads):
+        assert grad is not None, factor.name
+        # (a random classifier's gradients can be ~1e-23: count non-zeros, a norm would underflow)
+        assert np.count_nonzero(tf.convert_to_tensor(grad).numpy()) > 0, factor.name
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_export_equals_alpha_zero_and_never_forms_the_dense_weight(zoo_run, name):
+    _, out, final, _, inputs = zoo_run(name)
+    rewritten, exported = tf.saved_model.load(out), tf.saved_model.load(final)
+    for site in rewritten.graphrewrite_sites:
+        site.alpha.assign(0.0)
+    for key, feed in inputs.items():
+        want, got = _call(rewritten.signatures[key], feed), _call(exported.signatures[key], feed)
+        for k in want:
+            diff, rel = _max_diff(want[k], got[k])
+            assert rel <= 1e-4 or diff <= 1e-5, (name, key, k, diff, rel)
+    model = loader.load(final, ["serve"], True)
+    for fir in model.functions.values():
+        _, blockers = match_function(fir, model.infos)
+        assert not [b for b in blockers if "both operands" in b.reason], fir.key  # no B @ C anywhere
+
+
+def test_tied_embedding_is_one_site_with_every_use_rewritten(zoo_run):
+    _, _, _, result, _ = zoo_run("gpt2_tiny")
+    [site] = [s for s in result.plan.sites if s.variable.name == "token_embedding/embeddings"]
+    kinds = {(use.op_type, use.view) for use in site.uses}
+    assert kinds == {("GatherV2", ()), ("MatMul", (("transpose", (1, 0)),))}
+    assert (site.size.m, site.size.n) == (1000, 128)
+
+
+def test_conv_family_sites_and_depthwise_reason(zoo_run):
+    _, _, _, result, _ = zoo_run("conv_decoder")
+    types = sorted(s.op_type for s in result.plan.sites)
+    assert types == ["Conv2D", "Conv2DBackpropInput", "Conv2DBackpropInput", "Conv3D", "MatMul"]
+    depthwise = [s for s in result.plan.skipped if s.op_type == "DepthwiseConv2dNative"]
+    assert len(depthwise) == 2 and all("no input-by-output matrix" in s.reason for s in depthwise)
+
+
+def _plan(tmp_path, name: str):
+    return plan_model(zoo.ZOO[name].build(tmp_path), hparams.resolve(None, {"rank": 200}))[1]
+
+
+def test_conv1d_kernels_are_seen_through_expand_dims(tmp_path):
+    plan = _plan(tmp_path, "conv1d_text")
+    assert [(s.op_type, s.size.m, s.size.n) for s in plan.sites[:2]] == [("Conv2D", 80, 32), ("Conv2D", 96, 48)]
+    assert plan.sites[0].view == (("reshape", (80, 32)),)  # [5, 16, 32] -> [1, 5, 16, 32] -> matrix
+
+
+def test_recurrent_kernels_are_skipped_with_the_reason(tmp_path):
+    plan = _plan(tmp_path, "lstm_text")
+    assert {s.variable.name for s in plan.sites} == {"embed/embeddings", "head/kernel"}
+    reasons = [s.reason for s in plan.skipped if "lstm" in s.variable]
+    assert len(reasons) == 2 and all("inside a While/If" in r for r in reasons)
+    # inspect's count of what is left dense: LSTM kernel 32x192 + recurrent kernel 48x192, and
+    # every parameter of the model either in a site or in one of the groups.
+    assert plan.left_dense["read inside a While/If body (recurrent kernels)"] == [2, 32 * 192 + 48 * 192]
+    total = 200 * 32 + (32 + 48 + 1) * 192 + 48 * 5 + 5
+    assert sum(p for _, p in plan.left_dense.values()) + sum(s.size.params_before for s in plan.sites) == total
+    text = report.inspect_text(report.plan_dict(plan))
+    assert f"parameters of the original model: {total:,}; in rewritten sites 6,640 (29.9%)" in text
+    assert "15,360 in 2 weight(s): read inside a While/If body (recurrent kernels)" in text
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=[pytest.mark.heavy] if zoo.ZOO[n].heavy else [])
+                                  for n, m in zoo.ZOO.items() if m.language])
+def test_language_models_are_covered_at_target_ratio_half(tmp_path, name):
+    src = zoo.ZOO[name].build(tmp_path)
+    selection = Selection(policy=Policy(target_ratio=0.5))
+    model, plan, _ = plan_model(src, hparams.resolve(None, {"rank": 200}), selection=selection)
+    # Every weight is either rewritten or left dense by the policy's own choice (a square kernel
+    # whose break-even k costs almost nothing to keep whole); nothing for want of support.
+    total = sum(int(np.prod(i.shape)) for i in model.infos.values())
+    rewritten = sum(int(np.prod(s.variable.shape)) for s in plan.sites)
+    chosen = sum(int(np.prod(s.shape)) for s in plan.skipped if "leaves it dense" in s.reason)
+    assert (rewritten + chosen) / total >= 0.95, (rewritten, chosen, total, plan.skipped)
+    assert rewritten / total >= 0.75, (rewritten, chosen, total, plan.skipped)
+    print(f"{name}: {rewritten / total:.1%} rewritten, {(rewritten + chosen) / total:.1%} rewritable")
+
+
+def test_nan_the_original_also_gives_is_not_a_difference():
+    nan, inf = float("nan"), float("inf")
+    assert _max_diff([1.0, nan, inf], [1.0, nan, inf]) == (0.0, 0.0)
+    assert _max_diff([1.0, nan], [1.0, 2.0])[0] == inf
+    assert _max_diff([2.0, 1.0], [2.0, nan])[0] == inf
+    assert _max_diff([2.0, nan], [1.5, nan]) == (0.5, 0.25)

@@ -1,0 +1,205 @@
+"""A zoo of architectures other projects wrote, built from their own constructors with random weights.
+
+Each builder takes a directory to build in (a ``pathlib.Path`` or str) and returns the path of the
+SavedModel it wrote there; nothing is downloaded (``weights=None``, keras_hub backbones from small
+configs; their weights get the power-law spectra of trained ones, see ``_trained_like``). ``ZOO``
+maps a name to its ``ZooModel``; ``heavy`` ones take long enough to compress that they run only
+under ``pytest -m heavy``. The module is importable on its own (no pytest, no graphrewrite) so that
+other checks (the op allow-list) can build the same models.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class ZooModel:
+    """One architecture of the zoo.
+
+    Attributes:
+      build: directory -> path of the SavedModel written in it.
+      heavy: slow to compress (big, many layers): only under ``-m heavy``.
+      family: what kind of weights it exercises (for the README's table).
+      language: a BERT/GPT-2/ViT-style model, held to the coverage target.
+    """
+
+    build: Callable[[Any], str]
+    heavy: bool
+    family: str
+    language: bool = False
+
+
+def _export(model: Any, directory: Any, name: str) -> str:
+    path = os.path.join(str(directory), name)
+    model.export(path, verbose=False)
+    return path
+
+
+def _application(name: str, shape: tuple[int | None, ...]) -> Callable[[Any], str]:
+    """A keras.applications constructor with random weights and a small input."""
+
+    def build(directory: Any) -> str:
+        import keras
+
+        keras.utils.set_random_seed(0)
+        model = getattr(keras.applications, name)(weights=None, input_shape=shape, classes=10)
+        return _export(model, directory, name.lower())
+
+    return build
+
+
+def lstm_text(directory: Any) -> str:
+    """A text classifier: Embedding -> LSTM -> Dense."""
+    import keras
+
+    keras.utils.set_random_seed(1)
+    ids = keras.Input((12,), dtype="int32", name="ids")
+    h = keras.layers.Embedding(200, 32, name="embed")(ids)
+    h = keras.layers.LSTM(48, name="lstm")(h)
+    out = keras.layers.Dense(5, name="head")(h)
+    return _export(keras.Model(ids, out), directory, "lstm_text")
+
+
+def gru_text(directory: Any) -> str:
+    """A text classifier: Embedding -> GRU -> SimpleRNN -> Dense."""
+    import keras
+
+    keras.utils.set_random_seed(2)
+    ids = keras.Input((12,), dtype="int32", name="ids")
+    h = keras.layers.Embedding(200, 32, name="embed")(ids)
+    h = keras.layers.GRU(48, return_sequences=True, name="gru")(h)
+    h = keras.layers.SimpleRNN(40, name="rnn")(h)
+    out = keras.layers.Dense(5, name="head")(h)
+    return _export(keras.Model(ids, out), directory, "gru_text")
+
+
+def conv1d_text(directory: Any) -> str:
+    """A 1-D convolutional classifier (Keras lowers Conv1D to Conv2D on an ExpandDims'd kernel)."""
+    import keras
+
+    keras.utils.set_random_seed(3)
+    x = keras.Input((24, 16), name="signal")
+    h = keras.layers.Conv1D(32, 5, activation="relu", name="conv_a")(x)
+    h = keras.layers.Conv1D(48, 3, strides=2, padding="same", name="conv_b")(h)
+    h = keras.layers.GlobalAveragePooling1D()(h)
+    out = keras.layers.Dense(6, name="head")(h)
+    return _export(keras.Model(x, out), directory, "conv1d_text")
+
+
+def conv_decoder(directory: Any) -> str:
+    """A decoder: Dense -> Conv2DTranspose x2, plus a SeparableConv2D, Conv3D and a depthwise conv."""
+    import keras
+
+    keras.utils.set_random_seed(4)
+    z = keras.Input((16,), name="z")
+    h = keras.layers.Dense(4 * 4 * 32, name="project")(z)
+    h = keras.layers.Reshape((4, 4, 32))(h)
+    h = keras.layers.Conv2DTranspose(24, 3, strides=2, padding="same", activation="relu", name="up_a")(h)
+    h = keras.layers.Conv2DTranspose(16, 3, strides=2, padding="same", name="up_b")(h)
+    h = keras.layers.SeparableConv2D(24, 3, padding="same", name="separable")(h)
+    h = keras.layers.DepthwiseConv2D(3, padding="same", name="depthwise")(h)
+    v = keras.layers.Reshape((4, 16, 16, 6))(h)
+    v = keras.layers.Conv3D(12, 2, name="conv3d")(v)
+    out = keras.layers.GlobalAveragePooling3D()(v)
+    return _export(keras.Model(z, out), directory, "conv_decoder")
+
+
+def _trained_like(model: Any) -> Any:
+    """Gives every matrix-shaped weight the power-law spectrum (s_i ~ i^-1.5) trained weights have,
+    keeping its singular vectors and Frobenius norm. With i.i.d. Gaussian weights every singular
+    value is worth its parameters, so a spectrum policy (--target-ratio) rightly keeps square
+    kernels dense; trained language models are not like that."""
+    for variable in model.weights:
+        value = np.asarray(variable.numpy())
+        if value.ndim < 2 or min(value.shape[-1], value.size // value.shape[-1]) < 2:
+            continue
+        matrix = value.reshape(-1, value.shape[-1]).astype(np.float64)
+        u, s, vt = np.linalg.svd(matrix, full_matrices=False)
+        decay = np.arange(1, s.size + 1) ** -1.5
+        decay *= np.linalg.norm(s) / np.linalg.norm(decay)
+        variable.assign(((u * decay) @ vt).reshape(value.shape).astype(value.dtype))
+    return model
+
+
+def _lm_config() -> dict[str, int]:
+    return {"vocabulary_size": 1000, "num_layers": 2, "num_heads": 2, "hidden_dim": 128,
+            "intermediate_dim": 512, "max_sequence_length": 32}
+
+
+def bert_tiny(directory: Any) -> str:
+    """keras_hub's BertBackbone from a small config (word, position and segment embeddings)."""
+    import keras
+    import keras_hub
+
+    keras.utils.set_random_seed(5)
+    return _export(_trained_like(keras_hub.models.BertBackbone(**_lm_config())), directory, "bert_tiny")
+
+
+def gpt2_tiny(directory: Any) -> str:
+    """keras_hub's GPT2Backbone from a small config with its tied LM head (the token embedding
+    read by the lookup and, transposed, by the logits MatMul), as GPT2CausalLM computes it."""
+    import keras
+    import keras_hub
+
+    keras.utils.set_random_seed(6)
+    backbone = _trained_like(keras_hub.models.GPT2Backbone(**_lm_config()))
+    logits = backbone.token_embedding(backbone.output, reverse=True)
+    return _export(keras.Model(backbone.input, logits), directory, "gpt2_tiny")
+
+
+def vit_tiny(directory: Any) -> str:
+    """keras_hub's ViTBackbone from a small config (patch Conv2D, position embedding, encoder)."""
+    import keras
+    import keras_hub
+
+    keras.utils.set_random_seed(7)
+    backbone = keras_hub.models.ViTBackbone(
+        image_shape=(32, 32, 3), patch_size=8, num_layers=2, num_heads=2, hidden_dim=128, mlp_dim=512)
+    return _export(_trained_like(backbone), directory, "vit_tiny")
+
+
+ZOO: dict[str, ZooModel] = {
+    "EfficientNetB0": ZooModel(_application("EfficientNetB0", (32, 32, 3)), True, "conv, depthwise, swish"),
+    "MobileNetV3Small": ZooModel(_application("MobileNetV3Small", (None, None, 3)), True,
+                                 "conv, depthwise, hard-swish"),
+    "DenseNet121": ZooModel(_application("DenseNet121", (32, 32, 3)), True, "conv, concatenation"),
+    "ConvNeXtTiny": ZooModel(_application("ConvNeXtTiny", (32, 32, 3)), True, "depthwise, pointwise Dense"),
+    "Xception": ZooModel(_application("Xception", (71, 71, 3)), True, "separable conv"),
+    "ResNet50": ZooModel(_application("ResNet50", (32, 32, 3)), True, "conv, batch norm"),
+    "lstm_text": ZooModel(lstm_text, True, "embedding, LSTM"),
+    "gru_text": ZooModel(gru_text, True, "embedding, GRU, SimpleRNN"),
+    "conv1d_text": ZooModel(conv1d_text, True, "Conv1D"),
+    "conv_decoder": ZooModel(conv_decoder, False, "Conv2DTranspose, separable, Conv3D, depthwise"),
+    "bert_tiny": ZooModel(bert_tiny, True, "embeddings, attention", language=True),
+    "gpt2_tiny": ZooModel(gpt2_tiny, False, "tied embedding / LM head, attention", language=True),
+    "vit_tiny": ZooModel(vit_tiny, True, "patch conv, position embedding, attention", language=True),
+}
+
+
+def sample_inputs(path: str, seed: int = 0) -> dict[str, dict[str, np.ndarray]]:
+    """Deterministic inputs for every signature of a SavedModel: token ids below 100 (masks and
+    segments 0 or 1), unknown dimensions 2 (batch) or 32, floats standard normal."""
+    import tensorflow as tf
+
+    loaded = tf.saved_model.load(path)
+    rng = np.random.default_rng(seed)
+    out = {}
+    for key, fn in loaded.signatures.items():
+        feed = {}
+        for name, spec in sorted(fn.structured_input_signature[1].items()):
+            shape = [(2 if i == 0 else 32) if d is None else d for i, d in enumerate(spec.shape.as_list())]
+            if spec.dtype.is_integer:  # token ids in the vocabulary; masks, segments 0 or 1
+                high = 100 if "ids" in name and "segment" not in name else 2
+                feed[name] = rng.integers(0, high, shape).astype(spec.dtype.as_numpy_dtype)
+            elif spec.dtype == tf.bool:
+                feed[name] = np.ones(shape, bool)
+            else:
+                feed[name] = rng.standard_normal(shape).astype(spec.dtype.as_numpy_dtype)
+        out[key] = feed
+    return out
