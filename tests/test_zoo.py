@@ -8,7 +8,7 @@ import pytest
 import tensorflow as tf
 import zoo
 
-from graphrewrite import compress, hparams, loader, report
+from graphrewrite import compress, hparams, loader, report, scan
 from graphrewrite.exporting import export
 from graphrewrite.match import match_function
 from graphrewrite.pipeline import _max_diff, plan_model
@@ -158,3 +158,11 @@ def test_nan_the_original_also_gives_is_not_a_difference():
     assert _max_diff([1.0, nan], [1.0, 2.0])[0] == inf
     assert _max_diff([2.0, 1.0], [2.0, nan])[0] == inf
     assert _max_diff([2.0, nan], [1.5, nan]) == (0.5, 0.25)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_every_op_is_on_the_allow_list(zoo_run, name):
+    # Issue 15's allow-list must let every architecture of the zoo through without
+    # --allow-unsafe-ops (compress would refuse it otherwise; this names the op).
+    src = zoo_run(name)[0]
+    assert scan.refusals(src) == [], name
