@@ -10,11 +10,10 @@ import shutil
 import subprocess
 import sys
 
-import pytest
 from models import TESTDATA
+from test_cli import run
 
 from graphrewrite import tfimport
-from graphrewrite.cli import main
 
 MLP = os.path.join(TESTDATA, "digits_mlp")
 
@@ -31,14 +30,6 @@ for argv in json.loads(sys.argv[1]):
         codes.append(exc.code or 0)
 print(json.dumps({"codes": codes, "tensorflow": "tensorflow" in sys.modules}))
 """
-
-
-def run(capsys, *argv):
-    with pytest.raises(SystemExit) as exit_info:
-        main(list(argv))
-        raise SystemExit(0)
-    captured = capsys.readouterr()
-    return exit_info.value.code or 0, captured.out, captured.err
 
 
 def test_mistakes_answer_before_tensorflow_is_imported(tmp_path):

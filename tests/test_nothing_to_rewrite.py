@@ -7,22 +7,13 @@ import os
 
 import pytest
 from models import TESTDATA
+from test_cli import run
 
 from graphrewrite import compress, hparams
 from graphrewrite.errors import NothingToRewriteError
 from graphrewrite.plan import Selection
 
 MLP = os.path.join(TESTDATA, "digits_mlp")
-
-
-def run(capsys, *argv):
-    from graphrewrite.cli import main
-
-    with pytest.raises(SystemExit) as exit_info:
-        main(list(argv))
-        raise SystemExit(0)
-    captured = capsys.readouterr()
-    return exit_info.value.code or 0, captured.out, captured.err
 
 
 def test_reference_defaults_are_refused_with_why_and_what_to_try(capsys, tmp_path):

@@ -8,19 +8,11 @@ import os
 import numpy as np
 import pytest
 from models import TESTDATA
+from test_cli import run
 
 from graphrewrite import hparams
-from graphrewrite.cli import main
 
 MLP = os.path.join(TESTDATA, "digits_mlp")
-
-
-def run(capsys, *argv):
-    with pytest.raises(SystemExit) as exit_info:
-        main(list(argv))
-        raise SystemExit(0)
-    captured = capsys.readouterr()
-    return exit_info.value.code or 0, captured.out, captured.err
 
 
 @pytest.mark.parametrize("steps", [1, 7, 100, 150, 1000, 1050, 12_345, 250_000])
