@@ -177,10 +177,9 @@ def cli(verbose: bool) -> None:
 @click.option("--progress", "show_progress", is_flag=True,
               help="progress messages on stderr even when it is not a terminal")
 @click.option("--calibration", type=click.Path(), default=None, metavar="DATA",
-              help="example inputs (.npz, or a directory of TFRecord tf.train.Example files): fit the "
-                   "factors and rank policies to each weight's outputs on them")
+              help="example inputs (.npz or TFRecord dir): fit factors to each weight's outputs")
 @click.option("--calibration-signature", "calibration_signature", default="serving_default", show_default=True,
-              metavar="NAME", help="the signature whose inputs --calibration holds")
+              metavar="NAME", hidden=True, help="the signature whose inputs --calibration holds")
 def compress(in_model: str, out_model: str, compression_hparams: str | None, method: str | None,
              tag_set: str, allow_unsafe_ops: bool, fast: bool, overwrite: bool, dry_run: bool,
              allow_empty: bool, allow_larger: bool, schedule_steps: int | None, schedule_start: int,
