@@ -62,14 +62,12 @@ def test_export_json_says_what_output_shift_is(digits_export, tmp_path, capsys):
 @pytest.fixture(scope="module")
 def compress_lines():
     """``compress_lines(overrides, selection)``: compress's text lines for digits_mlp's plan."""
-    from types import SimpleNamespace
-
     from graphrewrite import hparams, pipeline, report
 
     def lines(overrides, selection=pipeline.DEFAULT_SELECTION):
         _, plan, _ = pipeline.plan_model(os.path.join(TESTDATA, "digits_mlp"), hparams.resolve(None, overrides),
                                          selection=selection)
-        return report.compress_text(SimpleNamespace(plan=plan, output="OUT", verification=None), "IN").splitlines()
+        return report.compress_text(pipeline.CompressResult("OUT", plan, None, None), "IN").splitlines()
 
     return lines
 
