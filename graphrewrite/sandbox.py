@@ -33,6 +33,7 @@ other than ``RLIMIT_AS`` apply and there is no network namespace; where ``fork``
 from __future__ import annotations
 
 import atexit
+import contextlib
 import dataclasses
 import importlib
 import math
@@ -254,8 +255,6 @@ def serve() -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     import tensorflow  # noqa: F401 - loaded once, shared by every forked worker
 
-    import graphrewrite.pipeline  # noqa: F401 - the jobs' module, imported once too
-
     requests = os.fdopen(0, "rb")
     worker: _Worker | None = None
     while True:
@@ -265,6 +264,11 @@ def serve() -> None:
             return
         if worker is not None and worker.limits != (memory, allow_io):
             worker = worker.stop()
+        if worker is None:
+            # The job's module (graphrewrite's own code, no model's) is imported here once, so every
+            # worker forked later has it; named by the request, so this module imports none above it.
+            with contextlib.suppress(ImportError):  # else the worker reports it, as a bug
+                importlib.import_module(target.partition(":")[0])
         worker = worker or _Worker.start(memory, allow_io)
         reply = worker.ask((target, args, seconds), seconds)
         if reply[0] != "ok":
