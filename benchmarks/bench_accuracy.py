@@ -42,7 +42,8 @@ def accuracy(model, x, y) -> float:
     return float(np.mean(np.argmax(model.serve(tf.constant(x)).numpy(), axis=1) == y))
 
 
-def fine_tune(model, x, y, epochs: int, seed: int = 0) -> None:
+def fine_tune(model, x, y, epochs: int, seed: int = 0, after_epoch=None) -> None:
+    """The README's fine-tuning loop; ``after_epoch(epoch)`` (1-based) is called after each epoch."""
     import graphrewrite
 
     optimizer = tf.keras.optimizers.Adam(1e-3)
@@ -56,11 +57,13 @@ def fine_tune(model, x, y, epochs: int, seed: int = 0) -> None:
         graphrewrite.compression_update(model, optimizer.iterations)
 
     rng = np.random.default_rng(seed)
-    for _ in range(epochs):
+    for epoch in range(1, epochs + 1):
         order = rng.permutation(len(x))
         for i in range(0, len(order) - 31, 32):
             batch = order[i:i + 32]
             step(tf.constant(x[batch]), tf.constant(y[batch]))
+        if after_epoch is not None:
+            after_epoch(epoch)
 
 
 def kernel_ratio(plan) -> float:

@@ -37,7 +37,7 @@ import time
 import common
 import numpy as np
 import tensorflow as tf
-from bench_accuracy import GRADUAL, TESTDATA, accuracy, kernel_ratio
+from bench_accuracy import GRADUAL, TESTDATA, accuracy, fine_tune, kernel_ratio
 from bench_rewrite_time import build_bert_base
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "testdata"))
@@ -103,28 +103,14 @@ def oneshot(args, work: str, targets: common.Targets) -> None:
 
 def tune_curve(path: str, x, y, x_test, y_test, epochs: int, seed: int) -> dict[int, float]:
     """The README's fine-tuning, with the test accuracy after each epoch of CURVE."""
-    import graphrewrite
-
     model = tf.saved_model.load(path)
-    optimizer = tf.keras.optimizers.Adam(1e-3)
-
-    @tf.function
-    def step(xb, yb):
-        with tf.GradientTape() as tape:
-            loss = tf.reduce_mean(tf.keras.losses.sparse_categorical_crossentropy(yb, model.serve(xb), from_logits=True))
-        grads = tape.gradient(loss, model.trainable_variables)
-        optimizer.apply_gradients(zip(grads, model.trainable_variables))
-        graphrewrite.compression_update(model, optimizer.iterations)
-
-    rng = np.random.default_rng(seed)
     curve = {}
-    for epoch in range(1, epochs + 1):
-        order = rng.permutation(len(x))
-        for i in range(0, len(order) - 31, 32):
-            batch = order[i:i + 32]
-            step(tf.constant(x[batch]), tf.constant(y[batch]))
+
+    def measure(epoch: int) -> None:
         if epoch in CURVE or epoch == epochs:
             curve[epoch] = accuracy(model, x_test, y_test)
+
+    fine_tune(model, x, y, epochs, seed, after_epoch=measure)
     assert all(float(s.alpha.numpy()) == 0.0 for s in model.graphrewrite_sites)
     return curve
 

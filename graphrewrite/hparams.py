@@ -263,8 +263,12 @@ def schedule_for_steps(steps: int, start: int = 0) -> dict[str, Any]:
     """The schedule hyperparameters that take alpha from 1 to 0 within ``steps`` fine-tuning steps
     from global step ``start`` (``--schedule-steps``/``--schedule-start``).
 
-    Every ``compression_frequency = ceil(steps / 100)`` steps, alpha drops by about
-    ``1 / (steps // frequency)``; the last update, at ``alpha_zero_step`` of the result, leaves 0.
+    Every ``compression_frequency = max(2, ceil(steps / 100))`` steps (1 for a single step),
+    alpha drops by about ``1 / (steps // frequency)``; the last update, at ``alpha_zero_step`` of
+    the result, leaves 0. A frequency of at least 2 puts the first update at step ``start + 1`` or
+    later (the reference's rule: due once ``-1 + frequency <= step``), so a loop that counts its
+    steps from 1 (``optimizer.iterations`` after the step) sees every update as one counting from 0
+    does; with a frequency of 1 the first update would fall on step 0, which it never passes.
 
     Raises:
       UsageError: ``steps`` < 1 or ``start`` < 0.
@@ -273,7 +277,7 @@ def schedule_for_steps(steps: int, start: int = 0) -> dict[str, Any]:
         raise UsageError(f"--schedule-steps must be >= 1, got {steps}")
     if start < 0:
         raise UsageError(f"--schedule-start must be >= 0, got {start}")
-    frequency = -(-steps // SCHEDULE_UPDATES)
+    frequency = 1 if steps == 1 else max(2, -(-steps // SCHEDULE_UPDATES))
     updates = steps // frequency
     return {"begin_compression_step": start, "end_compression_step": start + steps - 1,
             "compression_frequency": frequency, "alpha_decrement_value": min(1.0, _DECREMENT_MARGIN / updates)}

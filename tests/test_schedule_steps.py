@@ -35,15 +35,17 @@ def test_the_reference_default_needs_101_float32_updates():
 
 def test_the_saved_update_reaches_zero_at_the_announced_step(compressed_factory):
     """The model's own update (graphrewrite.compression_update), run at every step 1..N as a
-    training loop with optimizer.iterations does, leaves alpha > 0 before the announced step and 0 at it."""
+    training loop with optimizer.iterations does (it never passes step 0), leaves alpha > 0 before
+    the announced step and 0 at it, within the N steps; a short schedule from step 0 is the case a
+    frequency of 1 got wrong (its first update fell on step 0)."""
     import tensorflow as tf
 
     import graphrewrite
 
-    steps, start = 30, 1
+    steps, start = 30, 0
     _, out, result, _ = compressed_factory("digits_mlp", rank=200, **hparams.schedule_for_steps(steps, start))
     zero = result.manifest["schedule"]["alpha_zero_step"]
-    assert zero == start + steps - 1
+    assert 1 <= zero <= start + steps - 1
     model = tf.saved_model.load(out)
     alphas = {step: np.asarray(graphrewrite.compression_update(model, step)["alpha"]) for step in range(1, 1 + steps)}
     assert np.all(alphas[zero - 1] > 0) and np.all(alphas[zero] == 0)
