@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -24,15 +23,6 @@ import common
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MLP = os.path.join(HERE, os.pardir, "testdata", "digits_mlp")
-
-
-def timed(fn, repeat: int) -> float:
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main() -> int:
@@ -44,10 +34,10 @@ def main() -> int:
     start = time.perf_counter()
     sandbox.run("graphrewrite.sandbox:interfaces")
     server = time.perf_counter() - start
-    empty = timed(lambda: sandbox.run("graphrewrite.sandbox:interfaces"), args.repeat)
+    empty = common.median_time(lambda: sandbox.run("graphrewrite.sandbox:interfaces"), args.repeat, warmup=0)
     flip = iter([True, False] * args.repeat)  # other limits each time: a new worker per job
-    fresh = timed(lambda: sandbox.run("graphrewrite.sandbox:interfaces",
-                                      limits=sandbox.Limits(60.0, None, next(flip))), args.repeat)
+    fresh = common.median_time(lambda: sandbox.run("graphrewrite.sandbox:interfaces",
+                                                   limits=sandbox.Limits(60.0, None, next(flip))), args.repeat, warmup=0)
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "out")
         compress(MLP, out, hparams.resolve(None, {"rank": 200}))
@@ -55,8 +45,9 @@ def main() -> int:
         rows = []
         for name, job, job_args in (("reference outputs", "reference_job", (MLP, ["serve"])),
                                     ("verification", "verify_output", (expected, out, True))):
-            inside = timed(lambda j=job, a=job_args: sandbox.run(f"graphrewrite.pipeline:{j}", *a), args.repeat)
-            local = timed(lambda j=job, a=job_args: getattr(pipeline, j)(*a), args.repeat)
+            inside = common.median_time(lambda j=job, a=job_args: sandbox.run(f"graphrewrite.pipeline:{j}", *a),
+                                        args.repeat, warmup=0)
+            local = common.median_time(lambda j=job, a=job_args: getattr(pipeline, j)(*a), args.repeat, warmup=0)
             rows.append([name, f"{local:.2f} s", f"{inside:.2f} s", f"{inside - local:+.2f} s"])
     print(common.machine())
     print(f"sandbox server start (once per process, overlapped with the scan and load): {server:.1f} s")
