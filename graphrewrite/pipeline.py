@@ -243,19 +243,19 @@ def _save_rewrite(model: Any, plan: RewritePlan, transform: Any, hparams: Mappin
 
     from graphrewrite import build as build_lib
     from graphrewrite import irstore
-    from graphrewrite import update as update_lib
+    from graphrewrite import schedule as schedule_lib
 
     initial = build_lib.factorize_all(model, plan, transform, progress)
     if model.calibration is not None:
         from graphrewrite import statistics
 
         statistics.record_errors(data["sites"], model, plan, transform, initial)
-    schedule = update_lib.Schedule.from_hparams(hparams)
+    schedule = schedule_lib.Schedule.from_hparams(hparams)
 
     def update_factory(root: Any, plan_: RewritePlan, transform_: Any) -> Any:
-        handles = [update_lib.SiteHandle(state, site.view, site.size, transform_, schedule)
+        handles = [schedule_lib.SiteHandle(state, site.view, site.size, transform_, schedule)
                    for state, site in zip(root.graphrewrite_sites, plan_.sites)]
-        return update_lib.make_update_function(root, handles)
+        return schedule_lib.make_update_function(root, handles)
 
     progress("building the rewritten functions")
     try:

@@ -124,7 +124,7 @@ def test_serving_ops_gain_the_gated_branches(digits):
         assert "If" not in ops["out"]  # the forward pass holds no stateful cond
         assert ops["removed"] == {}
         assert ops["in"]["BiasAdd"] == ops["out"]["BiasAdd"] == 3 and "BiasAdd" not in ops["added"]
-    # graphrewrite.update: per site cond(due) holding cond(first update) whose true branch runs one
+    # graphrewrite.schedule: per site cond(due) holding cond(first update) whose true branch runs one
     # in-graph SVD and assigns b and c; each due update assigns alpha and last_update; then the step.
     update = result["signatures"]["compression_update"]["ops"]
     assert update["in"] == {}
