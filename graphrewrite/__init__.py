@@ -20,9 +20,9 @@ _LAZY = {
     "resolve_hparams": ("graphrewrite.hparams", "resolve"),
     "schedule_for_steps": ("graphrewrite.hparams", "schedule_for_steps"),
     "read_manifest": ("graphrewrite.manifest", "read_dir"),
-    "CompressionCallback": ("graphrewrite.training", "CompressionCallback"),
-    "CompressionHook": ("graphrewrite.training", "CompressionHook"),
-    "RewrittenLayer": ("graphrewrite.training", "RewrittenLayer"),
+    "CompressionCallback": ("graphrewrite.hooks", "CompressionCallback"),
+    "CompressionHook": ("graphrewrite.hooks", "CompressionHook"),
+    "RewrittenLayer": ("graphrewrite.hooks", "RewrittenLayer"),
     "export": ("graphrewrite.exporting", "export"),
     "ExportResult": ("graphrewrite.exporting", "ExportResult"),
 }
