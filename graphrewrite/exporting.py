@@ -154,12 +154,23 @@ def export(tuned_dir: str, output_dir: str, *, checkpoint: str | None = None, fo
     progress(f"loading {tuned_dir}")
     tuned, data, source_functions = _load_tuned(tuned_dir, tags, checkpoint, allow_unsafe_ops)
     with manifest_lib.damage_guard(tuned_dir):
-        return _export(tuned_dir, output_dir, tuned, data, source_functions, force, verify, overwrite,
-                       progress)
+        run = _Run(tuned_dir, tuple(tags), checkpoint, sandbox.Limits.from_env(allow_unsafe_ops))
+        return _export(output_dir, tuned, data, source_functions, force, verify, overwrite, progress, run)
 
 
-def _export(tuned_dir: str, output_dir: str, tuned: Any, data: dict, source_functions: str | None,
-            force: bool, verify: bool, overwrite: bool, progress: Progress) -> ExportResult:
+@dataclasses.dataclass(frozen=True)
+class _Run:
+    """How the sandbox reloads the tuned model to run it (its functions never run in this process)."""
+
+    tuned_dir: str
+    tags: tuple[str, ...]
+    checkpoint: str | None
+    limits: sandbox.Limits
+
+
+def _export(output_dir: str, tuned: Any, data: dict, source_functions: str | None, force: bool,
+            verify: bool, overwrite: bool, progress: Progress, run: _Run) -> ExportResult:
+    tuned_dir = run.tuned_dir
 
     from graphrewrite.build import build_export
     from graphrewrite.transforms import make as make_transform
@@ -187,8 +198,10 @@ def _export(tuned_dir: str, output_dir: str, tuned: Any, data: dict, source_func
         progress(f"saving to {output_dir}")
         save(built.root, tmp, built.signatures, output_dir)
         if verify:
-            progress("verifying against the rewritten model at alpha = 0")
-            report.update(_compare(tuned, tmp, alphas))
+            progress("verifying against the rewritten model at alpha = 0 (in the sandbox)")
+            report.update(sandbox.run("graphrewrite.exporting:compare_job", run.tuned_dir, run.tags,
+                                      run.checkpoint, tmp, alphas, what="verifying the exported model",
+                                      limits=run.limits))
 
     _atomic_write(output_dir, overwrite, write)
     source = data.get("source") or {}
@@ -222,11 +235,14 @@ def _check_plan(plan: Any, model: LoadedModel, states: int) -> None:
                 raise InputModelError(f"the manifest's site {site.id} does not match the model's source functions")
 
 
-def _compare(tuned: Any, exported_dir: str, alphas: list[float]) -> dict[str, float]:
-    """Max relative differences: exported vs tuned at alpha = 0 (must be ~0) and vs tuned as is."""
-    import tensorflow as tf
-
-    exported = tf.saved_model.load(exported_dir)
+def compare_job(tuned_dir: str, tags: Sequence[str], checkpoint: str | None, exported_dir: str,
+                alphas: list[float]) -> dict[str, float]:
+    """Sandbox job: max relative differences of the exported model's outputs against the tuned
+    model's at alpha = 0 (must be ~0) and as it is (the shift --force accepts)."""
+    tuned = sandbox.load_for_run(tuned_dir, tags)
+    if checkpoint is not None:
+        _restore(tuned, checkpoint)
+    exported = sandbox.load_for_run(exported_dir, ["serve"])
     worst0, shift = 0.0, 0.0
     for key, original in sorted(tuned.signatures.items()):
         if key == "compression_update" or key not in exported.signatures:

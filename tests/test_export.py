@@ -109,6 +109,41 @@ def test_force_reports_the_output_shift(exported):
     assert result.max_alpha == 1.0 and result.output_shift > 0.1
 
 
+def test_the_comparison_runs_the_tuned_model_in_the_sandbox_only(compressed_factory, tmp_path, monkeypatch):
+    """The tuned model's functions run only in the sandbox: in this process its signatures raise."""
+    from graphrewrite import exporting, sandbox
+
+    _, out, _, _ = compressed_factory("digits_mlp", rank=200)
+    jobs = []
+    real_run, real_load = sandbox.run, exporting._load_tuned
+
+    def record(target, *args, **kwargs):
+        jobs.append(target)
+        return real_run(target, *args, **kwargs)
+
+    def load_without_running(*args, **kwargs):
+        tuned, data, source = real_load(*args, **kwargs)
+        tuned.signatures = _Refusing(tuned.signatures)
+        return tuned, data, source
+
+    monkeypatch.setattr(sandbox, "run", record)
+    monkeypatch.setattr(exporting, "_load_tuned", load_without_running)
+    result = export(out, str(tmp_path / "final"), force=True)
+    assert "graphrewrite.exporting:compare_job" in jobs
+    assert result.output_shift > 0.1 and result.max_rel_diff_alpha0 < 1e-4
+
+
+class _Refusing(dict):
+    """Signature functions that fail when called (they are listed, as _source_model needs)."""
+
+    def __init__(self, signatures):
+        super().__init__({k: self._refuse for k in signatures})
+
+    @staticmethod
+    def _refuse(**_):
+        raise AssertionError("the tuned model ran in graphrewrite's own process")
+
+
 def test_export_after_fine_tuning_resave_and_checkpoint(compressed_factory, tmp_path):
     _, out, _, inputs = compressed_factory("digits_mlp", rank=200, begin_compression_step=0,
                                            compression_frequency=1, alpha_decrement_value=0.5)
