@@ -13,8 +13,9 @@ handle, which the body reads (``ReadVariableOp`` of the body argument) and multi
   (transposes honoured), so ``B @ C`` is never formed.
 
 The body must read the handle only with ``ReadVariableOp``s whose readers are all ``MatMul``
-weight operands, and return it unchanged; the loop's own output of it must be unused. Anything
-else (an If or a call inside the body, another reader) leaves the weight dense, with the reason.
+weight operands, and return it unchanged; the loop's condition must not read it, its own output of
+it must be unused, and the loop must have no control inputs. Anything else (an If or a call inside
+the body, another reader) leaves the weight dense, with the reason.
 """
 
 from __future__ import annotations
@@ -80,11 +81,16 @@ def _aliases(body: Any, arg: str) -> set[str]:
 def loop_weight(graph: Graph, node: Node, pos: int) -> LoopWeight | str:
     """What the body of While ``node`` does with loop input ``pos``, or why it cannot be rewritten."""
     where = f"{node.op} '{node.name}'"
-    body = _library(graph).get(node.attr("body"))
-    if body is None:
+    library = _library(graph)
+    body, cond = library.get(node.attr("body")), library.get(node.attr("cond"))
+    if body is None or cond is None:
         return f"read inside the body of {where}, which is not in the graph's library"
+    if any(e.control for e in node.inputs):  # rebuilt loops take data inputs only
+        return f"read inside {where}, which has control inputs"
     if graph.consumers(node.name, pos):
         return f"read inside {where}, whose output {pos} (the handle) is used after the loop"
+    if any(cond.signature.input_arg[pos].name in nd.input for nd in cond.node_def):
+        return f"read inside {where}, whose loop condition reads it"
     aliases = _aliases(body, body.signature.input_arg[pos].name)
     if body.ret.get(body.signature.output_arg[pos].name) not in aliases:
         return f"read inside {where}, whose body does not hand the weight on unchanged"
@@ -113,8 +119,7 @@ def loop_weight(graph: Graph, node: Node, pos: int) -> LoopWeight | str:
 def rewrite_loop(graph: Graph, node: Node, inputs: Mapping[int, LoopInput]) -> tuple[Any, list[str]]:
     """A GraphDef holding the While ``node`` with the loop inputs ``inputs`` rewritten, and the
     input names to feed it, in order (``graphrewrite_input_<pos>`` / ``graphrewrite_c_<pos>``
-    for the new tensors; the original names for the rest). Control inputs are dropped: the caller
-    builds it under its own control dependencies."""
+    for the new tensors; the original names for the rest)."""
     from tensorflow.core.framework import graph_pb2
 
     library = _library(graph)
