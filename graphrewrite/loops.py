@@ -85,6 +85,10 @@ def loop_weight(graph: Graph, node: Node, pos: int) -> LoopWeight | str:
     body, cond = library.get(node.attr("body")), library.get(node.attr("cond"))
     if body is None or cond is None:
         return f"read inside the body of {where}, which is not in the graph's library"
+    arity = (len(node.data_inputs), len(body.signature.input_arg), len(body.signature.output_arg),
+             len(cond.signature.input_arg), len(node.attr("T", [])))
+    if len(set(arity)) != 1:
+        return f"read inside {where}, whose body and condition do not match its inputs"
     if any(e.control for e in node.inputs):  # rebuilt loops take data inputs only
         return f"read inside {where}, which has control inputs"
     if graph.consumers(node.name, pos):
@@ -145,13 +149,16 @@ def rewrite_loop(graph: Graph, node: Node, inputs: Mapping[int, LoopInput]) -> t
         dtype = _weight_dtype(body, found)
         feeds[pos] = f"graphrewrite_input_{pos}:0"
         loop.attr["T"].list.type[pos] = dtype
-        _set_shape(loop.attr["output_shapes"].list.shape[pos], spec.shapes[0])
+        shapes = loop.attr["output_shapes"].list.shape  # optional: empty, or one per loop input
+        if shapes:
+            _set_shape(shapes[pos], spec.shapes[0])
         _as_float_arg(new_body, pos, dtype, found)
         _as_float_arg(new_cond, pos, dtype, None)
         if spec.factored:
             feeds.append(f"graphrewrite_c_{pos}:0")
             loop.attr["T"].list.type.append(dtype)
-            _set_shape(loop.attr["output_shapes"].list.shape.add(), spec.shapes[1])
+            if shapes:
+                _set_shape(shapes.add(), spec.shapes[1])
             _factor(new_body, new_cond, pos, dtype, found)
     if "_num_original_outputs" in loop.attr:
         loop.attr["_num_original_outputs"].i = len(loop.attr["T"].list.type)
