@@ -165,3 +165,40 @@ def test_a_loop_reading_the_weight_otherwise_stays_dense_with_the_reason(tmp_pat
     assert not plan.sites
     [group] = plan.left_dense
     assert "While" in group and plan.left_dense[group] == [1, 256]
+
+
+@pytest.mark.heavy
+def test_transposed_products_inside_a_loop(tmp_path):
+    # h @ W1^T, W2 @ g and W3^T @ g: each becomes two products with B and C in the right order.
+    class Loop(tf.Module):
+        def __init__(self) -> None:
+            self.w = [tf.Variable(tf.random.stateless_normal((16, 16), seed=(i, 7))) for i in range(3)]
+
+        @tf.function(input_signature=[tf.TensorSpec((None, 16), tf.float32)])
+        def __call__(self, x):
+            def body(i, h, g):
+                w1, w2, w3 = self.w
+                return (i + 1, tf.tanh(tf.matmul(h, w1, transpose_b=True)),
+                        tf.tanh(tf.matmul(w2, g)) + tf.tanh(tf.matmul(w3, g, transpose_a=True)))
+
+            _, h, g = tf.while_loop(lambda i, h, g: i < 3, body, (tf.constant(0), x, tf.transpose(x)))
+            return {"h": h, "g": g}
+
+    module = Loop()
+    src, out, final = (str(tmp_path / name) for name in ("src", "out", "final"))
+    tf.saved_model.save(module, src, signatures={"serving_default": module.__call__})
+    result = compress(src, out, hparams.resolve(None, HPARAMS), verify=False)
+    assert len(result.plan.sites) == 3 and {u.op_type for s in result.plan.sites for u in s.uses} == {"While"}
+    export(out, final, force=True, verify=False)
+    feed = {"x": np.random.default_rng(0).standard_normal((2, 16)).astype("float32")}
+    original, rewritten = tf.saved_model.load(src), tf.saved_model.load(out)
+    want = _call(original.signatures["serving_default"], feed)
+    for k, value in _call(rewritten.signatures["serving_default"], feed).items():
+        np.testing.assert_array_equal(value, want[k])
+    for site in rewritten.graphrewrite_sites:
+        site.alpha.assign(0.0)
+    at_zero = _call(rewritten.signatures["serving_default"], feed)
+    got = _call(tf.saved_model.load(final).signatures["serving_default"], feed)
+    for k in at_zero:
+        np.testing.assert_allclose(got[k], at_zero[k], rtol=1e-4, atol=1e-5)
+        assert np.abs(at_zero[k] - want[k]).max() > 1e-3  # alpha = 0 is the compressed model
