@@ -1,9 +1,9 @@
 """Weights read inside While bodies (recurrent kernels): what the body does with them, and the
 rewritten body and cond FunctionDefs that take a float tensor (or factors) in the handle's place.
 
-A Keras LSTM/GRU/SimpleRNN kernel enters its ``While`` as a loop input: the variable's resource
-handle, which the body reads (``ReadVariableOp`` of the body argument) and multiplies with
-``MatMul``. Two rewrites of such a loop input are made here, as protobuf edits of the FunctionDefs
+A Keras LSTM/GRU/SimpleRNN kernel enters its ``While`` as a loop input: in Keras 3 the variable's
+resource handle, which the body reads (``ReadVariableOp`` of the body argument) and multiplies with
+``MatMul``; in tf.keras the value, read before the loop. Two rewrites of such a loop input are made here, as protobuf edits of the FunctionDefs
 (this module and graphrewrite.loader are the graph layer; graphrewrite.recurrent builds the tensors):
 
 * ``dense``: the argument becomes a float tensor ``W`` computed outside the loop (the alpha-blended
@@ -12,8 +12,8 @@ handle, which the body reads (``ReadVariableOp`` of the body argument) and multi
   the end (no existing output index moves); each ``MatMul(x, W)`` becomes ``MatMul(MatMul(x, B), C)``
   (transposes honoured), so ``B @ C`` is never formed.
 
-The body must read the handle only with ``ReadVariableOp``s whose readers are all ``MatMul``
-weight operands, and return it unchanged; the loop's condition must not read it, its own output of
+Every reader of the weight's value in the body (of the handle's ``ReadVariableOp``s, or of the
+argument itself) must be a ``MatMul`` weight operand, and the body must return it unchanged; the loop's condition must not read it, its own output of
 it must be unused, and the loop must have no control inputs. Anything else (an If or a call inside
 the body, another reader) leaves the weight dense, with the reason.
 """
@@ -35,12 +35,14 @@ class LoopWeight:
     """How a While body uses the weight at one loop input.
 
     Attributes:
-      reads: the body's ReadVariableOp nodes of it.
-      matmuls: (MatMul node, operand position of the weight) of every reader of those reads.
+      reads: the body's ReadVariableOp nodes of it (none where the loop takes its value).
+      matmuls: (MatMul node, operand position of the weight) of every reader of its value.
+      dtype: the weight's DataType enum.
     """
 
     reads: tuple[str, ...]
     matmuls: tuple[tuple[str, int], ...]
+    dtype: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,10 +51,12 @@ class LoopInput:
 
     Attributes:
       pos: input position of the While.
+      dtype: the weight's dtype name ("float32").
       shapes: one shape (dense) or the shapes of B and C (factored).
     """
 
     pos: int
+    dtype: str
     shapes: tuple[tuple[int, ...], ...]
 
     @property
@@ -78,8 +82,11 @@ def _aliases(body: Any, arg: str) -> set[str]:
     return names
 
 
-def loop_weight(graph: Graph, node: Node, pos: int) -> LoopWeight | str:
-    """What the body of While ``node`` does with loop input ``pos``, or why it cannot be rewritten."""
+def loop_weight(graph: Graph, node: Node, pos: int, dtype: str) -> LoopWeight | str:
+    """What the body of While ``node`` does with loop input ``pos`` (the handle of a weight of
+    ``dtype``, e.g. "float32", or its value: tf.keras reads its kernels before the loop), or why it
+    cannot be rewritten."""
+    from tensorflow.python.framework import dtypes
     where = f"{node.op} '{node.name}'"
     library = _library(graph)
     body, cond = library.get(node.attr("body")), library.get(node.attr("cond"))
@@ -95,29 +102,33 @@ def loop_weight(graph: Graph, node: Node, pos: int) -> LoopWeight | str:
         return f"read inside {where}, whose output {pos} (the handle) is used after the loop"
     if any(cond.signature.input_arg[pos].name in nd.input for nd in cond.node_def):
         return f"read inside {where}, whose loop condition reads it"
-    aliases = _aliases(body, body.signature.input_arg[pos].name)
+    arg = body.signature.input_arg[pos]
+    aliases = _aliases(body, arg.name)
     if body.ret.get(body.signature.output_arg[pos].name) not in aliases:
         return f"read inside {where}, whose body does not hand the weight on unchanged"
-    reads, matmuls = [], []
-    for nd in body.node_def:
+    handle = arg.type == dtypes.resource.as_datatype_enum
+    if not handle and dtypes.as_dtype(arg.type).name != dtype:
+        return f"read inside {where}, which takes it as {dtypes.as_dtype(arg.type).name}, not as {dtype}"
+    reads = []
+    for nd in body.node_def if handle else ():
         if nd.op == "Identity" or not any(ref in aliases for ref in nd.input):
             continue
         if nd.op != "ReadVariableOp":
             return f"read inside {where}, whose body passes the handle to {nd.op} '{nd.name}'"
         reads.append(nd.name)
-    for read in reads:
-        value = f"{read}:value:0"
-        for nd in body.node_def:
-            hits = [i for i, ref in enumerate(nd.input) if ref == value]
-            if not hits:
-                continue
-            if nd.op != "MatMul" or len(hits) != 1:
-                return (f"read inside {where}, whose body reads it with {nd.op} '{nd.name}' (only MatMul "
-                        "weights are rewritten inside a loop)")
-            matmuls.append((nd.name, hits[0]))
+    values = {f"{read}:value:0" for read in reads} if handle else aliases
+    matmuls = []
+    for nd in body.node_def:
+        hits = [i for i, ref in enumerate(nd.input) if ref in values]
+        if not hits or (nd.op == "Identity" and f"{nd.name}:output:0" in aliases):
+            continue
+        if nd.op != "MatMul" or len(hits) != 1:
+            return (f"read inside {where}, whose body reads it with {nd.op} '{nd.name}' (only MatMul "
+                    "weights are rewritten inside a loop)")
+        matmuls.append((nd.name, hits[0]))
     if not matmuls:
         return f"read inside {where}, whose body multiplies nothing by it"
-    return LoopWeight(tuple(reads), tuple(matmuls))
+    return LoopWeight(tuple(reads), tuple(matmuls), dtypes.as_dtype(dtype).as_datatype_enum)
 
 
 def rewrite_loop(graph: Graph, node: Node, inputs: Mapping[int, LoopInput]) -> tuple[Any, list[str]]:
@@ -144,9 +155,9 @@ def rewrite_loop(graph: Graph, node: Node, inputs: Mapping[int, LoopInput]) -> t
         del listed[:]
         listed.extend(kept)
     for pos, spec in sorted(inputs.items()):
-        found = loop_weight(graph, node, pos)
+        found = loop_weight(graph, node, pos, spec.dtype)
         assert isinstance(found, LoopWeight), found
-        dtype = _weight_dtype(body, found)
+        dtype = found.dtype
         feeds[pos] = f"graphrewrite_input_{pos}:0"
         loop.attr["T"].list.type[pos] = dtype
         shapes = loop.attr["output_shapes"].list.shape  # optional: empty, or one per loop input
@@ -171,11 +182,6 @@ def rewrite_loop(graph: Graph, node: Node, inputs: Mapping[int, LoopInput]) -> t
     loop.attr["cond"].func.name = new_cond.signature.name
     proto.library.function.extend([new_body, new_cond])
     return proto, feeds
-
-
-def _weight_dtype(body: Any, found: LoopWeight) -> int:
-    first = next(nd for nd in body.node_def if nd.name == found.reads[0])
-    return first.attr["dtype"].type
 
 
 def _set_shape(proto: Any, shape: tuple[int, ...]) -> None:

@@ -42,7 +42,8 @@ def loop_outputs(bound: Sequence[tuple[SiteRuntime, Use]], graph: Graph, node: N
     inputs, feeds = {}, {}
     for runtime, use in bound:
         tensors = _loop_tensors(runtime, use, site_reads[runtime.plan.id], variables, export)
-        inputs[use.operand] = loops.LoopInput(use.operand, tuple(tuple(t.shape.as_list()) for t in tensors))
+        inputs[use.operand] = loops.LoopInput(use.operand, runtime.plan.variable.dtype,
+                                              tuple(tuple(t.shape.as_list()) for t in tensors))
         feeds[f"graphrewrite_input_{use.operand}:0"] = tensors[0]
         if len(tensors) == 2:
             feeds[f"graphrewrite_c_{use.operand}:0"] = tensors[1]
