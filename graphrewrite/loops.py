@@ -1,21 +1,23 @@
 """Weights read inside While bodies (recurrent kernels): what the body does with them, and the
-rewritten body and cond FunctionDefs that take a float tensor (or factors) in the handle's place.
+rewritten body and cond FunctionDefs that take a float tensor (or factors) in the weight's place.
 
 A Keras LSTM/GRU/SimpleRNN kernel enters its ``While`` as a loop input: in Keras 3 the variable's
-resource handle, which the body reads (``ReadVariableOp`` of the body argument) and multiplies with
-``MatMul``; in tf.keras the value, read before the loop. Two rewrites of such a loop input are made here, as protobuf edits of the FunctionDefs
-(this module and graphrewrite.loader are the graph layer; graphrewrite.recurrent builds the tensors):
+resource handle, which the body reads (``ReadVariableOp`` of the body argument) and multiplies
+with ``MatMul``; in tf.keras its value, read before the loop. Two rewrites of such a loop input are
+made here, as protobuf edits of the FunctionDefs (this module and graphrewrite.loader are the graph
+layer; graphrewrite.recurrent builds the tensors):
 
 * ``dense``: the argument becomes a float tensor ``W`` computed outside the loop (the alpha-blended
-  weight); the read becomes an ``Identity`` of it, so every reader inside sees ``W``.
+  weight); a read of the handle becomes an ``Identity`` of it, so every reader inside sees ``W``.
 * ``factored`` (export): the argument becomes ``B`` and ``C`` is appended as a new loop invariant at
   the end (no existing output index moves); each ``MatMul(x, W)`` becomes ``MatMul(MatMul(x, B), C)``
   (transposes honoured), so ``B @ C`` is never formed.
 
 Every reader of the weight's value in the body (of the handle's ``ReadVariableOp``s, or of the
-argument itself) must be a ``MatMul`` weight operand, and the body must return it unchanged; the loop's condition must not read it, its own output of
-it must be unused, and the loop must have no control inputs. Anything else (an If or a call inside
-the body, another reader) leaves the weight dense, with the reason.
+argument itself) must be a ``MatMul`` weight operand, and the body must return the weight
+unchanged; the loop's condition must not read it, the loop's own output of it must be unused, and
+the loop must have no control inputs. Anything else (an If or a call inside the body, another
+reader) leaves the weight dense, with the reason.
 """
 
 from __future__ import annotations
