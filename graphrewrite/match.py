@@ -7,8 +7,8 @@ MatMul, BatchMatMul, Conv2D/3D, Conv2DBackpropInput, Einsum or lookup (GatherV2;
 reads the handle itself) is a *use*; ``ExpandDims`` (Conv1D's kernel) is a wrapper too. Any other
 consumer blocks the variable, because rewriting only some of its readers would change what the
 others see. A variable whose handle (or value) is a While loop input is a use when the body only
-multiplies by it (a recurrent kernel, graphrewrite.loops); passed to an If, a call or any other body, it is
-blocked too: weights inside control flow are reported, never silently lost.
+multiplies by it (a recurrent kernel, graphrewrite.loops); passed to an If, a call or any other
+body, it is blocked too: weights inside control flow are reported, never silently lost.
 """
 
 from __future__ import annotations
