@@ -13,6 +13,7 @@ import zoo
 
 from graphrewrite import compress, hparams
 from graphrewrite.exporting import export
+from graphrewrite.match import match_function
 from graphrewrite.pipeline import _max_diff, plan_model
 
 HPARAMS = {"rank": 400}  # k = min(m, n) / 4: the square SimpleRNN recurrent kernel is smaller too
@@ -169,10 +170,12 @@ def test_a_loop_reading_the_weight_otherwise_stays_dense_with_the_reason(tmp_pat
 
     module = Scaled()
     tf.saved_model.save(module, str(tmp_path / "m"), signatures={"serving_default": module.__call__})
-    _, plan, _ = plan_model(str(tmp_path / "m"), hparams.resolve(None, HPARAMS))
+    model, plan, _ = plan_model(str(tmp_path / "m"), hparams.resolve(None, HPARAMS))
     assert not plan.sites
     [group] = plan.left_dense
     assert "While" in group and plan.left_dense[group] == [1, 256]
+    reasons = {b.reason for fir in model.functions.values() for b in match_function(fir, model.infos)[1]}
+    assert reasons and all("whose body reads it with Sum" in r for r in reasons), reasons
 
 
 @pytest.mark.heavy
