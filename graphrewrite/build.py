@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from graphrewrite import views
+from graphrewrite import loops, recurrent, views
 from graphrewrite.graph import Graph, Node
 from graphrewrite.model import NO_DEFAULT, Entry, FunctionIR, LoadedModel, Variant
 from graphrewrite.plan import RewritePlan, SitePlan, Use
@@ -68,13 +68,14 @@ class FunctionBuilder:
     Args:
       fir: the flat function.
       model: what its variables and captures resolve to.
-      sites: op node name -> (site runtime, use) for every rewritten op of this function.
+      sites: op node name -> [(site runtime, use)] for every rewritten op of this function (a While
+        loop may carry several sites' weights).
       export: build the compressed form alone: the reads of compressed weights, their wrappers and
         everything only they feed are left out, so the original weights are not even captured
         (methods without alpha are built that way in the rewritten model too: A is not trained).
     """
 
-    def __init__(self, fir: FunctionIR, model: LoadedModel, sites: Mapping[str, tuple[SiteRuntime, Use]],
+    def __init__(self, fir: FunctionIR, model: LoadedModel, sites: Mapping[str, list[tuple[SiteRuntime, Use]]],
                  export: bool = False) -> None:
         self.fir = fir
         self.model = model
@@ -116,7 +117,7 @@ class FunctionBuilder:
         """Reads of weights the rebuilt ops no longer read, and the wrappers between them and their
         ops: every compressed weight in export mode, else those of methods without alpha."""
         graph, fir = self.fir.graph, self.fir
-        compressed = {use.variable for runtime, use in self.sites.values()
+        compressed = {use.variable for bound in self.sites.values() for runtime, use in bound
                       if self.export or not runtime.transform.blended}
         if not compressed:
             return set()
@@ -185,8 +186,13 @@ class FunctionBuilder:
             data = [tensors[e.tensor] if e.tensor in tensors else None for e in node.inputs if not e.control]
             controls = [control_tensor(e.node) for e in edges if e.control]
             with tf.control_dependencies(controls):
+                if node.op in loops.LOOP_OPS:  # a While carrying weights of sites (recurrent kernels)
+                    outs = recurrent.loop_outputs(self.sites[name], graph, node, data, site_reads,
+                                                  model.variables, self.export)
+                    tensors.update({f"{name}:{i}": t for i, t in enumerate(outs)})
+                    return
                 if name in self.sites:
-                    runtime, use = self.sites[name]
+                    [(runtime, use)] = self.sites[name]
                     if self.export or not runtime.transform.blended:
                         data[use.operand] = weight_spec(runtime, use, node)
                     out = site_output(runtime, use, node, data, site_reads[runtime.plan.id], self.export)
@@ -406,13 +412,15 @@ def _rebuild(model: LoadedModel, plan: RewritePlan, runtimes: Mapping[str, SiteR
 
     builders: dict[str, FunctionBuilder] = {}
     for key, fir in model.functions.items():
-        bound = {use.op: (runtimes[site.id], use) for site in plan.sites for use in site.uses
-                 if use.function == key}
+        bound: dict[str, list[tuple[SiteRuntime, Use]]] = {}
+        for site in plan.sites:
+            for use in (u for u in site.uses if u.function == key):
+                bound.setdefault(use.op, []).append((runtimes[site.id], use))
         builders[key] = FunctionBuilder(fir, model, bound, export)
 
     def reads_for(builder: FunctionBuilder) -> dict[str, dict[str, Any]]:
         reads = {}
-        for site_id in sorted({rt.plan.id for rt, _ in builder.sites.values()}):
+        for site_id in sorted({rt.plan.id for bound in builder.sites.values() for rt, _ in bound}):
             state = runtimes[site_id].state
             values = {name: tf.identity(v) for name, v in state.factors.items()}
             if not export:

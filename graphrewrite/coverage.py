@@ -2,8 +2,9 @@
 
 ``inspect`` prints these groups so that "N sites" is never read as "the whole model": the
 parameters of the original model's variables are split into those in rewritten sites and, per
-reason, those left as they are (biases and norms, weights read inside While/If bodies, depthwise
-kernels, weights the method or rank policy keeps dense, weights read by other ops, ...).
+reason, those left as they are (biases and norms, weights read inside If bodies or loops that do more
+than multiply by them, depthwise kernels, weights the method or rank policy keeps dense, weights read
+by other ops, ...).
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from graphrewrite.model import VariableInfo
 
 # (substring of a skip reason, the group it falls in), first match wins.
 _SKIP_GROUPS = (
-    ("inside a While/If", "read inside a While/If body (recurrent kernels)"),
+    ("inside a While/If", "read inside a While/If body that is not rewritten (an If, a call, a loop body doing more "
+                          "than MatMul)"),
     ("depthwise", "depthwise kernels (no matrix to factor)"),
     ("leaves it dense", "kept dense by the rank policy"),
     ("would not be smaller", "no saving at this rank"),

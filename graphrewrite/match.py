@@ -6,14 +6,16 @@ reshape their kernel before a ``BatchMatMulV2``). A walk that ends in the weight
 MatMul, BatchMatMul, Conv2D/3D, Conv2DBackpropInput, Einsum or lookup (GatherV2; ResourceGather
 reads the handle itself) is a *use*; ``ExpandDims`` (Conv1D's kernel) is a wrapper too. Any other
 consumer blocks the variable, because rewriting only some of its readers would change what the
-others see. A variable whose handle is passed to a While/If body or another function is blocked
-too: weights inside control flow are reported, never silently lost.
+others see. A variable whose handle (or value) is a While loop input is a use when the body only
+multiplies by it (a recurrent kernel, graphrewrite.loops); passed to an If, a call or any other
+body, it is blocked too: weights inside control flow are reported, never silently lost.
 """
 
 from __future__ import annotations
 
 import dataclasses
 
+from graphrewrite import loops
 from graphrewrite.graph import Graph
 from graphrewrite.model import FunctionIR, VariableInfo
 from graphrewrite.ops import ADAPTERS
@@ -84,6 +86,10 @@ def match_function(fir: FunctionIR, infos: dict[str, VariableInfo]) -> tuple[lis
                     else:
                         stack.append((consumer.name, chain + step))
                     continue
+                if consumer.op in loops.LOOP_OPS and info.dtype in _FLOAT_DTYPES:  # tf.keras RNNs
+                    found = _loop_use(fir, consumer, pos, info, chain)
+                    (blockers if isinstance(found, Blocker) else uses).append(found)
+                    continue
                 adapter = ADAPTERS.get(consumer.op)
                 if adapter is None or pos not in adapter.weight_positions(consumer):
                     reason = f"'{info.name}' is also read by {consumer.op} '{consumer.name}'"
@@ -109,12 +115,29 @@ def match_function(fir: FunctionIR, infos: dict[str, VariableInfo]) -> tuple[lis
                 found = _use(fir, consumer, pos, infos[key], (), infos[key].shape)
                 (blockers if isinstance(found, Blocker) else uses).append(found)
                 continue
+            if consumer.op in loops.LOOP_OPS and infos[key].dtype in _FLOAT_DTYPES:  # Keras 3 RNNs
+                found = _loop_use(fir, consumer, pos, infos[key], ())
+                (blockers if isinstance(found, Blocker) else uses).append(found)
+                continue
             reason = f"the handle of '{infos[key].name}' goes to {consumer.op} '{consumer.name}'"
             if consumer.op in _CONTROL_FLOW:
-                reason += (" (read inside a While/If or function body, as recurrent kernels of LSTM/GRU/"
-                           "SimpleRNN are: not rewritten; it keeps working and training)")
+                reason = _in_control_flow(infos[key].name, f"read inside the {consumer.op} '{consumer.name}'")
             blockers.append(Blocker(fir.key, consumer.name, consumer.op, key, reason, False))
     return uses, blockers
+
+
+def _in_control_flow(name: str, why: str) -> str:
+    # "inside a While/If" is the key graphrewrite.coverage groups these by.
+    return f"'{name}' is {why} (inside a While/If or function body that is not rewritten; it keeps working and training)"
+
+
+def _loop_use(fir: FunctionIR, node, pos: int, info: VariableInfo, chain: View) -> Use | Blocker:
+    """A While loop input carrying the weight: its handle, or its value read before the loop."""
+    loop = (f"read inside {node.op} '{node.name}' after a reshape or transpose" if chain
+            else loops.loop_weight(fir.graph, node, pos, info.dtype))
+    if isinstance(loop, str):
+        return Blocker(fir.key, node.name, node.op, info.key, _in_control_flow(info.name, loop), False)
+    return _use(fir, node, pos, info, (), info.shape)
 
 
 def _use(fir: FunctionIR, node, pos: int, info: VariableInfo, chain: View, shape: tuple[int, ...]) -> Use | Blocker:

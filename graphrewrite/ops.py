@@ -1,5 +1,6 @@
 """The weight-bearing ops graphrewrite rewrites: MatMul, BatchMatMulV2/V3, Conv2D/3D, Conv2DBackpropInput,
-Einsum, and lookups (GatherV2/ResourceGather); DepthwiseConv2dNative only to say why not.
+Einsum, lookups (GatherV2/ResourceGather) and While loop inputs (recurrent kernels); DepthwiseConv2dNative
+only to say why not.
 
 One small adapter per op type answers two kinds of question:
 
@@ -293,6 +294,24 @@ class Depthwise(OpAdapter):
 
 
 @dataclasses.dataclass(frozen=True)
+class Loop(OpAdapter):
+    """A While loop input carrying a weight's handle into the body, where MatMuls read it (a recurrent
+    kernel; graphrewrite.loops checks the body). The matrix is the 2-D weight as it is; the loop is
+    rebuilt by graphrewrite.recurrent, never applied here."""
+
+    op_types: ClassVar[tuple[str, ...]] = ("While", "StatelessWhile")
+
+    def weight_positions(self, node: Node) -> tuple[int, ...]:
+        return ()  # a loop takes the handle, never a read: the matcher finds it from the handles
+
+    def describe(self, node: Node, pos: int, shape: tuple[int, ...],
+                 constants: Mapping[int, Any] | None = None) -> OperandView | str:
+        if len(shape) != 2:
+            return f"the weight read inside {node.op} '{node.name}' has shape {list(shape)}, not a matrix"
+        return OperandView((), shape[0], shape[1])
+
+
+@dataclasses.dataclass(frozen=True)
 class Gather(OpAdapter):
     """An embedding lookup ``gather(W, ids)`` (GatherV2 of a read, or ResourceGather of the handle):
     the lookup of one-hot rows, ``onehot(ids) @ W``, so W [vocabulary, width] is the matrix as it is;
@@ -415,5 +434,6 @@ class Einsum(OpAdapter):
 
 
 ADAPTERS: dict[str, OpAdapter] = {
-    op: adapter for adapter in (MatMul(), BatchMatMul(), Conv(), ConvTranspose(), Depthwise(), Gather(), Einsum()) for op in adapter.op_types
+    op: adapter for adapter in (MatMul(), BatchMatMul(), Conv(), ConvTranspose(), Depthwise(), Loop(), Gather(),
+                                Einsum()) for op in adapter.op_types
 }

@@ -26,8 +26,8 @@ EXPECTED = {
                           "mha/attention_output/kernel": ("BatchMatMulV2", 64, 32, 16),
                           "proj/kernel": ("BatchMatMulV2", 32, 48, 16)}, {}),
     "keras3_mixed_precision": ({"d1/kernel": ("MatMul", 40, 64, 20), "d2/kernel": ("MatMul", 64, 16, 8)}, {}),
-    "keras3_lstm": ({"head/kernel": ("MatMul", 32, 40, 16)},
-                    {"lstm/lstm_cell/kernel": "goes to While", "lstm/lstm_cell/recurrent_kernel": "goes to While"}),
+    "keras3_lstm": ({"head/kernel": ("MatMul", 32, 40, 16), "lstm/lstm_cell/kernel": ("MatMul", 8, 128, 4),
+                     "lstm/lstm_cell/recurrent_kernel": ("MatMul", 32, 128, 16)}, {}),  # read in and before the loop
     "tf_keras_dropout_bn": ({"dense_a/kernel": ("MatMul", 30, 64, 15), "dense_b/kernel": ("MatMul", 64, 20, 10)}, {}),
     "tf_module_multi_signature": ({"w_t": ("MatMul", 48, 40, 20), "w_e": ("Einsum", 40, 80, 20),
                                    "w_first": ("MatMul", 40, 30, 15), "kernel": ("Conv2D", 36, 24, 12)}, {}),

@@ -121,19 +121,17 @@ def test_conv1d_kernels_are_seen_through_expand_dims(tmp_path):
     assert plan.sites[0].view == (("reshape", (80, 32)),)  # [5, 16, 32] -> [1, 5, 16, 32] -> matrix
 
 
-def test_recurrent_kernels_are_skipped_with_the_reason(tmp_path):
+def test_recurrent_kernels_are_sites(tmp_path):
     plan = _plan(tmp_path, "lstm_text")
-    assert {s.variable.name for s in plan.sites} == {"embed/embeddings", "head/kernel"}
-    reasons = [s.reason for s in plan.skipped if "lstm" in s.variable]
-    assert len(reasons) == 2 and all("inside a While/If" in r for r in reasons)
-    # inspect's count of what is left dense: LSTM kernel 32x192 + recurrent kernel 48x192, and
-    # every parameter of the model either in a site or in one of the groups.
-    assert plan.left_dense["read inside a While/If body (recurrent kernels)"] == [2, 32 * 192 + 48 * 192]
+    assert {s.variable.name for s in plan.sites} == {"embed/embeddings", "head/kernel", "lstm/lstm_cell/kernel",
+                                                     "lstm/lstm_cell/recurrent_kernel"}
+    # inspect's count of what is left dense: only the two biases; every parameter of the model is
+    # either in a site or in that group (LSTM kernel 32x192 + recurrent kernel 48x192 are sites).
+    assert plan.left_dense == {"vectors (biases, norm scales and offsets)": [2, 192 + 5]}
     total = 200 * 32 + (32 + 48 + 1) * 192 + 48 * 5 + 5
-    assert sum(p for _, p in plan.left_dense.values()) + sum(s.size.params_before for s in plan.sites) == total
+    assert sum(s.size.params_before for s in plan.sites) == total - 197
     text = report.inspect_text(report.plan_dict(plan))
-    assert f"parameters of the original model: {total:,}; in rewritten sites 6,640 (29.9%)" in text
-    assert "15,360 in 2 weight(s): read inside a While/If body (recurrent kernels)" in text
+    assert f"parameters of the original model: {total:,}; in rewritten sites 22,000 (99.1%)" in text
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=[pytest.mark.heavy] if zoo.ZOO[n].heavy else [])
