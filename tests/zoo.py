@@ -110,16 +110,29 @@ def conv_decoder(directory: Any) -> str:
     return _export(keras.Model(z, out), directory, "conv_decoder")
 
 
+def _matrix_rows(shape: tuple[int, ...]) -> int:
+    """How many leading axes of a kernel form the rows of the matrix a layer multiplies by: the
+    split nearest to square. A Dense or conv kernel ``[..., cin, cout]`` splits before its last axis,
+    an attention query/key/value kernel ``[hidden, heads, head_dim]`` after its first, its output
+    kernel ``[heads, head_dim, hidden]`` before its last: the views the matcher factors."""
+    sizes = [int(np.prod(shape[:i])) for i in range(1, len(shape))]
+    return max(range(1, len(shape)), key=lambda i: min(sizes[i - 1], int(np.prod(shape)) // sizes[i - 1]))
+
+
 def _trained_like(model: Any) -> Any:
     """Gives every matrix-shaped weight the power-law spectrum (s_i ~ i^-1.5) trained weights have,
-    keeping its singular vectors and Frobenius norm. With i.i.d. Gaussian weights every singular
-    value is worth its parameters, so a spectrum policy (--target-ratio) rightly keeps square
-    kernels dense; trained language models are not like that."""
+    keeping its singular vectors and Frobenius norm, in the matrix view the layer multiplies by
+    (``_matrix_rows``; the spectrum of another reshape of the same kernel stays nearly flat). With
+    i.i.d. Gaussian weights every singular value is worth its parameters, so a spectrum policy
+    (--target-ratio) rightly keeps square kernels dense; trained language models are not like that."""
     for variable in model.weights:
         value = np.asarray(variable.numpy())
-        if value.ndim < 2 or min(value.shape[-1], value.size // value.shape[-1]) < 2:
+        if value.ndim < 2:
             continue
-        matrix = value.reshape(-1, value.shape[-1]).astype(np.float64)
+        rows = int(np.prod(value.shape[:_matrix_rows(value.shape)]))
+        matrix = value.reshape(rows, -1).astype(np.float64)
+        if min(matrix.shape) < 2:
+            continue
         u, s, vt = np.linalg.svd(matrix, full_matrices=False)
         decay = np.arange(1, s.size + 1) ** -1.5
         decay *= np.linalg.norm(s) / np.linalg.norm(decay)
