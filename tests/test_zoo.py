@@ -5,14 +5,15 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import scipy.linalg
 import tensorflow as tf
 import zoo
 
-from graphrewrite import compress, hparams, loader, report, scan
+from graphrewrite import compress, hparams, loader, report, scan, views
 from graphrewrite.exporting import export
 from graphrewrite.match import match_function
 from graphrewrite.pipeline import _max_diff, plan_model
-from graphrewrite.plan import Selection
+from graphrewrite.plan import Selection, make_plan
 from graphrewrite.rankpolicy import Policy
 
 LIGHT = [name for name, model in zoo.ZOO.items() if not model.heavy]
@@ -138,18 +139,30 @@ def test_recurrent_kernels_are_skipped_with_the_reason(tmp_path):
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=[pytest.mark.heavy] if zoo.ZOO[n].heavy else [])
                                   for n, m in zoo.ZOO.items() if m.language])
-def test_language_models_are_covered_at_target_ratio_half(tmp_path, name):
+def test_language_models_are_covered_under_target_ratio(tmp_path, name):
     src = zoo.ZOO[name].build(tmp_path)
-    selection = Selection(policy=Policy(target_ratio=0.5))
-    model, plan, _ = plan_model(src, hparams.resolve(None, {"rank": 200}), selection=selection)
-    # Every weight is either rewritten or left dense by the policy's own choice (a square kernel
-    # whose break-even k costs almost nothing to keep whole); nothing for want of support.
+    model, plan, transform = plan_model(src, hparams.resolve(None, {"rank": 200}),
+                                        selection=Selection(policy=Policy(target_ratio=0.3)))
     total = sum(int(np.prod(i.shape)) for i in model.infos.values())
-    rewritten = sum(int(np.prod(s.variable.shape)) for s in plan.sites)
-    chosen = sum(int(np.prod(s.shape)) for s in plan.skipped if "leaves it dense" in s.reason)
-    assert (rewritten + chosen) / total >= 0.95, (rewritten, chosen, total, plan.skipped)
-    assert rewritten / total >= 0.75, (rewritten, chosen, total, plan.skipped)
-    print(f"{name}: {rewritten / total:.1%} rewritten, {(rewritten + chosen) / total:.1%} rewritable")
+
+    def share(p, kept_dense: bool = False) -> float:
+        dense = sum(int(np.prod(s.shape)) for s in p.skipped if kept_dense and "leaves it dense" in s.reason)
+        return (sum(int(np.prod(s.variable.shape)) for s in p.sites) + dense) / total
+
+    # At 0.3 every weight graphrewrite can factor is rewritten (the rest: biases, norms, position
+    # embeddings read through a Slice, ViT's 17-row position table left whole by the policy).
+    assert share(plan) >= 0.95, (share(plan), plan.skipped)
+    # At 0.5 the budget outgrows what these (trained-like) spectra need: the optimum of the policy's
+    # objective keeps the 128 x 128 attention kernels whole (their break-even rank, 63, would cost
+    # 98.4% of them) and says so; still rewritten or kept whole by choice, nothing for want of support.
+    half = make_plan(model.functions.values(), model.infos, transform, Selection(policy=Policy(target_ratio=0.5)),
+                     lambda key, view: scipy.linalg.svdvals(views.apply_numpy(model.variables[key].numpy(), view)))
+    assert share(half, kept_dense=True) >= 0.95 and share(half) >= 0.6, (share(half), half.skipped)
+    for skip in half.skipped:
+        if "leaves it dense" in skip.reason and skip.shape[0] == 128:  # (not ViT's 17 x 128 table)
+            assert "rank at break-even saves nothing: k = 63 of 128 would keep 16,128 of its 16,384" in skip.reason
+    print(f"{name}: {share(plan):.1%} rewritten at 0.3, {share(half):.1%} at 0.5 "
+          f"({share(half, kept_dense=True):.1%} with the weights kept whole by the policy)")
 
 
 def test_nan_the_original_also_gives_is_not_a_difference():
