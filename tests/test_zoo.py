@@ -104,6 +104,22 @@ def test_tied_embedding_is_one_site_with_every_use_rewritten(zoo_run):
     assert (site.size.m, site.size.n) == (1000, 128)
 
 
+def test_tied_embedding_gradients_are_dense_for_the_head_reads_every_row(zoo_run):
+    # (README, Limitations) The LM head's gradient covers the whole table, and TensorFlow sums it
+    # with the lookup's IndexedSlices into a dense tensor; an untied table stays sparse
+    # (test_coverage_policy.py).
+    _, out, _, _, inputs = zoo_run("gpt2_tiny")
+    model = tf.saved_model.load(out)
+    [site] = [s for s in model.graphrewrite_sites if s.weight.name.startswith("token_embedding/")]
+    site.alpha.assign(0.5)
+    feed = {n: tf.constant(x) for n, x in inputs["serving_default"].items()}
+    with tf.GradientTape() as tape:
+        loss = tf.add_n([tf.reduce_sum(v ** 2) for v in model.signatures["serving_default"](**feed).values()])
+    grads = tape.gradient(loss, [site.weight, site.factors["b"]])
+    assert all(isinstance(g, tf.Tensor) and g.shape == (1000, d) for g, d in zip(grads, (128, site.factors["b"].shape[1])))
+    assert all(np.count_nonzero(np.abs(g.numpy()).sum(axis=1)) > 100 for g in grads)  # rows never looked up too
+
+
 def test_conv_family_sites_and_depthwise_reason(zoo_run):
     _, _, _, result, _ = zoo_run("conv_decoder")
     types = sorted(s.op_type for s in result.plan.sites)
