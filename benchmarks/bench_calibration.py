@@ -44,7 +44,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from make_testdata import digits_split  # noqa: E402
 
 MODELS = (("digits_mlp", "pixels", (-1, 64)), ("digits_cnn", "image", (-1, 8, 8, 1)))
-BEST_POLICY = {("digits_mlp", 0.48): 0.98, ("digits_cnn", 0.48): 0.9911,
+BEST_POLICY = {("digits_mlp", 0.48): 0.9822, ("digits_cnn", 0.48): 0.9911,
                ("digits_mlp", 0.29): 0.9811, ("digits_cnn", 0.29): 0.9856}
 CURVE = (1, 2, 3, 5, 10, 20, 45)
 EXAMPLES = 512

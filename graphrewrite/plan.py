@@ -224,7 +224,7 @@ def _decide(ready: list[tuple], infos: Mapping[str, VariableInfo], transform: Tr
     out: list[SizePlan | Refusal] = []
     for s, (m, n), k in zip(spectra, shapes, ks):
         if k is None:
-            out.append(Refusal(f"{why} leaves it dense (its singular values are worth their parameters)"))
+            out.append(Refusal(f"{why} leaves it dense: {rankpolicy.why_dense(s, m, n)}"))
             continue
         decision = transform.with_k(m, n, k, why)  # type: ignore[attr-defined]
         if isinstance(decision, SizePlan):

@@ -10,10 +10,11 @@ cuts a small classifier head as hard as a wide hidden layer. These policies look
 * ``target_ratio(ratio)``: per-site k for the whole model, so that the rewritten weights keep at
   most ``ratio`` of their parameters with the least total relative squared error
   ``sum_i ||A_i - B_i C_i||_F**2 / ||A_i||_F**2 = sum_i sum(s_i[k_i:]**2) / sum(s_i**2)``: a greedy
-  allocation that keeps, one at a time, the singular value (or a whole weight, left dense) with the
-  largest error reduction per parameter. For each weight the per-parameter gains of its singular
-  values decrease, so the greedy choice is optimal up to the last item (a knapsack's fractional
-  bound). Relative, not absolute, error: a ReLU network computes the same function when one layer
+  allocation that keeps, one step at a time, the singular values (or a whole weight, left dense)
+  with the largest error reduction per parameter. The steps follow each weight's convex hull of
+  error against parameters, where the per-parameter gains decrease (keeping a weight whole can beat
+  the ranks just below its break-even), so the greedy choice is optimal up to the last step (a
+  knapsack's fractional bound). Relative, not absolute, error: a ReLU network computes the same function when one layer
   is scaled up and the next down, so absolute errors of different layers are not comparable, while
   each layer's relative error is (to first order, it is that layer's relative output error for
   isotropic inputs, and these add up along the network). Measured on the digits models at 29% of
@@ -89,41 +90,83 @@ def max_error_k(s: np.ndarray, err: float) -> int:
     return max(1, int(below[0]) if below.size else len(s))
 
 
+def break_even_k(m: int, n: int, size: int) -> int:
+    """The largest k whose factors ``k (m + n)`` are fewer than the ``m n`` of the dense weight (at
+    most ``size`` singular values; 0 where no rank saves anything)."""
+    return min(size, (m * n - 1) // (m + n))
+
+
+def why_dense(s: np.ndarray, m: int, n: int) -> str:
+    """Why an allocation leaves an ``m x n`` weight with singular values ``s`` dense, in figures: what
+    its largest rank still below break-even would keep, against the whole weight."""
+    k = break_even_k(m, n, len(s))
+    if k == 0:
+        return f"no rank saves anything (k = 1 keeps {m + n:,} of its {m * n:,} parameters)"
+    return (f"rank at break-even saves nothing: k = {k} of {len(s)} would keep {k * (m + n):,} of its "
+            f"{m * n:,} parameters ({k * (m + n) / (m * n):.1%}) at relative error {relative_error(s, k):.3g}; "
+            f"whole, it costs {m * n - k * (m + n):,} more and has none")
+
+
+def _choices(tail: np.ndarray, m: int, n: int) -> list[tuple[int | None, int, float]]:
+    """A site's ``(k, parameters, relative squared error)`` choices on the lower convex hull of error
+    against parameters, from k = 1 to dense (k None): the choices an optimal allocation makes, but
+    for the last one it can afford. Going dense can cost less per unit of error removed than the
+    ranks before it (it removes the whole remaining error for ``m n - k (m + n)`` parameters), so
+    the ranks just below break-even fall off the hull."""
+    points = [(k, k * (m + n), tail[k] / tail[0]) for k in range(1, max(1, break_even_k(m, n, len(tail) - 1)) + 1)]
+    hull: list[tuple[int | None, int, float]] = []
+    for point in [*points, (None, m * n, 0.0)]:
+        # Drop the last choice while the step to it gains no more per parameter than the step past it.
+        while len(hull) >= 2 and ((hull[-2][2] - hull[-1][2]) * (point[1] - hull[-1][1])
+                                  <= (hull[-1][2] - point[2]) * (hull[-1][1] - hull[-2][1])):
+            hull.pop()
+        hull.append(point)
+    return hull
+
+
 def target_ratio_ks(spectra: Sequence[np.ndarray], shapes: Sequence[tuple[int, int]],
                     ratio: float) -> list[int | None]:
     """Per-site k (None: leave the weight dense) meeting ``sum(params) <= ratio * sum(m * n)``.
 
-    Every site starts at k = 1; the budget then goes, greedily, to the item with the largest
-    relative squared-error reduction per parameter: the next singular value of a site (cost
-    m + n), or turning a site dense (cost m n - k (m + n), removing its remaining error) once its
-    next singular value would no longer keep it smaller than the dense weight.
+    Every site starts at k = 1; the budget then goes, greedily, to the step with the largest
+    relative squared-error reduction per parameter along each site's convex hull (``_choices``):
+    the next singular value(s) of a site, or turning it dense. Along a hull these ratios decrease,
+    so the allocation is optimal up to the steps it cannot afford; where a site's next hull step
+    does not fit, the site goes on a rank at a time (the ranks the hull skipped).
     """
     budget = ratio * sum(m * n for m, n in shapes) - sum(m + n for m, n in shapes)
     tails = [tail_energy(s) for s in spectra]
+    hulls = [_choices(t, m, n) if t[0] > 0 else [] for t, (m, n) in zip(tails, shapes)]
     ks: list[int | None] = [1] * len(spectra)
-    heap: list[tuple[float, int, int]] = []
+    at = [0] * len(spectra)  # each site's position on its hull
+    heap: list[tuple[float, int, int, int | None, bool]] = []
 
-    def push(i: int) -> None:
-        k, (m, n), tail = ks[i], shapes[i], tails[i]
+    def push(i: int, single: bool) -> None:
+        (m, n), tail, k = shapes[i], tails[i], ks[i]
         if k is None or tail[0] == 0:
             return
-        if (k + 1) * (m + n) < m * n and k < len(spectra[i]):
-            gain, cost = (tail[k] - tail[k + 1]) / tail[0], m + n
+        if single:  # the next rank, or dense past break-even
+            to = k + 1 if k + 1 <= break_even_k(m, n, len(spectra[i])) else None
+            cost = m + n if to is not None else m * n - k * (m + n)
+        elif at[i] + 1 < len(hulls[i]):
+            to, params, _ = hulls[i][at[i] + 1]
+            cost = params - k * (m + n)
         else:
-            gain, cost = tail[k] / tail[0], m * n - k * (m + n)
+            return
+        gain = (tail[k] - (0.0 if to is None else tail[to])) / tail[0]
         if gain > 0:
-            heapq.heappush(heap, (-gain / cost, i, cost))
+            heapq.heappush(heap, (-gain / max(cost, 1), i, cost, to, single))  # (a 2x2: dense is no dearer)
 
     for i in range(len(spectra)):
-        push(i)
+        push(i, False)
     while heap:
-        _, i, cost = heapq.heappop(heap)
+        _, i, cost, to, single = heapq.heappop(heap)
         if cost > budget:
-            continue  # this site's next item does not fit; smaller items of other sites may
+            if not single:
+                push(i, True)  # the hull's step does not fit: its ranks one by one may
+            continue
         budget -= cost
-        m, n = shapes[i]
-        k = ks[i]
-        assert k is not None
-        ks[i] = k + 1 if (k + 1) * (m + n) < m * n and k < len(spectra[i]) else None
-        push(i)
+        ks[i] = to
+        at[i] += not single
+        push(i, single)
     return ks

@@ -128,7 +128,11 @@ def test_target_ratio_meets_the_budget_on_the_digits_mlp(capsys):
     dense = sum(64 * 256 if s["variable"] == "dense_1/kernel" else 256 * 128 if s["variable"] == "dense_2/kernel"
                 else 1280 for s in data["skipped"])
     assert kept + dense <= 0.48 * 50432
-    assert {s["variable"] for s in data["skipped"]} == {"logits/kernel"}  # the head stays exact
+    # The head stays exact; so does dense_1 (64x256), whose break-even rank would cost all but 64
+    # of its parameters: the optimum spends them on dense_2 (bench_accuracy: 98.22%, before 98.00%).
+    assert {s["variable"] for s in data["skipped"]} == {"dense_1/kernel", "logits/kernel"}
+    [reason] = [s["reason"] for s in data["skipped"] if s["variable"] == "dense_1/kernel"]
+    assert "leaves it dense: rank at break-even saves nothing: k = 51 of 64 would keep 16,320 of its 16,384" in reason
 
 
 def test_policies_need_low_rank(capsys, tmp_path):

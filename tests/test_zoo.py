@@ -5,14 +5,15 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import scipy.linalg
 import tensorflow as tf
 import zoo
 
-from graphrewrite import compress, hparams, loader, report, scan
+from graphrewrite import compress, hparams, loader, report, scan, views
 from graphrewrite.exporting import export
 from graphrewrite.match import match_function
 from graphrewrite.pipeline import _max_diff, plan_model
-from graphrewrite.plan import Selection
+from graphrewrite.plan import Selection, make_plan
 from graphrewrite.rankpolicy import Policy
 
 LIGHT = [name for name, model in zoo.ZOO.items() if not model.heavy]
@@ -103,6 +104,22 @@ def test_tied_embedding_is_one_site_with_every_use_rewritten(zoo_run):
     assert (site.size.m, site.size.n) == (1000, 128)
 
 
+def test_tied_embedding_gradients_are_dense_for_the_head_reads_every_row(zoo_run):
+    # (README, Limitations) The LM head's gradient covers the whole table, and TensorFlow sums it
+    # with the lookup's IndexedSlices into a dense tensor; an untied table stays sparse
+    # (test_coverage_policy.py).
+    _, out, _, _, inputs = zoo_run("gpt2_tiny")
+    model = tf.saved_model.load(out)
+    [site] = [s for s in model.graphrewrite_sites if s.weight.name.startswith("token_embedding/")]
+    site.alpha.assign(0.5)
+    feed = {n: tf.constant(x) for n, x in inputs["serving_default"].items()}
+    with tf.GradientTape() as tape:
+        loss = tf.add_n([tf.reduce_sum(v ** 2) for v in model.signatures["serving_default"](**feed).values()])
+    grads = tape.gradient(loss, [site.weight, site.factors["b"]])
+    assert all(isinstance(g, tf.Tensor) and g.shape == (1000, d) for g, d in zip(grads, (128, site.factors["b"].shape[1])))
+    assert all(np.count_nonzero(np.abs(g.numpy()).sum(axis=1)) > 100 for g in grads)  # rows never looked up too
+
+
 def test_conv_family_sites_and_depthwise_reason(zoo_run):
     _, _, _, result, _ = zoo_run("conv_decoder")
     types = sorted(s.op_type for s in result.plan.sites)
@@ -136,18 +153,30 @@ def test_recurrent_kernels_are_sites(tmp_path):
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=[pytest.mark.heavy] if zoo.ZOO[n].heavy else [])
                                   for n, m in zoo.ZOO.items() if m.language])
-def test_language_models_are_covered_at_target_ratio_half(tmp_path, name):
+def test_language_models_are_covered_under_target_ratio(tmp_path, name):
     src = zoo.ZOO[name].build(tmp_path)
-    selection = Selection(policy=Policy(target_ratio=0.5))
-    model, plan, _ = plan_model(src, hparams.resolve(None, {"rank": 200}), selection=selection)
-    # Every weight is either rewritten or left dense by the policy's own choice (a square kernel
-    # whose break-even k costs almost nothing to keep whole); nothing for want of support.
+    model, plan, transform = plan_model(src, hparams.resolve(None, {"rank": 200}),
+                                        selection=Selection(policy=Policy(target_ratio=0.3)))
     total = sum(int(np.prod(i.shape)) for i in model.infos.values())
-    rewritten = sum(int(np.prod(s.variable.shape)) for s in plan.sites)
-    chosen = sum(int(np.prod(s.shape)) for s in plan.skipped if "leaves it dense" in s.reason)
-    assert (rewritten + chosen) / total >= 0.95, (rewritten, chosen, total, plan.skipped)
-    assert rewritten / total >= 0.75, (rewritten, chosen, total, plan.skipped)
-    print(f"{name}: {rewritten / total:.1%} rewritten, {(rewritten + chosen) / total:.1%} rewritable")
+
+    def share(p, kept_dense: bool = False) -> float:
+        dense = sum(int(np.prod(s.shape)) for s in p.skipped if kept_dense and "leaves it dense" in s.reason)
+        return (sum(int(np.prod(s.variable.shape)) for s in p.sites) + dense) / total
+
+    # At 0.3 every weight graphrewrite can factor is rewritten (the rest: biases, norms, position
+    # embeddings read through a Slice, ViT's 17-row position table left whole by the policy).
+    assert share(plan) >= 0.95, (share(plan), plan.skipped)
+    # At 0.5 the budget outgrows what these (trained-like) spectra need: the optimum of the policy's
+    # objective keeps the 128 x 128 attention kernels whole (their break-even rank, 63, would cost
+    # 98.4% of them) and says so; still rewritten or kept whole by choice, nothing for want of support.
+    half = make_plan(model.functions.values(), model.infos, transform, Selection(policy=Policy(target_ratio=0.5)),
+                     lambda key, view: scipy.linalg.svdvals(views.apply_numpy(model.variables[key].numpy(), view)))
+    assert share(half, kept_dense=True) >= 0.95 and share(half) >= 0.6, (share(half), half.skipped)
+    for skip in half.skipped:
+        if "leaves it dense" in skip.reason and skip.shape[0] == 128:  # (not ViT's 17 x 128 table)
+            assert "rank at break-even saves nothing: k = 63 of 128 would keep 16,128 of its 16,384" in skip.reason
+    print(f"{name}: {share(plan):.1%} rewritten at 0.3, {share(half):.1%} at 0.5 "
+          f"({share(half, kept_dense=True):.1%} with the weights kept whole by the policy)")
 
 
 def test_nan_the_original_also_gives_is_not_a_difference():

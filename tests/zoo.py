@@ -110,16 +110,29 @@ def conv_decoder(directory: Any) -> str:
     return _export(keras.Model(z, out), directory, "conv_decoder")
 
 
+def _matrix_rows(shape: tuple[int, ...]) -> int:
+    """How many leading axes of a kernel form the rows of the matrix a layer multiplies by: the
+    split nearest to square. A Dense or conv kernel ``[..., cin, cout]`` splits before its last axis,
+    an attention query/key/value kernel ``[hidden, heads, head_dim]`` after its first, its output
+    kernel ``[heads, head_dim, hidden]`` before its last: the views the matcher factors."""
+    sizes = [int(np.prod(shape[:i])) for i in range(1, len(shape))]
+    return max(range(1, len(shape)), key=lambda i: min(sizes[i - 1], int(np.prod(shape)) // sizes[i - 1]))
+
+
 def _trained_like(model: Any) -> Any:
     """Gives every matrix-shaped weight the power-law spectrum (s_i ~ i^-1.5) trained weights have,
-    keeping its singular vectors and Frobenius norm. With i.i.d. Gaussian weights every singular
-    value is worth its parameters, so a spectrum policy (--target-ratio) rightly keeps square
-    kernels dense; trained language models are not like that."""
+    keeping its singular vectors and Frobenius norm, in the matrix view the layer multiplies by
+    (``_matrix_rows``; the spectrum of another reshape of the same kernel stays nearly flat). With
+    i.i.d. Gaussian weights every singular value is worth its parameters, so a spectrum policy
+    (--target-ratio) rightly keeps square kernels dense; trained language models are not like that."""
     for variable in model.weights:
         value = np.asarray(variable.numpy())
-        if value.ndim < 2 or min(value.shape[-1], value.size // value.shape[-1]) < 2:
+        if value.ndim < 2:
             continue
-        matrix = value.reshape(-1, value.shape[-1]).astype(np.float64)
+        rows = int(np.prod(value.shape[:_matrix_rows(value.shape)]))
+        matrix = value.reshape(rows, -1).astype(np.float64)
+        if min(matrix.shape) < 2:
+            continue
         u, s, vt = np.linalg.svd(matrix, full_matrices=False)
         decay = np.arange(1, s.size + 1) ** -1.5
         decay *= np.linalg.norm(s) / np.linalg.norm(decay)
@@ -127,41 +140,45 @@ def _trained_like(model: Any) -> Any:
     return model
 
 
-def _lm_config() -> dict[str, int]:
-    return {"vocabulary_size": 1000, "num_layers": 2, "num_heads": 2, "hidden_dim": 128,
-            "intermediate_dim": 512, "max_sequence_length": 32}
+def _lm_config(hidden: int, layers: int, vocab: int) -> dict[str, int]:
+    return {"vocabulary_size": vocab, "num_layers": layers, "num_heads": max(2, hidden // 64),
+            "hidden_dim": hidden, "intermediate_dim": 4 * hidden, "max_sequence_length": 32}
 
 
-def bert_tiny(directory: Any) -> str:
-    """keras_hub's BertBackbone from a small config (word, position and segment embeddings)."""
+def bert_tiny(directory: Any, hidden: int = 128, layers: int = 2, vocab: int = 1000, trained: bool = True) -> str:
+    """keras_hub's BertBackbone from a small config (word, position and segment embeddings); larger
+    ones and i.i.d. Gaussian weights (``trained=False``) for the coverage benchmark."""
     import keras
     import keras_hub
 
     keras.utils.set_random_seed(5)
-    return _export(_trained_like(keras_hub.models.BertBackbone(**_lm_config())), directory, "bert_tiny")
+    backbone = keras_hub.models.BertBackbone(**_lm_config(hidden, layers, vocab))
+    return _export(_trained_like(backbone) if trained else backbone, directory, "bert_tiny")
 
 
-def gpt2_tiny(directory: Any) -> str:
+def gpt2_tiny(directory: Any, hidden: int = 128, layers: int = 2, vocab: int = 1000, trained: bool = True) -> str:
     """keras_hub's GPT2Backbone from a small config with its tied LM head (the token embedding
     read by the lookup and, transposed, by the logits MatMul), as GPT2CausalLM computes it."""
     import keras
     import keras_hub
 
     keras.utils.set_random_seed(6)
-    backbone = _trained_like(keras_hub.models.GPT2Backbone(**_lm_config()))
+    backbone = keras_hub.models.GPT2Backbone(**_lm_config(hidden, layers, vocab))
+    backbone = _trained_like(backbone) if trained else backbone
     logits = backbone.token_embedding(backbone.output, reverse=True)
     return _export(keras.Model(backbone.input, logits), directory, "gpt2_tiny")
 
 
-def vit_tiny(directory: Any) -> str:
-    """keras_hub's ViTBackbone from a small config (patch Conv2D, position embedding, encoder)."""
+def vit_tiny(directory: Any, hidden: int = 128, layers: int = 2, vocab: int = 0, trained: bool = True) -> str:
+    """keras_hub's ViTBackbone from a small config (patch Conv2D, position embedding, encoder);
+    ``vocab`` is unused (the language models' signature)."""
     import keras
     import keras_hub
 
     keras.utils.set_random_seed(7)
-    backbone = keras_hub.models.ViTBackbone(
-        image_shape=(32, 32, 3), patch_size=8, num_layers=2, num_heads=2, hidden_dim=128, mlp_dim=512)
-    return _export(_trained_like(backbone), directory, "vit_tiny")
+    backbone = keras_hub.models.ViTBackbone(image_shape=(32, 32, 3), patch_size=8, num_layers=layers,
+                                            num_heads=max(2, hidden // 64), hidden_dim=hidden, mlp_dim=4 * hidden)
+    return _export(_trained_like(backbone) if trained else backbone, directory, "vit_tiny")
 
 
 ZOO: dict[str, ZooModel] = {
