@@ -30,12 +30,20 @@ from graphrewrite.calibration import InputSpec
 from graphrewrite.errors import CalibrationDataError, UsageError, first_line
 from graphrewrite.match import Use, match_function
 from graphrewrite.model import FunctionIR, LoadedModel
-from graphrewrite.ops import ADAPTERS, OpAdapter
+from graphrewrite.ops import ADAPTERS, Gather, OpAdapter
 from graphrewrite.plan import RewritePlan
 from graphrewrite.transforms import Transform
 
 DEFAULT_BATCH = 32
 PATCH_FLOATS = 1 << 24  # 64 MiB of im2col patches at most at once
+# Rows kept per Gram feature over the whole pass, for ops with many rows per example (a
+# convolution's patches): a batch keeps a seeded random subset of ROWS_PER_FEATURE * m / batches
+# of its rows. The Gram is an estimate of E[x x^T] (its scale does not matter to whitening), and
+# an m x m sample Gram from N independent rows has relative spectral error about sqrt(m / N):
+# 16 rows per feature puts it near 0.25, with the damping (1% of the mean eigenvalue) keeping the
+# small eigenvalues away from zero. Every row costs m^2 against the op's own m n, so the cap is
+# what bounds the pass below one forward pass (benchmarks/bench_calibration.py --only cost).
+ROWS_PER_FEATURE = 16
 
 
 @dataclasses.dataclass
@@ -156,25 +164,28 @@ def collect(model: LoadedModel, data: Mapping[str, np.ndarray], signature: str,
     kept = [u for u in uses if u.variable not in missing]
     names = sorted(data)
     examples = len(data[names[0]])
-    grams = {key: np.zeros((group[0].m, group[0].m)) for key, group in by_variable.items() if key not in missing}
-    rows = dict.fromkeys(grams, 0)
+    grams: dict[str, np.ndarray] = {}
+    rows = dict.fromkeys((u.variable for u in kept), 0)
     if kept:
-        run = _gram_function(fir, model, kept, [data[n].dtype for n in names], [data[n].shape for n in names])
         step = _batch(model, signature, batch_size)
-        for start in range(0, examples, step):
+        batches = -(-examples // step)
+        run, sums = _gram_function(fir, model, kept, [data[n].dtype for n in names], [data[n].shape for n in names],
+                                   [-(-ROWS_PER_FEATURE * u.m // batches) for u in kept])
+        counts = np.zeros(len(kept), np.int64)
+        for number, start in enumerate(range(0, examples, step)):
             batch = [data[n][start:start + step] for n in names]
             try:
-                out_grams, out_rows = run(*batch)
+                counts += np.asarray(run(np.int32(number), *batch))
             except Exception as exc:  # noqa: BLE001 - whatever the model raises on these values
                 raise CalibrationDataError(
                     f"the model fails on the calibration data: {type(exc).__name__}: {first_line(exc)}") from None
-            for use, gram, count in zip(kept, out_grams, out_rows):
-                if int(count) < 0:
-                    missing[use.variable] = f"no calibration statistics for this {use.op_type} (grouped)"
-                elif use.variable in grams:
-                    grams[use.variable] += np.asarray(gram, np.float64)
-                    rows[use.variable] += int(count)
             progress(f"calibration: {min(start + step, examples)}/{examples} examples through {signature}")
+        for use, total, count in zip(kept, sums, counts):
+            if count < 0:
+                missing[use.variable] = f"no calibration statistics for this {use.op_type} (grouped)"
+            elif use.variable not in missing:
+                grams[use.variable] = grams.get(use.variable, 0.0) + total.numpy().astype(np.float64)
+                rows[use.variable] += int(count)
     for key in missing:
         grams.pop(key, None)
         rows.pop(key, None)
@@ -196,20 +207,31 @@ def _batch(model: LoadedModel, signature: str, batch_size: int) -> int:
 def _unsupported(fir: FunctionIR, uses: Sequence[Use]) -> str | None:
     for use in uses:
         op = fir.graph[use.op].op
-        if type(ADAPTERS[op]).activation_rows is OpAdapter.activation_rows:
+        if not _lookup(op) and type(ADAPTERS[op]).activation_rows is OpAdapter.activation_rows:
             return f"no calibration statistics for {op} inputs"
+    if len({_lookup(fir.graph[u.op].op) for u in uses}) > 1 or len({u.m for u in uses}) > 1:
+        return "read both as a lookup table and as a matrix (tied): no one Gram fits both"
     return None
 
 
+def _lookup(op: str) -> bool:
+    """Whether ``op`` is an embedding lookup, whose rows are one-hot (their Gram is diagonal)."""
+    return op in Gather.op_types
+
+
 def _gram_function(fir: FunctionIR, model: LoadedModel, uses: Sequence[Use], dtypes: Sequence[Any],
-                   shapes: Sequence[tuple[int, ...]]) -> Any:
-    """A tf.function of the signature's flat inputs returning each use's ``(X^T X, rows)``."""
+                   shapes: Sequence[tuple[int, ...]], caps: Sequence[int]) -> tuple[Any, list[Any]]:
+    """``(run, sums)``: ``run(batch_number, *inputs)`` adds each use's ``X^T X`` of one batch to its
+    float32 accumulator in ``sums`` (a lookup's: the diagonal only) and returns the rows counted
+    (-1 where a use has none). Summing in the graph spares a float64 copy of every Gram per batch
+    in Python; float32 sums of 16 to a few hundred batch Grams (themselves float32 matmuls over
+    thousands of rows) lose about 1e-6 relative, far below the sampling noise of the rows."""
     import tensorflow as tf
     from tensorflow.core.framework import graph_pb2
 
     graph = fir.graph
     provided = {name.split(":")[0] for name in fir.inputs} | set(fir.handles) | set(fir.reads) | set(fir.captures)
-    activations = [graph[u.op].data_inputs[1 - u.operand] for u in uses]
+    activations = [graph[u.op].data_inputs[ADAPTERS[graph[u.op].op].activation_position(u.operand)] for u in uses]
     needed: set[str] = set()
     stack = [e.node for e in activations]
     while stack:
@@ -218,10 +240,12 @@ def _gram_function(fir: FunctionIR, model: LoadedModel, uses: Sequence[Use], dty
             continue
         needed.add(name)
         stack.extend(e.node for e in graph[name].inputs)
-    specs = [tf.TensorSpec([None, *shape[1:]], dtype) for shape, dtype in zip(shapes, dtypes)]
+    specs = [tf.TensorSpec([], tf.int32)] + [tf.TensorSpec([None, *shape[1:]], dtype)
+                                             for shape, dtype in zip(shapes, dtypes)]
+    sums = [tf.Variable(tf.zeros([u.m] if _lookup(graph[u.op].op) else [u.m, u.m]), trainable=False) for u in uses]
 
     @tf.function(input_signature=specs, autograph=False)
-    def run(*inputs: Any) -> tuple[list[Any], list[Any]]:
+    def run(number: Any, *inputs: Any) -> Any:
         mapped = {_canonical(name): value for name, value in zip(fir.inputs, inputs)}
         mapped.update({f"{n}:0": model.variables[k].handle for n, k in fir.handles.items()})
         mapped.update({f"{n}:0": tf.identity(model.variables[k]) for n, k in fir.reads.items()})
@@ -243,44 +267,60 @@ def _gram_function(fir: FunctionIR, model: LoadedModel, uses: Sequence[Use], dty
         wanted = sorted({e.tensor for e in activations if e.node in needed})
         results = tf.graph_util.import_graph_def(stage, input_map=input_map, return_elements=wanted, name="calib")
         tensors = {**mapped, **dict(zip(wanted, results))}
-        out = [_gram(fir, model, use, tensors[edge.tensor]) for use, edge in zip(uses, activations)]
-        return [g for g, _ in out], [r for _, r in out]
+        counts = []
+        for i, (use, edge, total, cap) in enumerate(zip(uses, activations, sums, caps)):
+            gram, count = _gram(fir, model, use, tensors[edge.tensor], cap, tf.stack([number, i]))
+            total.assign_add(gram)
+            counts.append(count)
+        return tf.stack(counts)
 
-    return run
+    return run, sums
 
 
-def _gram(fir: FunctionIR, model: LoadedModel, use: Use, x: Any) -> tuple[Any, Any]:
-    """``(X^T X, rows)`` of one use's activation ``x`` (float32).
+def _gram(fir: FunctionIR, model: LoadedModel, use: Use, x: Any, cap: int, seed: Any) -> tuple[Any, Any]:
+    """``(X^T X, rows)`` of one use's activation ``x`` in one batch (float32).
 
-    Ops with many rows per example (convolutions) are reduced a chunk of examples at a time, with
-    at most PATCH_FLOATS patch values formed at once. Every row counts: the Gram costs ``m^2`` per
-    row against the op's own ``m n`` (9x for a 3 x 3 convolution with as many outputs as inputs).
+    A lookup's rows are one-hot: its Gram is diagonal, the lookup count of each table row. Ops with
+    many rows per example (convolutions) keep at most ``cap`` of a batch's rows, a seeded random
+    subset (``seed``: batch number and use), so that the Gram costs at most ``cap m^2`` however many
+    positions the batch has (see ROWS_PER_FEATURE); patches are formed a chunk of examples at a
+    time, at most PATCH_FLOATS values at once.
     """
     import tensorflow as tf
 
     node = fir.graph[use.op]
+    if _lookup(node.op):
+        ids = tf.reshape(tf.cast(x, tf.int32), [-1])
+        counts = tf.math.bincount(ids, minlength=use.m, maxlength=use.m, dtype=tf.float32)
+        return counts, tf.size(ids, out_type=tf.int64)
     adapter = ADAPTERS[node.op]
     shape = views.shape_after(model.infos[use.variable].shape, use.chain)
     x = tf.cast(x, tf.float32)
 
-    def reduce(part: Any) -> tuple[Any, Any]:
+    def reduce(part: Any, keep: Any) -> tuple[Any, Any]:
         rows = adapter.activation_rows(node, part, use.operand, shape)
         if rows is None:  # known only with the tensor (a grouped convolution): rows = -1 says so
             return tf.zeros([use.m, use.m]), tf.constant(-1, tf.int64)
+        if keep is not None:
+            order = tf.argsort(tf.random.stateless_uniform(tf.shape(rows)[:1], seed + [0, keep[1] * 100_003]))
+            rows = tf.gather(rows, order[:keep[0]])
         return tf.matmul(rows, rows, transpose_a=True), tf.cast(tf.shape(rows)[0], tf.int64)
 
     if not adapter.rows_per_example:
-        return reduce(x)
+        return reduce(x, None)
     chunk = 1
     if x.shape[1:].is_fully_defined():
-        positions = int(np.prod(x.shape[1:])) // max(int(shape[-2]), 1)  # an upper bound (stride 1)
+        positions = int(np.prod(x.shape[1:-1]))  # an upper bound (stride 1, channels last)
         chunk = max(1, PATCH_FLOATS // (positions * use.m))
+    batch = tf.shape(x)[0]
+    # each chunk keeps its share of the batch's cap, at least one row per example of the chunk
+    share = tf.maximum(cap * tf.minimum(chunk, batch) // batch, tf.minimum(chunk, batch))
 
     def body(i: Any, gram: Any, count: Any) -> tuple[Any, Any, Any]:
-        g, r = reduce(x[i:i + chunk])
+        g, r = reduce(x[i:i + chunk], (share, i))
         return i + chunk, gram + g, count + r
 
-    _, gram, count = tf.while_loop(lambda i, *_: i < tf.shape(x)[0], body,
+    _, gram, count = tf.while_loop(lambda i, *_: i < batch, body,
                                    (tf.constant(0), tf.zeros([use.m, use.m]), tf.constant(0, tf.int64)))
     return gram, count
 

@@ -106,7 +106,9 @@ def cnn_statistics(digits):
 
     model = loader.load(CNN, ["serve"], True)
     data = {"image": digits[0][:40].reshape(-1, 8, 8, 1)}
-    return model, statistics.collect(model, data, "serving_default", batch_size=16)
+    with pytest.MonkeyPatch.context() as patch:  # every patch row (tests/test_calibration_cost.py: a sample)
+        patch.setattr(statistics, "ROWS_PER_FEATURE", 10**6)
+        return model, statistics.collect(model, data, "serving_default", batch_size=16)
 
 
 def test_conv_gram_is_that_of_the_im2col_patches(cnn_statistics, digits):
