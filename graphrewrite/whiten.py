@@ -43,8 +43,10 @@ DAMPING = 1e-2
 # A lookup table's rows the calibration data never hit keep this share of the mean row weight
 # (the Laplace-style prior of a frequency estimated from a small sample): with 1.0 the weights are
 # the lookup counts plus as many lookups again spread evenly over the vocabulary, so the factors
-# serve the rows seen in proportion to their use without giving up on the others (a tenth of that
-# left unseen rows' errors 3x plain SVD's in tests/test_calibration_cost.py's problem).
+# serve the rows seen in proportion to their use without giving up on the others. Measured on
+# random 50 x 12 tables, k = 4, 240 skewed lookups hitting 30 rows (3 draws): damping 0.01 / 0.1 /
+# 1.0 gives the unseen rows 1.17 / 1.16 / 1.10 times plain SVD's error on them, and the looked-up
+# rows 0.79 / 0.79 / 0.81 times plain SVD's: a small trade, taken for the rows a sample misses.
 LOOKUP_DAMPING = 1.0
 
 
