@@ -164,37 +164,66 @@ def collect(model: LoadedModel, data: Mapping[str, np.ndarray], signature: str,
     kept = [u for u in uses if u.variable not in missing]
     names = sorted(data)
     examples = len(data[names[0]])
-    grams: dict[str, np.ndarray] = {}
-    rows = dict.fromkeys((u.variable for u in kept), 0)
+    sums = {u.variable: _Sum(u.m) for u in kept}
     if kept:
         step = _batch(model, signature, batch_size)
         batches = -(-examples // step)
-        run, sums = _gram_function(fir, model, kept, [data[n].dtype for n in names], [data[n].shape for n in names],
-                                   [-(-ROWS_PER_FEATURE * u.m // batches) for u in kept])
-        counts = np.zeros(len(kept), np.int64)
+        run = _rows_function(fir, model, kept, [data[n].dtype for n in names], [data[n].shape for n in names],
+                             [-(-ROWS_PER_FEATURE * u.m // batches) for u in kept])
         for number, start in enumerate(range(0, examples, step)):
             batch = [data[n][start:start + step] for n in names]
             try:
-                counts += np.asarray(run(np.int32(number), *batch))
+                values, counts = run(np.int32(number), *batch)
             except Exception as exc:  # noqa: BLE001 - whatever the model raises on these values
                 raise CalibrationDataError(
                     f"the model fails on the calibration data: {type(exc).__name__}: {first_line(exc)}") from None
+            for use, value, count in zip(kept, values, counts.numpy()):
+                if count < 0:
+                    missing[use.variable] = f"no calibration statistics for this {use.op_type} (grouped)"
+                else:
+                    sums[use.variable].add(value.numpy(), int(count))
             progress(f"calibration: {min(start + step, examples)}/{examples} examples through {signature}")
-        for use, total, count in zip(kept, sums, counts):
-            if count < 0:
-                missing[use.variable] = f"no calibration statistics for this {use.op_type} (grouped)"
-            elif use.variable not in missing:
-                grams[use.variable] = grams.get(use.variable, 0.0) + total.numpy().astype(np.float64)
-                rows[use.variable] += int(count)
-    for key in missing:
-        grams.pop(key, None)
-        rows.pop(key, None)
-    for key in grams:
-        grams[key] /= max(rows[key], 1)
-        if not np.all(np.isfinite(grams[key])):
+    grams = {key: total.result() for key, total in sums.items() if key not in missing}
+    for key, gram in grams.items():
+        if not np.all(np.isfinite(gram.rows if isinstance(gram, whiten.RowGram) else gram)):
             raise CalibrationDataError(f"the inputs of {model.infos[key].name} overflow on the calibration data "
                                        "(non-finite activations)")
-    return Statistics(signature, examples, grams, rows, missing)
+    return Statistics(signature, examples, grams, {key: sums[key].rows for key in grams}, missing)
+
+
+class _Sum:
+    """One weight's statistics as the batches come: its rows while they are no more than its m
+    features (kept as a whiten.RowGram: cheaper than an m x m Gram of rank N < m, to form and to
+    factorise), their float64 Gram from then on; a lookup's counts. Memory: at most 4 m^2 bytes of
+    rows, then 8 m^2 of Gram."""
+
+    def __init__(self, m: int) -> None:
+        self.m, self.rows = m, 0
+        self.blocks: list[np.ndarray] = []
+        self.gram: np.ndarray | None = None
+
+    def add(self, values: np.ndarray, count: int) -> None:
+        """Adds one batch: ``count`` rows ``values`` (N x m, float32), or a lookup's counts (m,)."""
+        self.rows += count
+        if values.ndim == 1 or (self.gram is None and self.rows <= self.m):
+            if values.ndim == 1:
+                self.gram = values.astype(np.float64) + (0.0 if self.gram is None else self.gram)
+            else:
+                self.blocks.append(values)
+            return
+        if self.gram is None:
+            self.gram = np.zeros((self.m, self.m))
+            for block in self.blocks:
+                self.gram += block.T @ block
+            self.blocks = []
+        self.gram += values.T @ values  # float32 products of one batch, summed in float64
+
+    def result(self) -> whiten.Gram:
+        """``X^T X / rows``: a diagonal for a lookup, an m x m Gram, or the scaled rows."""
+        if self.gram is not None:
+            return self.gram / max(self.rows, 1)
+        rows = np.concatenate(self.blocks) if self.blocks else np.zeros((0, self.m), np.float32)
+        return whiten.RowGram(rows / np.float32(np.sqrt(max(self.rows, 1))))
 
 
 def _batch(model: LoadedModel, signature: str, batch_size: int) -> int:
@@ -219,13 +248,12 @@ def _lookup(op: str) -> bool:
     return op in Gather.op_types
 
 
-def _gram_function(fir: FunctionIR, model: LoadedModel, uses: Sequence[Use], dtypes: Sequence[Any],
-                   shapes: Sequence[tuple[int, ...]], caps: Sequence[int]) -> tuple[Any, list[Any]]:
-    """``(run, sums)``: ``run(batch_number, *inputs)`` adds each use's ``X^T X`` of one batch to its
-    float32 accumulator in ``sums`` (a lookup's: the diagonal only) and returns the rows counted
-    (-1 where a use has none). Summing in the graph spares a float64 copy of every Gram per batch
-    in Python; float32 sums of 16 to a few hundred batch Grams (themselves float32 matmuls over
-    thousands of rows) lose about 1e-6 relative, far below the sampling noise of the rows."""
+def _rows_function(fir: FunctionIR, model: LoadedModel, uses: Sequence[Use], dtypes: Sequence[Any],
+                   shapes: Sequence[tuple[int, ...]], caps: Sequence[int]) -> Any:
+    """``run(batch_number, *inputs)`` -> ``(values, counts)``: for each use the rows ``X`` of one
+    batch (float32, N x m; a convolution's a sample, see ``_rows``) or a lookup's counts per table
+    row (m,), and the number of rows (-1 where a use has none). The Grams are formed outside, so
+    that a weight with fewer rows than features never gets one (``_Sum``)."""
     import tensorflow as tf
     from tensorflow.core.framework import graph_pb2
 
@@ -242,7 +270,6 @@ def _gram_function(fir: FunctionIR, model: LoadedModel, uses: Sequence[Use], dty
         stack.extend(e.node for e in graph[name].inputs)
     specs = [tf.TensorSpec([], tf.int32)] + [tf.TensorSpec([None, *shape[1:]], dtype)
                                              for shape, dtype in zip(shapes, dtypes)]
-    sums = [tf.Variable(tf.zeros([u.m] if _lookup(graph[u.op].op) else [u.m, u.m]), trainable=False) for u in uses]
 
     @tf.function(input_signature=specs, autograph=False)
     def run(number: Any, *inputs: Any) -> Any:
@@ -267,24 +294,21 @@ def _gram_function(fir: FunctionIR, model: LoadedModel, uses: Sequence[Use], dty
         wanted = sorted({e.tensor for e in activations if e.node in needed})
         results = tf.graph_util.import_graph_def(stage, input_map=input_map, return_elements=wanted, name="calib")
         tensors = {**mapped, **dict(zip(wanted, results))}
-        counts = []
-        for i, (use, edge, total, cap) in enumerate(zip(uses, activations, sums, caps)):
-            gram, count = _gram(fir, model, use, tensors[edge.tensor], cap, tf.stack([number, i]))
-            total.assign_add(gram)
-            counts.append(count)
-        return tf.stack(counts)
+        out = [_rows(fir, model, use, tensors[edge.tensor], cap, tf.stack([number, i]))
+               for i, (use, edge, cap) in enumerate(zip(uses, activations, caps))]
+        return [values for values, _ in out], tf.stack([count for _, count in out])
 
-    return run, sums
+    return run
 
 
-def _gram(fir: FunctionIR, model: LoadedModel, use: Use, x: Any, cap: int, seed: Any) -> tuple[Any, Any]:
-    """``(X^T X, rows)`` of one use's activation ``x`` in one batch (float32).
+def _rows(fir: FunctionIR, model: LoadedModel, use: Use, x: Any, cap: int, seed: Any) -> tuple[Any, Any]:
+    """``(X, rows)`` of one use's activation ``x`` in one batch (float32).
 
-    A lookup's rows are one-hot: its Gram is diagonal, the lookup count of each table row. Ops with
-    many rows per example (convolutions) keep at most ``cap`` of a batch's rows, a seeded random
-    subset (``seed``: batch number and use), so that the Gram costs at most ``cap m^2`` however many
-    positions the batch has (see ROWS_PER_FEATURE); patches are formed a chunk of examples at a
-    time, at most PATCH_FLOATS values at once.
+    A lookup's rows are one-hot: what is returned is their sum, the lookup count of each table row
+    (the diagonal of its Gram). Ops with many rows per example (convolutions) keep at most ``cap``
+    of a batch's rows, a seeded random subset (``seed``: batch number and use), so that their Gram
+    costs at most ``cap m^2`` however many positions the batch has (see ROWS_PER_FEATURE); patches
+    are formed a chunk of examples at a time, at most PATCH_FLOATS values at once.
     """
     import tensorflow as tf
 
@@ -300,11 +324,11 @@ def _gram(fir: FunctionIR, model: LoadedModel, use: Use, x: Any, cap: int, seed:
     def reduce(part: Any, keep: Any) -> tuple[Any, Any]:
         rows = adapter.activation_rows(node, part, use.operand, shape)
         if rows is None:  # known only with the tensor (a grouped convolution): rows = -1 says so
-            return tf.zeros([use.m, use.m]), tf.constant(-1, tf.int64)
+            return tf.zeros([0, use.m]), tf.constant(-1, tf.int64)
         if keep is not None:
             order = tf.argsort(tf.random.stateless_uniform(tf.shape(rows)[:1], seed + [0, keep[1] * 100_003]))
             rows = tf.gather(rows, order[:keep[0]])
-        return tf.matmul(rows, rows, transpose_a=True), tf.cast(tf.shape(rows)[0], tf.int64)
+        return rows, tf.cast(tf.shape(rows)[0], tf.int64)
 
     if not adapter.rows_per_example:
         return reduce(x, None)
@@ -316,13 +340,15 @@ def _gram(fir: FunctionIR, model: LoadedModel, use: Use, x: Any, cap: int, seed:
     # each chunk keeps its share of the batch's cap, at least one row per example of the chunk
     share = tf.maximum(cap * tf.minimum(chunk, batch) // batch, tf.minimum(chunk, batch))
 
-    def body(i: Any, gram: Any, count: Any) -> tuple[Any, Any, Any]:
-        g, r = reduce(x[i:i + chunk], (share, i))
-        return i + chunk, gram + g, count + r
+    def body(i: Any, rows: Any, count: Any) -> tuple[Any, Any, Any]:
+        part, r = reduce(x[i:i + chunk], (share, i))
+        return i + chunk, tf.concat([rows, part], 0), tf.where(r < 0, r, count + r)
 
-    _, gram, count = tf.while_loop(lambda i, *_: i < batch, body,
-                                   (tf.constant(0), tf.zeros([use.m, use.m]), tf.constant(0, tf.int64)))
-    return gram, count
+    _, rows, count = tf.while_loop(lambda i, *_: i < batch, body,
+                                   (tf.constant(0), tf.zeros([0, use.m]), tf.constant(0, tf.int64)),
+                                   shape_invariants=(tf.TensorShape([]), tf.TensorShape([None, use.m]),
+                                                     tf.TensorShape([])))
+    return rows, count
 
 
 def _canonical(name: str) -> str:

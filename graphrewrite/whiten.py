@@ -30,6 +30,8 @@ and the rows they miss keep that share of the mean weight (see LOOKUP_DAMPING).
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import scipy.linalg
 
@@ -50,67 +52,132 @@ DAMPING = 1e-2
 LOOKUP_DAMPING = 1.0
 
 
-def damped(gram: np.ndarray, damping: float | None = None) -> np.ndarray:
-    """``G + lambda I`` with ``lambda = damping * tr(G) / m`` (the identity where G is zero); a
-    diagonal Gram (a vector) stays a vector and defaults to LOOKUP_DAMPING."""
+@dataclasses.dataclass(frozen=True)
+class RowGram:
+    """A Gram kept as its rows, ``G = rows^T rows`` (``rows``: N x m, already divided by sqrt of the
+    row count), where a site sees no more rows than it has features (the calibration pass keeps
+    them instead of forming an m x m product whose rank is at most N)."""
+
+    rows: np.ndarray
+
+
+Gram = np.ndarray | RowGram  # m x m, a diagonal (m,), or rows
+
+
+def dense(gram: Gram) -> np.ndarray:
+    """The m x m float64 matrix of any form of Gram."""
+    if isinstance(gram, RowGram):
+        r = np.asarray(gram.rows, np.float64)
+        return r.T @ r
     g = np.asarray(gram, np.float64)
-    diagonal = g.ndim == 1
+    return np.diag(g) if g.ndim == 1 else g
+
+
+def _diagonal(gram: Gram) -> bool:
+    return not isinstance(gram, RowGram) and np.ndim(gram) == 1
+
+
+def _lambda(gram: Gram, damping: float | None) -> float:
+    """``damping * tr(G) / m`` (1 where G is zero); damping defaults by the Gram's form."""
     if damping is None:
-        damping = LOOKUP_DAMPING if diagonal else DAMPING
-    m = g.shape[0]
-    scale = float(np.sum(g) if diagonal else np.trace(g)) / m
-    lam = damping * scale if scale > 0 else 1.0
-    return g + lam if diagonal else g + lam * np.eye(m)
+        damping = LOOKUP_DAMPING if _diagonal(gram) else DAMPING
+    if isinstance(gram, RowGram):
+        trace, m = float(np.sum(np.square(gram.rows, dtype=np.float64))), gram.rows.shape[1]
+    else:
+        g = np.asarray(gram, np.float64)
+        trace, m = float(np.sum(g) if g.ndim == 1 else np.trace(g)), g.shape[0]
+    return damping * trace / m if trace > 0 else 1.0
 
 
-def whitener(gram: np.ndarray, damping: float | None = None) -> np.ndarray:
-    """The upper-triangular ``S`` with ``S^T S = G + lambda I`` (for a diagonal Gram, its diagonal)."""
+def damped(gram: Gram, damping: float | None = None) -> np.ndarray:
+    """``G + lambda I`` with ``lambda = damping * tr(G) / m``; a diagonal Gram (a vector) stays a
+    vector and defaults to LOOKUP_DAMPING."""
+    lam = _lambda(gram, damping)
+    if _diagonal(gram):
+        return np.asarray(gram, np.float64) + lam
+    g = dense(gram)
+    return g + lam * np.eye(g.shape[0])
+
+
+@dataclasses.dataclass(frozen=True)
+class _Root:
+    """A square root ``S`` of ``G_d`` (``S^T S = G_d``) that can apply ``S`` and solve with it.
+
+    Dense: the upper Cholesky factor. Diagonal: ``sqrt(g + lambda)``. Rows ``R = P diag(r) Q^T``
+    (thin SVD, N <= m): the symmetric root ``Q diag(sqrt(r^2 + lambda)) Q^T + sqrt(lambda)(I - Q Q^T)``,
+    applied in O(N m n) without an m x m matrix (the m^3 Cholesky of a rank-N Gram is avoided).
+    """
+
+    kind: str
+    factor: np.ndarray
+    basis: np.ndarray | None = None
+    lam: float = 0.0
+
+    def apply(self, a: np.ndarray) -> np.ndarray:
+        if self.kind == "diagonal":
+            return self.factor[:, None] * a
+        if self.kind == "rows":
+            return self.basis @ ((self.factor - np.sqrt(self.lam))[:, None] * (self.basis.T @ a)) + np.sqrt(self.lam) * a
+        return self.factor @ a
+
+    def solve(self, b: np.ndarray) -> np.ndarray:
+        if self.kind == "diagonal":
+            return b / self.factor[:, None]
+        if self.kind == "rows":
+            inverse = 1.0 / self.factor - 1.0 / np.sqrt(self.lam)
+            return self.basis @ (inverse[:, None] * (self.basis.T @ b)) + b / np.sqrt(self.lam)
+        return scipy.linalg.solve_triangular(self.factor, b, lower=False, check_finite=False)
+
+
+def _root(gram: Gram, damping: float | None) -> _Root:
+    if isinstance(gram, RowGram):
+        lam = _lambda(gram, damping)
+        _, r, qt = scipy.linalg.svd(np.asarray(gram.rows, np.float64), full_matrices=False, check_finite=False)
+        return _Root("rows", np.sqrt(r ** 2 + lam), qt.T, lam)
     g = damped(gram, damping)
-    return np.sqrt(g) if g.ndim == 1 else scipy.linalg.cholesky(g, lower=False, check_finite=False)
+    if g.ndim == 1:
+        return _Root("diagonal", np.sqrt(g))
+    return _Root("dense", scipy.linalg.cholesky(g, lower=False, check_finite=False))
 
 
-def _apply(s_factor: np.ndarray, matrix: np.ndarray) -> np.ndarray:
-    """``S A`` (float64)."""
-    a = np.asarray(matrix, np.float64)
-    return s_factor[:, None] * a if s_factor.ndim == 1 else s_factor @ a
-
-
-def whitened_svd(matrix: np.ndarray, gram: np.ndarray, damping: float | None = None
-                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def whitened_svd(matrix: np.ndarray, gram: Gram, damping: float | None = None
+                 ) -> tuple[_Root, np.ndarray, np.ndarray, np.ndarray]:
     """``(S, U, s, V^T)`` with ``S A = U diag(s) V^T`` (float64, economy SVD)."""
-    s_factor = whitener(gram, damping)
-    u, s, vt = scipy.linalg.svd(_apply(s_factor, matrix), full_matrices=False, lapack_driver="gesdd",
-                                check_finite=False)
-    return s_factor, u, s, vt
+    root = _root(gram, damping)
+    u, s, vt = scipy.linalg.svd(root.apply(np.asarray(matrix, np.float64)), full_matrices=False,
+                                lapack_driver="gesdd", check_finite=False)
+    return root, u, s, vt
 
 
-def whitened_spectrum(matrix: np.ndarray, gram: np.ndarray, damping: float | None = None) -> np.ndarray:
+def whitened_spectrum(matrix: np.ndarray, gram: Gram, damping: float | None = None) -> np.ndarray:
     """Singular values of ``S A``: their tails are the damped output-space errors of each rank."""
-    return scipy.linalg.svdvals(_apply(whitener(gram, damping), matrix), check_finite=False)
+    return scipy.linalg.svdvals(_root(gram, damping).apply(np.asarray(matrix, np.float64)), check_finite=False)
 
 
-def low_rank(matrix: np.ndarray, gram: np.ndarray, k: int, damping: float | None = None
+def low_rank(matrix: np.ndarray, gram: Gram, k: int, damping: float | None = None
              ) -> tuple[np.ndarray, np.ndarray]:
     """``(B, C)``, m x k and k x n, minimising ``tr((A - BC)^T G_d (A - BC))``.
 
     ``B = S^-1 U_k sqrt(s_k)`` and ``C = sqrt(s_k) V_k^T``: the singular values are split evenly in
     the whitened space, as plain low rank splits them in weight space.
     """
-    s_factor, u, s, vt = whitened_svd(matrix, gram, damping)
-    root = np.sqrt(s[:k])
-    scaled = u[:, :k] * root[None, :]
-    b = scaled / s_factor[:, None] if s_factor.ndim == 1 else scipy.linalg.solve_triangular(
-        s_factor, scaled, lower=False, check_finite=False)
-    return b.astype(np.float32), (root[:, None] * vt[:k]).astype(np.float32)
+    root, u, s, vt = whitened_svd(matrix, gram, damping)
+    half = np.sqrt(s[:k])
+    b = root.solve(u[:, :k] * half[None, :])
+    return b.astype(np.float32), (half[:, None] * vt[:k]).astype(np.float32)
 
 
-def output_error(matrix: np.ndarray, approx: np.ndarray, gram: np.ndarray) -> float:
+def output_error(matrix: np.ndarray, approx: np.ndarray, gram: Gram) -> float:
     """``||X (A - M)||_F / ||X A||_F`` from the (undamped) Gram: the relative output error."""
     a = np.asarray(matrix, np.float64)
     e = a - np.asarray(approx, np.float64)
+    total, error = _energy(a, gram), _energy(e, gram)
+    return float(np.sqrt(max(error, 0.0) / total)) if total > 0 else 0.0
+
+
+def _energy(t: np.ndarray, gram: Gram) -> float:
+    """``tr(T^T G T)``."""
+    if isinstance(gram, RowGram):
+        return float(np.sum(np.square(np.asarray(gram.rows, np.float64) @ t)))
     g = np.asarray(gram, np.float64)
-    weigh = (lambda t: g[:, None] * t) if g.ndim == 1 else (lambda t: g @ t)  # noqa: E731 - one line
-    total = float(np.sum(a * weigh(a)))
-    if total <= 0:
-        return 0.0
-    return float(np.sqrt(max(float(np.sum(e * weigh(e))), 0.0) / total))
+    return float(np.sum(t * (g[:, None] * t if g.ndim == 1 else g @ t)))

@@ -103,6 +103,9 @@ def test_patch_rows_are_a_seeded_sample_of_bounded_size(monkeypatch):
     # (conv_2: 576 of 2,048), but at least one an example (conv_1's 9 features: 32, not 18)
     assert first.rows[names["conv_1"]] == 8 * 32 and first.rows[names["conv_2"]] == 8 * 576
     assert exact.rows[names["conv_2"]] == 8 * 2048 and first.rows[names["logits"]] == 256  # one row an image
+    # the head: 256 rows for 1,024 features, kept as rows (no 1,024 x 1,024 Gram of rank 256)
+    assert isinstance(first.grams[names["logits"]], whiten.RowGram)
+    assert first.grams[names["logits"]].rows.shape == (256, 1024)
     np.testing.assert_array_equal(first.grams[names["conv_2"]], again.grams[names["conv_2"]])  # seeded
     # the sample's Gram is close to all rows' and its whitened factors nearly as good on all rows
     conv_2 = exact.grams[names["conv_2"]]
@@ -114,3 +117,22 @@ def test_patch_rows_are_a_seeded_sample_of_bounded_size(monkeypatch):
         plain = np.matmul(*whiten.low_rank(kernel, np.eye(288), k))
         errors = [whiten.output_error(kernel, w, conv_2) for w in (sampled, best, plain)]
         assert errors[1] <= errors[0] < min(1.05 * errors[1], errors[2])
+
+
+@pytest.mark.parametrize("rows,m,n", [(12, 40, 9), (40, 40, 30)])
+def test_row_gram_whitening_equals_the_dense_one(rows, m, n):
+    """A site with no more rows than features keeps its rows: the same factors, errors and spectrum
+    as the m x m Gram they imply, without forming or factorising it."""
+    rng = np.random.default_rng(rows)
+    x, a = rng.standard_normal((rows, m)) @ rng.standard_normal((m, m)), rng.standard_normal((m, n))
+    gram = whiten.RowGram((x / np.sqrt(rows)).astype(np.float32))
+    dense = whiten.dense(gram)
+    np.testing.assert_allclose(dense, x.T @ x / rows, rtol=1e-5, atol=1e-5 * np.abs(dense).max())
+    np.testing.assert_allclose(whiten.whitened_spectrum(a, gram), whiten.whitened_spectrum(a, dense), rtol=1e-6)
+    for k in (1, 5):
+        b, c = whiten.low_rank(a, gram, k)
+        dense_b, dense_c = whiten.low_rank(a, dense, k)
+        np.testing.assert_allclose(b @ c, dense_b @ dense_c, atol=1e-4 * np.abs(a).max())
+        assert whiten.output_error(a, b @ c, gram) == pytest.approx(whiten.output_error(a, b @ c, dense), rel=1e-6)
+        u, s, vt = np.linalg.svd(a, full_matrices=False)
+        assert whiten.output_error(a, b @ c, gram) <= whiten.output_error(a, (u[:, :k] * s[:k]) @ vt[:k], gram)
