@@ -169,19 +169,19 @@ def collect(model: LoadedModel, data: Mapping[str, np.ndarray], signature: str,
         step = _batch(model, signature, batch_size)
         batches = -(-examples // step)
         run = _rows_function(fir, model, kept, [data[n].dtype for n in names], [data[n].shape for n in names],
-                             [-(-ROWS_PER_FEATURE * u.m // batches) for u in kept])
+                             [-(-ROWS_PER_FEATURE * u.m // batches) for u in kept], examples)
         for number, start in enumerate(range(0, examples, step)):
             batch = [data[n][start:start + step] for n in names]
             try:
-                values, counts = run(np.int32(number), *batch)
+                values, counts, as_rows = run(np.int32(number), *batch)
             except Exception as exc:  # noqa: BLE001 - whatever the model raises on these values
                 raise CalibrationDataError(
                     f"the model fails on the calibration data: {type(exc).__name__}: {first_line(exc)}") from None
-            for use, value, count in zip(kept, values, counts.numpy()):
+            for use, value, count, rows in zip(kept, values, counts.numpy(), as_rows.numpy()):
                 if count < 0:
                     missing[use.variable] = f"no calibration statistics for this {use.op_type} (grouped)"
                 else:
-                    sums[use.variable].add(value.numpy(), int(count))
+                    sums[use.variable].add(value.numpy(), int(count), bool(rows))
             progress(f"calibration: {min(start + step, examples)}/{examples} examples through {signature}")
     grams = {key: total.result() for key, total in sums.items() if key not in missing}
     for key, gram in grams.items():
@@ -192,38 +192,31 @@ def collect(model: LoadedModel, data: Mapping[str, np.ndarray], signature: str,
 
 
 class _Sum:
-    """One weight's statistics as the batches come: its rows while they are no more than its m
-    features (kept as a whiten.RowGram: cheaper than an m x m Gram of rank N < m, to form and to
-    factorise), their float64 Gram from then on; a lookup's counts. Memory: at most 4 m^2 bytes of
-    rows, then 8 m^2 of Gram."""
+    """One weight's statistics as the batches come: the rows themselves where the pass will see no
+    more of them than the weight has features m (a whiten.RowGram: an m x m Gram of rank N < m
+    costs more to form, store and factorise than its rows), else the Gram summed in float64
+    (float32 products of one batch each); a lookup's counts. Memory: at most 4 m^2 bytes of rows
+    or 8 m^2 of Gram."""
 
     def __init__(self, m: int) -> None:
         self.m, self.rows = m, 0
         self.blocks: list[np.ndarray] = []
-        self.gram: np.ndarray | None = None
+        self.gram: np.ndarray | float = 0.0
 
-    def add(self, values: np.ndarray, count: int) -> None:
-        """Adds one batch: ``count`` rows ``values`` (N x m, float32), or a lookup's counts (m,)."""
+    def add(self, value: np.ndarray, count: int, as_rows: bool) -> None:
+        """Adds one batch: ``count`` rows ``value`` (N x m) if ``as_rows``, else their Gram (m x m)
+        or a lookup's counts (m,)."""
         self.rows += count
-        if values.ndim == 1 or (self.gram is None and self.rows <= self.m):
-            if values.ndim == 1:
-                self.gram = values.astype(np.float64) + (0.0 if self.gram is None else self.gram)
-            else:
-                self.blocks.append(values)
-            return
-        if self.gram is None:
-            self.gram = np.zeros((self.m, self.m))
-            for block in self.blocks:
-                self.gram += block.T @ block
-            self.blocks = []
-        self.gram += values.T @ values  # float32 products of one batch, summed in float64
+        if as_rows:
+            self.blocks.append(value)
+        else:
+            self.gram = self.gram + value.astype(np.float64)
 
     def result(self) -> whiten.Gram:
         """``X^T X / rows``: a diagonal for a lookup, an m x m Gram, or the scaled rows."""
-        if self.gram is not None:
-            return self.gram / max(self.rows, 1)
-        rows = np.concatenate(self.blocks) if self.blocks else np.zeros((0, self.m), np.float32)
-        return whiten.RowGram(rows / np.float32(np.sqrt(max(self.rows, 1))))
+        if self.blocks:
+            return whiten.RowGram(np.concatenate(self.blocks) / np.float32(np.sqrt(max(self.rows, 1))))
+        return np.asarray(self.gram / max(self.rows, 1)) if self.rows else np.zeros((self.m, self.m))
 
 
 def _batch(model: LoadedModel, signature: str, batch_size: int) -> int:
@@ -249,11 +242,10 @@ def _lookup(op: str) -> bool:
 
 
 def _rows_function(fir: FunctionIR, model: LoadedModel, uses: Sequence[Use], dtypes: Sequence[Any],
-                   shapes: Sequence[tuple[int, ...]], caps: Sequence[int]) -> Any:
-    """``run(batch_number, *inputs)`` -> ``(values, counts)``: for each use the rows ``X`` of one
-    batch (float32, N x m; a convolution's a sample, see ``_rows``) or a lookup's counts per table
-    row (m,), and the number of rows (-1 where a use has none). The Grams are formed outside, so
-    that a weight with fewer rows than features never gets one (``_Sum``)."""
+                   shapes: Sequence[tuple[int, ...]], caps: Sequence[int], examples: int) -> Any:
+    """``run(batch_number, *inputs)`` -> ``(values, counts, as_rows)``: for each use, what one
+    batch adds to its statistics (``_statistic``), the number of rows (-1 where a use has none),
+    and whether the value is the rows themselves."""
     import tensorflow as tf
     from tensorflow.core.framework import graph_pb2
 
@@ -294,11 +286,30 @@ def _rows_function(fir: FunctionIR, model: LoadedModel, uses: Sequence[Use], dty
         wanted = sorted({e.tensor for e in activations if e.node in needed})
         results = tf.graph_util.import_graph_def(stage, input_map=input_map, return_elements=wanted, name="calib")
         tensors = {**mapped, **dict(zip(wanted, results))}
-        out = [_rows(fir, model, use, tensors[edge.tensor], cap, tf.stack([number, i]))
+        out = [_statistic(fir, model, use, tensors[edge.tensor], cap, tf.stack([number, i]), examples)
                for i, (use, edge, cap) in enumerate(zip(uses, activations, caps))]
-        return [values for values, _ in out], tf.stack([count for _, count in out])
+        return [value for value, _, _ in out], tf.stack([c for _, c, _ in out]), tf.constant([r for *_, r in out])
 
     return run
+
+
+def _statistic(fir: FunctionIR, model: LoadedModel, use: Use, x: Any, cap: int, seed: Any,
+               examples: int) -> tuple[Any, Any, bool]:
+    """``(value, rows, as_rows)`` of one use in one batch: its rows X where the whole pass will see
+    no more rows than the weight has features (as far as the static shapes tell), else ``X^T X``."""
+    import tensorflow as tf
+
+    rows, count = _rows(fir, model, use, x, cap, seed)
+    adapter = ADAPTERS[fir.graph[use.op].op]
+    if rows.shape.rank == 1 or not x.shape[1:].is_fully_defined():  # a lookup's counts; unknown sizes
+        return rows, count, False
+    one = adapter.activation_rows(fir.graph[use.op], tf.zeros([1, *x.shape[1:]]), use.operand,
+                                  views.shape_after(model.infos[use.variable].shape, use.chain))
+    per_example = None if one is None else one.shape[0]
+    # a convolution's sample keeps ROWS_PER_FEATURE * m > m rows: it never decides this
+    if per_example is not None and examples * per_example <= use.m:
+        return rows, count, True
+    return tf.matmul(rows, rows, transpose_a=True), count, False
 
 
 def _rows(fir: FunctionIR, model: LoadedModel, use: Use, x: Any, cap: int, seed: Any) -> tuple[Any, Any]:
