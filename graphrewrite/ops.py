@@ -234,6 +234,8 @@ class Conv(OpAdapter):
         if padding == "EXPLICIT":
             x = tf.pad(x, [pads[i:i + 2] for i in range(0, 8, 2)])
             padding = "VALID"
+        if kh == kw == 1:  # a pointwise convolution's patches are its (strided) pixels: no extraction
+            return tf.reshape(x[:, ::strides[1], ::strides[2], :], [-1, cin])
         patches = tf.image.extract_patches(x, sizes=[1, kh, kw, 1], strides=[1, strides[1], strides[2], 1],
                                            rates=[1, rates[1], rates[2], 1], padding=padding)
         return tf.reshape(patches, [-1, kh * kw * cin])

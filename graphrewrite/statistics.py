@@ -37,8 +37,8 @@ from graphrewrite.transforms import Transform
 DEFAULT_BATCH = 32
 PATCH_FLOATS = 1 << 24  # 64 MiB of im2col patches at most at once
 # Rows kept per Gram feature over the whole pass, for ops with many rows per example (a
-# convolution's patches): a batch keeps a seeded random subset of ROWS_PER_FEATURE * m / batches
-# of its rows. The Gram is an estimate of E[x x^T] (its scale does not matter to whitening), and
+# convolution's patches): a batch keeps a seeded random draw (with replacement) of ROWS_PER_FEATURE * m /
+# batches of its rows. The Gram is an estimate of E[x x^T] (its scale does not matter to whitening), and
 # an m x m sample Gram from N independent rows has relative spectral error about sqrt(m / N):
 # 16 rows per feature puts it near 0.25, with the damping (1% of the mean eigenvalue) keeping the
 # small eigenvalues away from zero. Every row costs m^2 against the op's own m n, so the cap is
@@ -336,9 +336,10 @@ def _rows(fir: FunctionIR, model: LoadedModel, use: Use, x: Any, cap: int, seed:
         rows = adapter.activation_rows(node, part, use.operand, shape)
         if rows is None:  # known only with the tensor (a grouped convolution): rows = -1 says so
             return tf.zeros([0, use.m]), tf.constant(-1, tf.int64)
-        if keep is not None:
-            order = tf.argsort(tf.random.stateless_uniform(tf.shape(rows)[:1], seed + [0, keep[1] * 100_003]))
-            rows = tf.gather(rows, order[:keep[0]])
+        if keep is not None:  # draws with replacement (no sort): an unbiased estimate all the same
+            total = tf.shape(rows)[0]
+            rows = tf.cond(total > keep[0], lambda: tf.gather(rows, tf.random.stateless_uniform(
+                [keep[0]], seed + [0, keep[1] * 100_003], maxval=total, dtype=tf.int32)), lambda: rows)
         return rows, tf.cast(tf.shape(rows)[0], tf.int64)
 
     if not adapter.rows_per_example:
