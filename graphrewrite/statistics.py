@@ -1,20 +1,26 @@
 """Calibration statistics: one pass of example inputs through the original model, one Gram per weight.
 
 For every weight read by the chosen signature, the rows ``x`` that multiply its matrix view ``W``
-(``y = x @ W``; a Conv2D's im2col patches, an Einsum's contracted axes) are reduced, inside the
-model's own inlined graph, to their Gram ``X^T X``; only those m x m matrices leave TensorFlow,
-and they are summed (float64) over batches and divided by the number of rows. A weight read by
-several ops sums the Grams of all its readers (its output error is the sum of theirs).
+(``y = x @ W``; a Conv2D's or Conv3D's im2col patches, a Conv2DTranspose's input pixels, an
+Einsum's contracted axes) are reduced, inside the model's own inlined graph, to their Gram
+``X^T X``, summed (float64) over batches and divided by the number of rows. Three exceptions
+keep the pass near the cost of a forward pass: a convolution keeps a seeded sample of its patch
+rows (ROWS_PER_FEATURE per Gram feature over the pass); a weight whose pass sees no more rows
+than it has features keeps the rows themselves (``whiten.RowGram``: no m x m product of rank
+N < m to form, and no m^3 Cholesky later); an embedding lookup's rows are one-hot, so its Gram is
+the diagonal of lookup counts (bincount in the graph). A weight read by several ops sums the
+statistics of all its readers (its output error is the sum of theirs); one read both as a table
+and as a matrix (tied) gets none.
 
 The pass runs a pruned copy of the flat signature function: only the ops the weights' inputs
 depend on, so the layers after the last weight are not even computed. It is a function of (loaded
 model, data) returning numpy arrays, so that it can run in another process.
 
-Memory bound, besides the model and the calibration arrays: the float64 accumulators,
-``8 * sum(m_i^2)`` bytes over the sites (a ResNet50's 54 sites: 0.26 GB), the activations of one
-batch (``batch_size`` examples), and for each Conv2D site at most ``PATCH_FLOATS`` (64 MiB) of
-im2col patches, or one example's where that is more: patches are extracted and reduced a chunk of
-examples at a time (``tf.image.extract_patches`` in a ``tf.while_loop``).
+Memory bound, besides the model and the calibration arrays: ``8 * sum(m_i^2)`` bytes over the
+sites (float64 Grams, or float32 rows, at most m of them; a lookup: 8 m), the activations of one
+batch (``batch_size`` examples), and for each convolution at most ``PATCH_FLOATS`` (64 MiB) of
+patches, or one example's where that is more: patches are extracted a chunk of examples at a time
+(``tf.image.extract_patches`` in a ``tf.while_loop``), sampled, then reduced.
 """
 
 from __future__ import annotations
