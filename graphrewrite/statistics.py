@@ -220,8 +220,10 @@ class _Sum:
 
     def result(self) -> whiten.Gram:
         """``X^T X / rows``: a diagonal for a lookup, an m x m Gram, or the scaled rows."""
-        if self.blocks:
+        if self.blocks and isinstance(self.gram, float):
             return whiten.RowGram(np.concatenate(self.blocks) / np.float32(np.sqrt(max(self.rows, 1))))
+        for block in self.blocks:  # a weight with readers of both kinds: one Gram for all
+            self.gram = self.gram + block.T.astype(np.float64) @ block
         return np.asarray(self.gram / max(self.rows, 1)) if self.rows else np.zeros((self.m, self.m))
 
 

@@ -136,3 +136,19 @@ def test_row_gram_whitening_equals_the_dense_one(rows, m, n):
         assert whiten.output_error(a, b @ c, gram) == pytest.approx(whiten.output_error(a, b @ c, dense), rel=1e-6)
         u, s, vt = np.linalg.svd(a, full_matrices=False)
         assert whiten.output_error(a, b @ c, gram) <= whiten.output_error(a, (u[:, :k] * s[:k]) @ vt[:k], gram)
+
+
+def test_a_weight_with_row_kept_and_gram_readers_sums_both():
+    from graphrewrite import statistics
+
+    rng = np.random.default_rng(5)
+    few, many = rng.standard_normal((3, 8)).astype(np.float32), rng.standard_normal((20, 8)).astype(np.float32)
+    alone = statistics._Sum(8)
+    alone.add(few, 3, as_rows=True)
+    assert isinstance(alone.result(), whiten.RowGram)
+    np.testing.assert_allclose(whiten.dense(alone.result()), few.T.astype(np.float64) @ few / 3, rtol=1e-5)
+    both = statistics._Sum(8)
+    both.add(few, 3, as_rows=True)
+    both.add(many.T @ many, 20, as_rows=False)
+    x = np.concatenate([few, many]).astype(np.float64)
+    np.testing.assert_allclose(both.result(), x.T @ x / 23, rtol=1e-5)
