@@ -47,8 +47,9 @@ PATCH_FLOATS = 1 << 24  # 64 MiB of im2col patches at most at once
 # batches of its rows. The Gram is an estimate of E[x x^T] (its scale does not matter to whitening), and
 # an m x m sample Gram from N independent rows has relative spectral error about sqrt(m / N):
 # 16 rows per feature puts it near 0.25, with the damping (1% of the mean eigenvalue) keeping the
-# small eigenvalues away from zero. Every row costs m^2 against the op's own m n, so the cap is
-# what bounds the pass below one forward pass (benchmarks/bench_calibration.py --only cost).
+# small eigenvalues away from zero. Every row costs m^2 against the op's own m n, so the cap bounds
+# a convolution's Gram at 16 m^3 multiply-adds over the pass however large its inputs (measured
+# against the forward pass: benchmarks/bench_calibration.py --only cost, the README's cost table).
 ROWS_PER_FEATURE = 16
 
 
@@ -240,7 +241,7 @@ def _unsupported(fir: FunctionIR, uses: Sequence[Use]) -> str | None:
         if not _lookup(op) and type(ADAPTERS[op]).activation_rows is OpAdapter.activation_rows:
             return f"no calibration statistics for {op} inputs"
     if len({_lookup(fir.graph[u.op].op) for u in uses}) > 1 or len({u.m for u in uses}) > 1:
-        return "read both as a lookup table and as a matrix (tied): no one Gram fits both"
+        return "read through different matrix views (a tied lookup table and LM head): no one Gram fits all"
     return None
 
 

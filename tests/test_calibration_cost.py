@@ -13,7 +13,8 @@ from graphrewrite import whiten
 
 @pytest.fixture(scope="module")
 def mixed_model(tmp_path_factory):
-    """One Keras model with a lookup table (tokens), a Conv2DTranspose (image) and a Conv3D (volume)."""
+    """One Keras model with a lookup table (tokens), a Conv2DTranspose and a strided pointwise Conv2D
+    (image), and a Conv3D (volume)."""
     import keras
 
     keras.utils.set_random_seed(3)
@@ -23,7 +24,8 @@ def mixed_model(tmp_path_factory):
     embedded = keras.layers.GlobalAveragePooling1D()(keras.layers.Embedding(50, 12, name="table")(tokens))
     up = keras.layers.Flatten()(keras.layers.Conv2DTranspose(5, 2, strides=2, name="up")(image))
     deep = keras.layers.Flatten()(keras.layers.Conv3D(4, 3, padding="same", name="deep")(volume))
-    out = keras.layers.Dense(3)(keras.layers.Concatenate()([embedded, up, deep]))
+    point = keras.layers.Flatten()(keras.layers.Conv2D(4, 1, strides=2, name="point")(image))
+    out = keras.layers.Dense(3)(keras.layers.Concatenate()([embedded, up, deep, point]))
     path = os.path.join(str(tmp_path_factory.mktemp("mixed")), "model")
     keras.Model([tokens, image, volume], out).export(path, verbose=False)
     return path
@@ -55,11 +57,13 @@ def test_lookup_gram_is_the_diagonal_of_lookup_counts(mixed_statistics):
     assert np.all(gram[30:] == 0)
 
 
-def test_conv_transpose_and_conv3d_grams(mixed_statistics):
+def test_conv_transpose_pointwise_and_conv3d_grams(mixed_statistics):
     _, data, stats, keys = mixed_statistics
     assert not stats.missing
     pixels = data["image"].reshape(-1, 3).astype(np.float64)  # every input pixel's 3 channels
     np.testing.assert_allclose(stats.grams[keys["up"]], pixels.T @ pixels / len(pixels), rtol=1e-5, atol=1e-7)
+    strided = data["image"][:, ::2, ::2, :].reshape(-1, 3).astype(np.float64)  # 1 x 1, stride 2: no patches
+    np.testing.assert_allclose(stats.grams[keys["point"]], strided.T @ strided / len(strided), rtol=1e-5, atol=1e-7)
     # Conv3D: 3 x 3 x 3 patches of the zero-padded volume, ordered (kd, kh, kw, cin) like the kernel
     v = np.pad(data["volume"].astype(np.float64), ((0, 0), (1, 1), (1, 1), (1, 1), (0, 0)))
     patches = np.stack([v[:, d:d + 4, h:h + 4, w:w + 4] for d in range(3) for h in range(3) for w in range(3)],
@@ -164,7 +168,7 @@ def test_compress_with_lookup_conv_transpose_and_conv3d_statistics(mixed_model, 
     result = graphrewrite.compress(mixed_model, str(tmp_path / "out"), hparams.resolve(None, {"rank": 300}),
                                    overwrite=True, calibration=data)
     by_name = {s["variable"].split("/")[-2]: s["details"] for s in result.manifest["sites"]}
-    for name in ("table", "up", "deep"):
+    for name in ("table", "up", "deep", "point"):
         details = by_name[name]
         assert details["factors"] == "calibrated", details
         assert details["output_error"] <= details["output_error_plain"] + 1e-6
