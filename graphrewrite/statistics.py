@@ -186,7 +186,8 @@ def collect(model: LoadedModel, data: Mapping[str, np.ndarray], signature: str,
                     f"the model fails on the calibration data: {type(exc).__name__}: {first_line(exc)}") from None
             for use, value, count, rows in zip(kept, values, counts.numpy(), as_rows.numpy()):
                 if count < 0:
-                    missing[use.variable] = f"no calibration statistics for this {use.op_type} (grouped)"
+                    missing[use.variable] = (f"no calibration statistics for this {use.op_type} (grouped; "
+                                            "or 3-D with dilations or channels first)")
                 else:
                     sums[use.variable].add(value.numpy(), int(count), bool(rows))
             progress(f"calibration: {min(start + step, examples)}/{examples} examples through {signature}")
