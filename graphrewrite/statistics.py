@@ -311,10 +311,11 @@ def _statistic(fir: FunctionIR, model: LoadedModel, use: Use, x: Any, cap: int, 
 
     rows, count = _rows(fir, model, use, x, cap, seed)
     adapter = ADAPTERS[fir.graph[use.op].op]
-    if rows.shape.rank == 1 or not x.shape[1:].is_fully_defined():  # a lookup's counts; unknown sizes
+    if rows.shape.rank == 1:  # a lookup's counts
         return rows, count, False
-    one = adapter.activation_rows(fir.graph[use.op], tf.zeros([1, *x.shape[1:]]), use.operand,
-                                  views.shape_after(model.infos[use.variable].shape, use.chain))
+    one = None if not x.shape[1:].is_fully_defined() else adapter.activation_rows(
+        fir.graph[use.op], tf.zeros([1, *x.shape[1:]]), use.operand,
+        views.shape_after(model.infos[use.variable].shape, use.chain))
     per_example = None if one is None else one.shape[0]
     # a convolution's sample keeps ROWS_PER_FEATURE * m > m rows: it never decides this
     if per_example is not None and examples * per_example <= use.m:

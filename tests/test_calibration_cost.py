@@ -173,3 +173,23 @@ def test_compress_with_lookup_conv_transpose_and_conv3d_statistics(mixed_model, 
         assert details["factors"] == "calibrated", details
         assert details["output_error"] <= details["output_error_plain"] + 1e-6
     assert by_name["table"]["output_error"] < by_name["table"]["output_error_plain"]
+
+
+def test_rows_of_unknown_length_are_reduced_to_a_gram(tmp_path):
+    """A sequence input of unknown length: the rows per example are not known when the pass is
+    traced, so the Gram is formed whatever their number (here 40 x 3 = 120 rows for 128 features,
+    which with a known length would be kept as rows)."""
+    import keras
+
+    from graphrewrite import calibration, loader, statistics
+
+    keras.utils.set_random_seed(4)
+    tokens = keras.Input((None, 128), name="steps")
+    keras.Model(tokens, keras.layers.Dense(4, name="proj")(tokens)).export(str(tmp_path / "m"), verbose=False)
+    model = loader.load(str(tmp_path / "m"), ["serve"], True)
+    x = np.random.default_rng(1).standard_normal((40, 3, 128)).astype(np.float32)
+    data = calibration.read({"steps": x}, statistics.input_specs(model, "serving_default"))
+    (gram,) = statistics.collect(model, data, "serving_default", batch_size=16).grams.values()
+    rows = x.reshape(-1, 128).astype(np.float64)
+    assert isinstance(gram, np.ndarray) and gram.shape == (128, 128)
+    np.testing.assert_allclose(gram, rows.T @ rows / 120, rtol=1e-5, atol=1e-7)
