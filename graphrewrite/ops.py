@@ -75,6 +75,10 @@ class OpAdapter:
         """The op with ``x @ W`` replaced by ``fn(x)`` on the flattened input; None if unsupported."""
         return None
 
+    def activation_position(self, pos: int) -> int:
+        """The input position of the activation that multiplies the weight at input ``pos``."""
+        return 1 - pos
+
     def activation_rows(self, node: Node, x: Any, pos: int, weight_shape: tuple[int, ...]) -> Any | None:
         """The rows that multiply W (``[rows, m]``) from the op's other operand ``x``, for calibration
         statistics; None where not supported (the site then factorises from its weight alone)."""
@@ -211,11 +215,13 @@ class Conv(OpAdapter):
         return self._conv(node, first, tf.reshape(c, [1] * len(spatial) + [k, cout]), first=False)
 
     def activation_rows(self, node: Node, x: Any, pos: int, weight_shape: tuple[int, ...]) -> Any | None:
-        """The im2col patches, ordered (kh, kw, cin) like the kernel's matrix view."""
+        """The im2col patches, ordered (kh, kw, cin) (Conv3D: (kd, kh, kw, cin)) like the kernel's matrix view."""
         import tensorflow as tf
 
         *spatial, cin, _ = weight_shape
-        if node.op != "Conv2D" or len(spatial) not in (1, 2):  # Conv3D: no statistics yet
+        if node.op == "Conv3D":
+            return self._volume_rows(node, x, spatial, cin)
+        if len(spatial) not in (1, 2):
             return None
         kh, kw = [1] * (2 - len(spatial)) + list(spatial)  # Conv1D: Keras' ExpandDims'd [1, kw] kernel
         strides, rates = list(node.attr("strides")), list(node.attr("dilations", [1, 1, 1, 1]))
@@ -229,9 +235,24 @@ class Conv(OpAdapter):
         if padding == "EXPLICIT":
             x = tf.pad(x, [pads[i:i + 2] for i in range(0, 8, 2)])
             padding = "VALID"
+        if kh == kw == 1:  # a pointwise convolution's patches are its (strided) pixels: no extraction
+            return tf.reshape(x[:, ::strides[1], ::strides[2], :], [-1, cin])
         patches = tf.image.extract_patches(x, sizes=[1, kh, kw, 1], strides=[1, strides[1], strides[2], 1],
                                            rates=[1, rates[1], rates[2], 1], padding=padding)
         return tf.reshape(patches, [-1, kh * kw * cin])
+
+    @staticmethod
+    def _volume_rows(node: Node, x: Any, spatial: list[int], cin: int) -> Any | None:
+        """Conv3D's patches (``tf.extract_volume_patches``, which has no dilation: None with one)."""
+        import tensorflow as tf
+
+        strides = list(node.attr("strides"))
+        if node.attr("data_format", "NDHWC") != "NDHWC" or any(r != 1 for r in node.attr("dilations", [1] * 5)):
+            return None
+        if x.shape.rank != 5 or x.shape[-1] != cin:
+            return None
+        patches = tf.extract_volume_patches(x, ksizes=[1, *spatial, 1], strides=strides, padding=node.attr("padding"))
+        return tf.reshape(patches, [-1, int(np.prod(spatial)) * cin])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -241,9 +262,25 @@ class ConvTranspose(OpAdapter):
     1 x 1 convolution cin -> k followed by the transposed convolution k -> cout."""
 
     op_types: ClassVar[tuple[str, ...]] = ("Conv2DBackpropInput",)
+    rows_per_example: ClassVar[bool] = True
 
     def weight_positions(self, node: Node) -> tuple[int, ...]:
         return (1,)
+
+    def activation_position(self, pos: int) -> int:
+        return 2  # out_backprop: input 0 is the output's size
+
+    def activation_rows(self, node: Node, x: Any, pos: int, weight_shape: tuple[int, ...]) -> Any | None:
+        """Each input pixel's cin vector: the row that multiplies the [cin, kh*kw*cout] matrix. Its
+        product is the pixel's kh x kw x cout contribution before overlapping ones are summed, so the
+        output-space error is exact for stride >= kernel (no overlap) and, with overlap, leaves out
+        the cross terms of neighbouring pixels' errors."""
+        import tensorflow as tf
+
+        cin = weight_shape[3]
+        if node.attr("data_format", "NHWC") == "NCHW":
+            x = tf.transpose(x, [0, 2, 3, 1])
+        return tf.reshape(x, [-1, cin]) if x.shape.rank == 4 and x.shape[-1] == cin else None
 
     def describe(self, node: Node, pos: int, shape: tuple[int, ...],
                  constants: Mapping[int, Any] | None = None) -> OperandView | str:

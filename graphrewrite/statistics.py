@@ -1,20 +1,26 @@
 """Calibration statistics: one pass of example inputs through the original model, one Gram per weight.
 
 For every weight read by the chosen signature, the rows ``x`` that multiply its matrix view ``W``
-(``y = x @ W``; a Conv2D's im2col patches, an Einsum's contracted axes) are reduced, inside the
-model's own inlined graph, to their Gram ``X^T X``; only those m x m matrices leave TensorFlow,
-and they are summed (float64) over batches and divided by the number of rows. A weight read by
-several ops sums the Grams of all its readers (its output error is the sum of theirs).
+(``y = x @ W``; a Conv2D's or Conv3D's im2col patches, a Conv2DTranspose's input pixels, an
+Einsum's contracted axes) are reduced, inside the model's own inlined graph, to their Gram
+``X^T X``, summed (float64) over batches and divided by the number of rows. Three exceptions
+keep the pass near the cost of a forward pass: a convolution keeps a seeded sample of its patch
+rows (ROWS_PER_FEATURE per Gram feature over the pass); a weight whose pass sees no more rows
+than it has features keeps the rows themselves (``whiten.RowGram``: no m x m product of rank
+N < m to form, and no m^3 Cholesky later); an embedding lookup's rows are one-hot, so its Gram is
+the diagonal of lookup counts (bincount in the graph). A weight read by several ops sums the
+statistics of all its readers (its output error is the sum of theirs); one read both as a table
+and as a matrix (tied) gets none.
 
 The pass runs a pruned copy of the flat signature function: only the ops the weights' inputs
 depend on, so the layers after the last weight are not even computed. It is a function of (loaded
 model, data) returning numpy arrays, so that it can run in another process.
 
-Memory bound, besides the model and the calibration arrays: the float64 accumulators,
-``8 * sum(m_i^2)`` bytes over the sites (a ResNet50's 54 sites: 0.26 GB), the activations of one
-batch (``batch_size`` examples), and for each Conv2D site at most ``PATCH_FLOATS`` (64 MiB) of
-im2col patches, or one example's where that is more: patches are extracted and reduced a chunk of
-examples at a time (``tf.image.extract_patches`` in a ``tf.while_loop``).
+Memory bound, besides the model and the calibration arrays: ``8 * sum(m_i^2)`` bytes over the
+sites (float64 Grams, or float32 rows, at most m of them; a lookup: 8 m), the activations of one
+batch (``batch_size`` examples), and for each convolution at most ``PATCH_FLOATS`` (64 MiB) of
+patches, or one example's where that is more: patches are extracted a chunk of examples at a time
+(``tf.image.extract_patches`` in a ``tf.while_loop``), sampled, then reduced.
 """
 
 from __future__ import annotations
@@ -30,12 +36,21 @@ from graphrewrite.calibration import InputSpec
 from graphrewrite.errors import CalibrationDataError, UsageError, first_line
 from graphrewrite.match import Use, match_function
 from graphrewrite.model import FunctionIR, LoadedModel
-from graphrewrite.ops import ADAPTERS, OpAdapter
+from graphrewrite.ops import ADAPTERS, Gather, OpAdapter
 from graphrewrite.plan import RewritePlan
 from graphrewrite.transforms import Transform
 
 DEFAULT_BATCH = 32
 PATCH_FLOATS = 1 << 24  # 64 MiB of im2col patches at most at once
+# Rows kept per Gram feature over the whole pass, for ops with many rows per example (a
+# convolution's patches): a batch keeps a seeded random draw (with replacement) of ROWS_PER_FEATURE * m /
+# batches of its rows. The Gram is an estimate of E[x x^T] (its scale does not matter to whitening), and
+# an m x m sample Gram from N independent rows has relative spectral error about sqrt(m / N):
+# 16 rows per feature puts it near 0.25, with the damping (1% of the mean eigenvalue) keeping the
+# small eigenvalues away from zero. Every row costs m^2 against the op's own m n, so the cap bounds
+# a convolution's Gram at 16 m^3 multiply-adds over the pass however large its inputs (measured
+# against the forward pass: benchmarks/bench_calibration.py --only cost, the README's cost table).
+ROWS_PER_FEATURE = 16
 
 
 @dataclasses.dataclass
@@ -156,34 +171,62 @@ def collect(model: LoadedModel, data: Mapping[str, np.ndarray], signature: str,
     kept = [u for u in uses if u.variable not in missing]
     names = sorted(data)
     examples = len(data[names[0]])
-    grams = {key: np.zeros((group[0].m, group[0].m)) for key, group in by_variable.items() if key not in missing}
-    rows = dict.fromkeys(grams, 0)
+    sums = {u.variable: _Sum(u.m) for u in kept}
     if kept:
-        run = _gram_function(fir, model, kept, [data[n].dtype for n in names], [data[n].shape for n in names])
         step = _batch(model, signature, batch_size)
-        for start in range(0, examples, step):
+        batches = -(-examples // step)
+        run = _rows_function(fir, model, kept, [data[n].dtype for n in names], [data[n].shape for n in names],
+                             [-(-ROWS_PER_FEATURE * u.m // batches) for u in kept], examples)
+        for number, start in enumerate(range(0, examples, step)):
             batch = [data[n][start:start + step] for n in names]
             try:
-                out_grams, out_rows = run(*batch)
+                values, counts, as_rows = run(np.int32(number), *batch)
             except Exception as exc:  # noqa: BLE001 - whatever the model raises on these values
                 raise CalibrationDataError(
                     f"the model fails on the calibration data: {type(exc).__name__}: {first_line(exc)}") from None
-            for use, gram, count in zip(kept, out_grams, out_rows):
-                if int(count) < 0:
-                    missing[use.variable] = f"no calibration statistics for this {use.op_type} (grouped)"
-                elif use.variable in grams:
-                    grams[use.variable] += np.asarray(gram, np.float64)
-                    rows[use.variable] += int(count)
+            for use, value, count, rows in zip(kept, values, counts.numpy(), as_rows.numpy()):
+                if count < 0:
+                    missing[use.variable] = (f"no calibration statistics for this {use.op_type} (grouped; "
+                                            "or 3-D with dilations or channels first)")
+                else:
+                    sums[use.variable].add(value.numpy(), int(count), bool(rows))
             progress(f"calibration: {min(start + step, examples)}/{examples} examples through {signature}")
-    for key in missing:
-        grams.pop(key, None)
-        rows.pop(key, None)
-    for key in grams:
-        grams[key] /= max(rows[key], 1)
-        if not np.all(np.isfinite(grams[key])):
+    grams = {key: total.result() for key, total in sums.items() if key not in missing}
+    for key, gram in grams.items():
+        if not np.all(np.isfinite(gram.rows if isinstance(gram, whiten.RowGram) else gram)):
             raise CalibrationDataError(f"the inputs of {model.infos[key].name} overflow on the calibration data "
                                        "(non-finite activations)")
-    return Statistics(signature, examples, grams, rows, missing)
+    return Statistics(signature, examples, grams, {key: sums[key].rows for key in grams}, missing)
+
+
+class _Sum:
+    """One weight's statistics as the batches come: the rows themselves where the pass will see no
+    more of them than the weight has features m (a whiten.RowGram: an m x m Gram of rank N < m
+    costs more to form, store and factorise than its rows), else the Gram summed in float64
+    (float32 products of one batch each); a lookup's counts. Memory: at most 4 m^2 bytes of rows
+    or 8 m^2 of Gram."""
+
+    def __init__(self, m: int) -> None:
+        self.m, self.rows = m, 0
+        self.blocks: list[np.ndarray] = []
+        self.gram: np.ndarray | float = 0.0
+
+    def add(self, value: np.ndarray, count: int, as_rows: bool) -> None:
+        """Adds one batch: ``count`` rows ``value`` (N x m) if ``as_rows``, else their Gram (m x m)
+        or a lookup's counts (m,)."""
+        self.rows += count
+        if as_rows:
+            self.blocks.append(value)
+        else:
+            self.gram = self.gram + value.astype(np.float64)
+
+    def result(self) -> whiten.Gram:
+        """``X^T X / rows``: a diagonal for a lookup, an m x m Gram, or the scaled rows."""
+        if self.blocks and isinstance(self.gram, float):
+            return whiten.RowGram(np.concatenate(self.blocks) / np.float32(np.sqrt(max(self.rows, 1))))
+        for block in self.blocks:  # a weight with readers of both kinds: one Gram for all
+            self.gram = self.gram + block.T.astype(np.float64) @ block
+        return np.asarray(self.gram / max(self.rows, 1)) if self.rows else np.zeros((self.m, self.m))
 
 
 def _batch(model: LoadedModel, signature: str, batch_size: int) -> int:
@@ -196,20 +239,29 @@ def _batch(model: LoadedModel, signature: str, batch_size: int) -> int:
 def _unsupported(fir: FunctionIR, uses: Sequence[Use]) -> str | None:
     for use in uses:
         op = fir.graph[use.op].op
-        if type(ADAPTERS[op]).activation_rows is OpAdapter.activation_rows:
+        if not _lookup(op) and type(ADAPTERS[op]).activation_rows is OpAdapter.activation_rows:
             return f"no calibration statistics for {op} inputs"
+    if len({_lookup(fir.graph[u.op].op) for u in uses}) > 1 or len({u.m for u in uses}) > 1:
+        return "read through different matrix views (a tied lookup table and LM head): no one Gram fits all"
     return None
 
 
-def _gram_function(fir: FunctionIR, model: LoadedModel, uses: Sequence[Use], dtypes: Sequence[Any],
-                   shapes: Sequence[tuple[int, ...]]) -> Any:
-    """A tf.function of the signature's flat inputs returning each use's ``(X^T X, rows)``."""
+def _lookup(op: str) -> bool:
+    """Whether ``op`` is an embedding lookup, whose rows are one-hot (their Gram is diagonal)."""
+    return op in Gather.op_types
+
+
+def _rows_function(fir: FunctionIR, model: LoadedModel, uses: Sequence[Use], dtypes: Sequence[Any],
+                   shapes: Sequence[tuple[int, ...]], caps: Sequence[int], examples: int) -> Any:
+    """``run(batch_number, *inputs)`` -> ``(values, counts, as_rows)``: for each use, what one
+    batch adds to its statistics (``_statistic``), the number of rows (-1 where a use has none),
+    and whether the value is the rows themselves."""
     import tensorflow as tf
     from tensorflow.core.framework import graph_pb2
 
     graph = fir.graph
     provided = {name.split(":")[0] for name in fir.inputs} | set(fir.handles) | set(fir.reads) | set(fir.captures)
-    activations = [graph[u.op].data_inputs[1 - u.operand] for u in uses]
+    activations = [graph[u.op].data_inputs[ADAPTERS[graph[u.op].op].activation_position(u.operand)] for u in uses]
     needed: set[str] = set()
     stack = [e.node for e in activations]
     while stack:
@@ -218,10 +270,11 @@ def _gram_function(fir: FunctionIR, model: LoadedModel, uses: Sequence[Use], dty
             continue
         needed.add(name)
         stack.extend(e.node for e in graph[name].inputs)
-    specs = [tf.TensorSpec([None, *shape[1:]], dtype) for shape, dtype in zip(shapes, dtypes)]
+    specs = [tf.TensorSpec([], tf.int32)] + [tf.TensorSpec([None, *shape[1:]], dtype)
+                                             for shape, dtype in zip(shapes, dtypes)]
 
     @tf.function(input_signature=specs, autograph=False)
-    def run(*inputs: Any) -> tuple[list[Any], list[Any]]:
+    def run(number: Any, *inputs: Any) -> Any:
         mapped = {_canonical(name): value for name, value in zip(fir.inputs, inputs)}
         mapped.update({f"{n}:0": model.variables[k].handle for n, k in fir.handles.items()})
         mapped.update({f"{n}:0": tf.identity(model.variables[k]) for n, k in fir.reads.items()})
@@ -243,46 +296,82 @@ def _gram_function(fir: FunctionIR, model: LoadedModel, uses: Sequence[Use], dty
         wanted = sorted({e.tensor for e in activations if e.node in needed})
         results = tf.graph_util.import_graph_def(stage, input_map=input_map, return_elements=wanted, name="calib")
         tensors = {**mapped, **dict(zip(wanted, results))}
-        out = [_gram(fir, model, use, tensors[edge.tensor]) for use, edge in zip(uses, activations)]
-        return [g for g, _ in out], [r for _, r in out]
+        out = [_statistic(fir, model, use, tensors[edge.tensor], cap, tf.stack([number, i]), examples)
+               for i, (use, edge, cap) in enumerate(zip(uses, activations, caps))]
+        return [value for value, _, _ in out], tf.stack([c for _, c, _ in out]), tf.constant([r for *_, r in out])
 
     return run
 
 
-def _gram(fir: FunctionIR, model: LoadedModel, use: Use, x: Any) -> tuple[Any, Any]:
-    """``(X^T X, rows)`` of one use's activation ``x`` (float32).
+def _statistic(fir: FunctionIR, model: LoadedModel, use: Use, x: Any, cap: int, seed: Any,
+               examples: int) -> tuple[Any, Any, bool]:
+    """``(value, rows, as_rows)`` of one use in one batch: its rows X where the whole pass will see
+    no more rows than the weight has features (as far as the static shapes tell), else ``X^T X``."""
+    import tensorflow as tf
 
-    Ops with many rows per example (convolutions) are reduced a chunk of examples at a time, with
-    at most PATCH_FLOATS patch values formed at once. Every row counts: the Gram costs ``m^2`` per
-    row against the op's own ``m n`` (9x for a 3 x 3 convolution with as many outputs as inputs).
+    rows, count = _rows(fir, model, use, x, cap, seed)
+    adapter = ADAPTERS[fir.graph[use.op].op]
+    if rows.shape.rank == 1:  # a lookup's counts
+        return rows, count, False
+    one = None if not x.shape[1:].is_fully_defined() else adapter.activation_rows(
+        fir.graph[use.op], tf.zeros([1, *x.shape[1:]]), use.operand,
+        views.shape_after(model.infos[use.variable].shape, use.chain))
+    per_example = None if one is None else one.shape[0]
+    # a convolution's sample keeps ROWS_PER_FEATURE * m > m rows: it never decides this
+    if per_example is not None and examples * per_example <= use.m:
+        return rows, count, True
+    return tf.matmul(rows, rows, transpose_a=True), count, False
+
+
+def _rows(fir: FunctionIR, model: LoadedModel, use: Use, x: Any, cap: int, seed: Any) -> tuple[Any, Any]:
+    """``(X, rows)`` of one use's activation ``x`` in one batch (float32).
+
+    A lookup's rows are one-hot: what is returned is their sum, the lookup count of each table row
+    (the diagonal of its Gram). Ops with many rows per example (convolutions) keep at most ``cap``
+    of a batch's rows, a seeded random subset (``seed``: batch number and use), so that their Gram
+    costs at most ``cap m^2`` however many positions the batch has (see ROWS_PER_FEATURE); patches
+    are formed a chunk of examples at a time, at most PATCH_FLOATS values at once.
     """
     import tensorflow as tf
 
     node = fir.graph[use.op]
+    if _lookup(node.op):
+        ids = tf.reshape(tf.cast(x, tf.int32), [-1])
+        counts = tf.math.bincount(ids, minlength=use.m, maxlength=use.m, dtype=tf.float32)
+        return counts, tf.size(ids, out_type=tf.int64)
     adapter = ADAPTERS[node.op]
     shape = views.shape_after(model.infos[use.variable].shape, use.chain)
     x = tf.cast(x, tf.float32)
 
-    def reduce(part: Any) -> tuple[Any, Any]:
+    def reduce(part: Any, keep: Any) -> tuple[Any, Any]:
         rows = adapter.activation_rows(node, part, use.operand, shape)
         if rows is None:  # known only with the tensor (a grouped convolution): rows = -1 says so
-            return tf.zeros([use.m, use.m]), tf.constant(-1, tf.int64)
-        return tf.matmul(rows, rows, transpose_a=True), tf.cast(tf.shape(rows)[0], tf.int64)
+            return tf.zeros([0, use.m]), tf.constant(-1, tf.int64)
+        if keep is not None:  # draws with replacement (no sort): an unbiased estimate all the same
+            total = tf.shape(rows)[0]
+            rows = tf.cond(total > keep[0], lambda: tf.gather(rows, tf.random.stateless_uniform(
+                [keep[0]], seed + [0, keep[1] * 100_003], maxval=total, dtype=tf.int32)), lambda: rows)
+        return rows, tf.cast(tf.shape(rows)[0], tf.int64)
 
     if not adapter.rows_per_example:
-        return reduce(x)
+        return reduce(x, None)
     chunk = 1
     if x.shape[1:].is_fully_defined():
-        positions = int(np.prod(x.shape[1:])) // max(int(shape[-2]), 1)  # an upper bound (stride 1)
+        positions = int(np.prod(x.shape[1:-1]))  # an upper bound (stride 1, channels last)
         chunk = max(1, PATCH_FLOATS // (positions * use.m))
+    batch = tf.shape(x)[0]
+    # each chunk keeps its share of the batch's cap, at least one row per example of the chunk
+    share = tf.maximum(cap * tf.minimum(chunk, batch) // batch, tf.minimum(chunk, batch))
 
-    def body(i: Any, gram: Any, count: Any) -> tuple[Any, Any, Any]:
-        g, r = reduce(x[i:i + chunk])
-        return i + chunk, gram + g, count + r
+    def body(i: Any, rows: Any, count: Any) -> tuple[Any, Any, Any]:
+        part, r = reduce(x[i:i + chunk], (share, i))
+        return i + chunk, tf.concat([rows, part], 0), tf.where(r < 0, r, count + r)
 
-    _, gram, count = tf.while_loop(lambda i, *_: i < tf.shape(x)[0], body,
-                                   (tf.constant(0), tf.zeros([use.m, use.m]), tf.constant(0, tf.int64)))
-    return gram, count
+    _, rows, count = tf.while_loop(lambda i, *_: i < batch, body,
+                                   (tf.constant(0), tf.zeros([0, use.m]), tf.constant(0, tf.int64)),
+                                   shape_invariants=(tf.TensorShape([]), tf.TensorShape([None, use.m]),
+                                                     tf.TensorShape([])))
+    return rows, count
 
 
 def _canonical(name: str) -> str:

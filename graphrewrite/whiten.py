@@ -20,9 +20,17 @@ SVD of ``S A`` (the truncation-aware whitening of SVD-LLM, Wang et al. 2024: exa
 objective, unlike a diagonal activation scaling such as ASVD's). Because the damped objective's
 optimum is at least as good as plain SVD's on it, and plain SVD's weight error is the smallest, its
 undamped output error on the calibration rows is never above plain SVD's.
+
+An embedding lookup's rows are one-hot, so its Gram is diagonal (each table row's share of the
+lookups) and is passed as that vector: ``S`` is then ``diag(sqrt(g + lambda))``, and the whitened
+factorisation is an SVD of the table with each row weighted by its damped lookup frequency. There
+the damping is LOOKUP_DAMPING: a few hundred examples see a small part of a large vocabulary,
+and the rows they miss keep that share of the mean weight (see LOOKUP_DAMPING).
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import numpy as np
 import scipy.linalg
@@ -34,54 +42,142 @@ import scipy.linalg
 DAMPING = 1e-2
 
 
-def damped(gram: np.ndarray, damping: float = DAMPING) -> np.ndarray:
-    """``G + lambda I`` with ``lambda = damping * tr(G) / m`` (the identity where G is zero)."""
+# A lookup table's rows the calibration data never hit keep this share of the mean row weight
+# (the Laplace-style prior of a frequency estimated from a small sample): with 1.0 the weights are
+# the lookup counts plus as many lookups again spread evenly over the vocabulary, so the factors
+# serve the rows seen in proportion to their use without giving up on the others. Measured on
+# random 50 x 12 tables, k = 4, 240 skewed lookups hitting 30 rows (3 draws): damping 0.01 / 0.1 /
+# 1.0 gives the unseen rows 1.17 / 1.16 / 1.10 times plain SVD's error on them, and the looked-up
+# rows 0.79 / 0.79 / 0.81 times plain SVD's: a small trade, taken for the rows a sample misses.
+LOOKUP_DAMPING = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class RowGram:
+    """A Gram kept as its rows, ``G = rows^T rows`` (``rows``: N x m, already divided by sqrt of the
+    row count), where a site sees no more rows than it has features (the calibration pass keeps
+    them instead of forming an m x m product whose rank is at most N)."""
+
+    rows: np.ndarray
+
+
+Gram = np.ndarray | RowGram  # m x m, a diagonal (m,), or rows
+
+
+def dense(gram: Gram) -> np.ndarray:
+    """The m x m float64 matrix of any form of Gram."""
+    if isinstance(gram, RowGram):
+        r = np.asarray(gram.rows, np.float64)
+        return r.T @ r
     g = np.asarray(gram, np.float64)
-    m = g.shape[0]
-    scale = float(np.trace(g)) / m
-    lam = damping * scale if scale > 0 else 1.0
-    return g + lam * np.eye(m)
+    return np.diag(g) if g.ndim == 1 else g
 
 
-def whitener(gram: np.ndarray, damping: float = DAMPING) -> np.ndarray:
-    """The upper-triangular ``S`` with ``S^T S = G + lambda I``."""
-    return scipy.linalg.cholesky(damped(gram, damping), lower=False, check_finite=False)
+def _diagonal(gram: Gram) -> bool:
+    return not isinstance(gram, RowGram) and np.ndim(gram) == 1
 
 
-def whitened_svd(matrix: np.ndarray, gram: np.ndarray, damping: float = DAMPING
-                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def _lambda(gram: Gram, damping: float | None) -> float:
+    """``damping * tr(G) / m`` (1 where G is zero); damping defaults by the Gram's form."""
+    if damping is None:
+        damping = LOOKUP_DAMPING if _diagonal(gram) else DAMPING
+    if isinstance(gram, RowGram):
+        trace, m = float(np.sum(np.square(gram.rows, dtype=np.float64))), gram.rows.shape[1]
+    else:
+        g = np.asarray(gram, np.float64)
+        trace, m = float(np.sum(g) if g.ndim == 1 else np.trace(g)), g.shape[0]
+    return damping * trace / m if trace > 0 else 1.0
+
+
+def damped(gram: Gram, damping: float | None = None) -> np.ndarray:
+    """``G + lambda I`` with ``lambda = damping * tr(G) / m``; a diagonal Gram (a vector) stays a
+    vector and defaults to LOOKUP_DAMPING."""
+    lam = _lambda(gram, damping)
+    if _diagonal(gram):
+        return np.asarray(gram, np.float64) + lam
+    g = dense(gram)
+    return g + lam * np.eye(g.shape[0])
+
+
+@dataclasses.dataclass(frozen=True)
+class _Root:
+    """A square root ``S`` of ``G_d`` (``S^T S = G_d``) that can apply ``S`` and solve with it.
+
+    Dense: the upper Cholesky factor. Diagonal: ``sqrt(g + lambda)``. Rows ``R = P diag(r) Q^T``
+    (thin SVD, N <= m): the symmetric root ``Q diag(sqrt(r^2 + lambda)) Q^T + sqrt(lambda)(I - Q Q^T)``,
+    applied in O(N m n) without an m x m matrix (the m^3 Cholesky of a rank-N Gram is avoided).
+    """
+
+    kind: str
+    factor: np.ndarray
+    basis: np.ndarray | None = None
+    lam: float = 0.0
+
+    def apply(self, a: np.ndarray) -> np.ndarray:
+        if self.kind == "diagonal":
+            return self.factor[:, None] * a
+        if self.kind == "rows":
+            return self.basis @ ((self.factor - np.sqrt(self.lam))[:, None] * (self.basis.T @ a)) + np.sqrt(self.lam) * a
+        return self.factor @ a
+
+    def solve(self, b: np.ndarray) -> np.ndarray:
+        if self.kind == "diagonal":
+            return b / self.factor[:, None]
+        if self.kind == "rows":
+            inverse = 1.0 / self.factor - 1.0 / np.sqrt(self.lam)
+            return self.basis @ (inverse[:, None] * (self.basis.T @ b)) + b / np.sqrt(self.lam)
+        return scipy.linalg.solve_triangular(self.factor, b, lower=False, check_finite=False)
+
+
+def _root(gram: Gram, damping: float | None) -> _Root:
+    if isinstance(gram, RowGram):
+        lam = _lambda(gram, damping)
+        _, r, qt = scipy.linalg.svd(np.asarray(gram.rows, np.float64), full_matrices=False, check_finite=False)
+        return _Root("rows", np.sqrt(r ** 2 + lam), qt.T, lam)
+    g = damped(gram, damping)
+    if g.ndim == 1:
+        return _Root("diagonal", np.sqrt(g))
+    return _Root("dense", scipy.linalg.cholesky(g, lower=False, check_finite=False))
+
+
+def whitened_svd(matrix: np.ndarray, gram: Gram, damping: float | None = None
+                 ) -> tuple[_Root, np.ndarray, np.ndarray, np.ndarray]:
     """``(S, U, s, V^T)`` with ``S A = U diag(s) V^T`` (float64, economy SVD)."""
-    s_factor = whitener(gram, damping)
-    u, s, vt = scipy.linalg.svd(s_factor @ np.asarray(matrix, np.float64), full_matrices=False,
+    root = _root(gram, damping)
+    u, s, vt = scipy.linalg.svd(root.apply(np.asarray(matrix, np.float64)), full_matrices=False,
                                 lapack_driver="gesdd", check_finite=False)
-    return s_factor, u, s, vt
+    return root, u, s, vt
 
 
-def whitened_spectrum(matrix: np.ndarray, gram: np.ndarray, damping: float = DAMPING) -> np.ndarray:
+def whitened_spectrum(matrix: np.ndarray, gram: Gram, damping: float | None = None) -> np.ndarray:
     """Singular values of ``S A``: their tails are the damped output-space errors of each rank."""
-    s_factor = whitener(gram, damping)
-    return scipy.linalg.svdvals(s_factor @ np.asarray(matrix, np.float64), check_finite=False)
+    return scipy.linalg.svdvals(_root(gram, damping).apply(np.asarray(matrix, np.float64)), check_finite=False)
 
 
-def low_rank(matrix: np.ndarray, gram: np.ndarray, k: int, damping: float = DAMPING
+def low_rank(matrix: np.ndarray, gram: Gram, k: int, damping: float | None = None
              ) -> tuple[np.ndarray, np.ndarray]:
     """``(B, C)``, m x k and k x n, minimising ``tr((A - BC)^T G_d (A - BC))``.
 
     ``B = S^-1 U_k sqrt(s_k)`` and ``C = sqrt(s_k) V_k^T``: the singular values are split evenly in
     the whitened space, as plain low rank splits them in weight space.
     """
-    s_factor, u, s, vt = whitened_svd(matrix, gram, damping)
-    root = np.sqrt(s[:k])
-    b = scipy.linalg.solve_triangular(s_factor, u[:, :k] * root[None, :], lower=False, check_finite=False)
-    return b.astype(np.float32), (root[:, None] * vt[:k]).astype(np.float32)
+    root, u, s, vt = whitened_svd(matrix, gram, damping)
+    half = np.sqrt(s[:k])
+    b = root.solve(u[:, :k] * half[None, :])
+    return b.astype(np.float32), (half[:, None] * vt[:k]).astype(np.float32)
 
 
-def output_error(matrix: np.ndarray, approx: np.ndarray, gram: np.ndarray) -> float:
+def output_error(matrix: np.ndarray, approx: np.ndarray, gram: Gram) -> float:
     """``||X (A - M)||_F / ||X A||_F`` from the (undamped) Gram: the relative output error."""
     a = np.asarray(matrix, np.float64)
     e = a - np.asarray(approx, np.float64)
+    total, error = _energy(a, gram), _energy(e, gram)
+    return float(np.sqrt(max(error, 0.0) / total)) if total > 0 else 0.0
+
+
+def _energy(t: np.ndarray, gram: Gram) -> float:
+    """``tr(T^T G T)``."""
+    if isinstance(gram, RowGram):
+        return float(np.sum(np.square(np.asarray(gram.rows, np.float64) @ t)))
     g = np.asarray(gram, np.float64)
-    total = float(np.sum(a * (g @ a)))
-    if total <= 0:
-        return 0.0
-    return float(np.sqrt(max(float(np.sum(e * (g @ e))), 0.0) / total))
+    return float(np.sum(t * (g[:, None] * t if g.ndim == 1 else g @ t)))

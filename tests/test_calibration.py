@@ -106,7 +106,9 @@ def cnn_statistics(digits):
 
     model = loader.load(CNN, ["serve"], True)
     data = {"image": digits[0][:40].reshape(-1, 8, 8, 1)}
-    return model, statistics.collect(model, data, "serving_default", batch_size=16)
+    with pytest.MonkeyPatch.context() as patch:  # every patch row (tests/test_calibration_cost.py: a sample)
+        patch.setattr(statistics, "ROWS_PER_FEATURE", 10**6)
+        return model, statistics.collect(model, data, "serving_default", batch_size=16)
 
 
 def test_conv_gram_is_that_of_the_im2col_patches(cnn_statistics, digits):
@@ -143,8 +145,8 @@ def test_mlp_gram_and_data_forms(digits, tmp_path):
         data = calibration.read(form, specs)
         np.testing.assert_array_equal(data["pixels"], x)
     stats = statistics.collect(model, data, "serving_default")
-    key = next(k for k, g in stats.grams.items() if g.shape == (64, 64))
-    np.testing.assert_allclose(stats.grams[key], x.T.astype(np.float64) @ x / 50, rtol=1e-5, atol=1e-8)
+    key = next(k for k, g in stats.grams.items() if whiten.dense(g).shape == (64, 64))
+    np.testing.assert_allclose(whiten.dense(stats.grams[key]), x.T.astype(np.float64) @ x / 50, rtol=1e-5, atol=1e-8)
 
 
 BAD = [
@@ -313,7 +315,7 @@ def test_statistics_on_other_model_kinds(model_factory, name, first_layers):
     for variable, source in first_layers.items():
         key = next(k for n, k in by_name.items() if n.endswith(variable))
         x = data[source].reshape(-1, data[source].shape[-1]).astype(np.float64)
-        np.testing.assert_allclose(stats.grams[key], x.T @ x / len(x), rtol=1e-4, atol=1e-6)
-    for gram in stats.grams.values():  # every other Gram is a Gram: symmetric, positive semi-definite
+        np.testing.assert_allclose(whiten.dense(stats.grams[key]), x.T @ x / len(x), rtol=1e-4, atol=1e-6)
+    for gram in map(whiten.dense, stats.grams.values()):  # every other Gram is a Gram: symmetric, positive semi-definite
         np.testing.assert_allclose(gram, gram.T, atol=1e-6 * np.abs(gram).max())
         assert np.linalg.eigvalsh(gram).min() >= -1e-5 * np.abs(gram).max()

@@ -101,6 +101,7 @@ class InputOutput(Transform):
 
         ci, co, ibs, fi, obs, fo = self._sizes()
         a, g = np.asarray(matrix, np.float64), whiten.damped(gram)
+        g = np.diag(g) if g.ndim == 1 else g  # a lookup table's diagonal Gram
         out = {}
         q = np.eye(plan.n)
         if co:
