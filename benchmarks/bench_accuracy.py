@@ -73,7 +73,8 @@ def kernel_ratio(plan) -> float:
 
 
 def closest_rank(src: str, target: float) -> tuple[int, float]:
-    from graphrewrite import hparams, pipeline
+    from graphrewrite import hparams
+    from graphrewrite.rewriting import pipeline
 
     best = None
     for rank in range(110, 1000, 10):
@@ -113,8 +114,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=45)
     parser.add_argument("--seeds", type=int, default=2)
     args = parser.parse_args()
-    from graphrewrite.plan import Selection
-    from graphrewrite.rankpolicy import Policy
+    from graphrewrite.rewriting.plan import Selection
+    from graphrewrite.rewriting.rankpolicy import Policy
 
     x_train, y_train, x_test, y_test = digits_split()
     targets = common.Targets()

@@ -53,8 +53,8 @@ EXAMPLES = 512
 def compress(src: str, out: str, hp: dict, ratio: float | None, calibration) -> object:
     import graphrewrite
     from graphrewrite import hparams
-    from graphrewrite.plan import Selection
-    from graphrewrite.rankpolicy import Policy
+    from graphrewrite.rewriting.plan import Selection
+    from graphrewrite.rewriting.rankpolicy import Policy
 
     selection = Selection(policy=Policy(target_ratio=ratio)) if ratio else Selection()
     return graphrewrite.compress(src, out, hparams.resolve(None, hp), verify=False, overwrite=True,
@@ -225,7 +225,7 @@ def cost(args, work: str, targets: common.Targets) -> None:
     """The calibration pass (statistics.collect) against the plain forward pass of the same examples
     in the same batches: whole (the pass traces its pruned function first) and per batch after the
     first (the steady state that grows with the data; the forward pass is timed warm)."""
-    from graphrewrite import loader, statistics
+    from graphrewrite.rewriting import loader, statistics
 
     rows = []
     batch = statistics.DEFAULT_BATCH

@@ -4,7 +4,7 @@ trained-like ones (tests/zoo.py's ``_trained_like``: s_i ~ i^-1.5 in each layer'
 the test zoo's small config and a larger one (dry runs: nothing is written).
 
 "Rewritable" adds the weights the policy keeps whole by its own choice (the optimum of its objective,
-see graphrewrite/rankpolicy.py) to those rewritten; the rest is what graphrewrite cannot factor
+see graphrewrite/rewriting/rankpolicy.py) to those rewritten; the rest is what graphrewrite cannot factor
 (biases and norms, position embeddings read through a Slice). Target: at least 95% rewritable.
 
     python benchmarks/bench_coverage.py [--sizes 128:2:1000,512:4:4000] [--ratios 0.5,0.3]
@@ -31,9 +31,9 @@ def coverages(src: str, ratios: list[float]) -> list[tuple[float, float, float]]
     import scipy.linalg
 
     from graphrewrite import hparams, views
-    from graphrewrite.pipeline import plan_model
-    from graphrewrite.plan import Selection, make_plan
-    from graphrewrite.rankpolicy import Policy
+    from graphrewrite.rewriting.pipeline import plan_model
+    from graphrewrite.rewriting.plan import Selection, make_plan
+    from graphrewrite.rewriting.rankpolicy import Policy
 
     model, _, transform = plan_model(src, hparams.resolve(None, {"rank": 200}), probe=lambda: None)
 

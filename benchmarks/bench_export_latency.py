@@ -64,7 +64,8 @@ def build_lstm(path: str, units: int = 512, steps: int = 64, width: int = 512) -
 def measure(name: str, build, shape: tuple[int, ...], rank: int, work: str, rounds: int,
             targets: common.Targets) -> list[str]:
     import graphrewrite
-    from graphrewrite import hparams, manifest
+    from graphrewrite import hparams
+    from graphrewrite.rewriting import manifest
 
     src, mid, final = (os.path.join(work, f"{name}_{s}") for s in ("src", "rewritten", "final"))
     build(src)

@@ -53,7 +53,8 @@ def floor(src: str, rank: int, scratch: str) -> dict[str, float]:
     import scipy.linalg
     import tensorflow as tf
 
-    from graphrewrite import hparams, pipeline, views
+    from graphrewrite import hparams, views
+    from graphrewrite.rewriting import pipeline
 
     _, plan, _ = pipeline.plan_model(src, hparams.resolve(None, {"rank": rank}))
     start = time.perf_counter()

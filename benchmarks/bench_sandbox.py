@@ -1,4 +1,4 @@
-"""What running the model in the sandbox costs (graphrewrite.sandbox), against running it in process.
+"""What running the model in the sandbox costs (graphrewrite.rewriting.sandbox), against running it in process.
 
 Measured in one process, as the CLI and the test suite use it: the one-off start of the sandbox
 server (a Python that imports TensorFlow, overlapped with the scan and load in ``compress``), an
@@ -29,14 +29,15 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=5)
     args = parser.parse_args()
-    from graphrewrite import compress, hparams, pipeline, sandbox
+    from graphrewrite import compress, hparams
+    from graphrewrite.rewriting import pipeline, sandbox
 
     start = time.perf_counter()
-    sandbox.run("graphrewrite.sandbox:interfaces")
+    sandbox.run("graphrewrite.rewriting.sandbox:interfaces")
     server = time.perf_counter() - start
-    empty = common.median_time(lambda: sandbox.run("graphrewrite.sandbox:interfaces"), args.repeat, warmup=0)
+    empty = common.median_time(lambda: sandbox.run("graphrewrite.rewriting.sandbox:interfaces"), args.repeat, warmup=0)
     flip = iter([True, False] * args.repeat)  # other limits each time: a new worker per job
-    fresh = common.median_time(lambda: sandbox.run("graphrewrite.sandbox:interfaces",
+    fresh = common.median_time(lambda: sandbox.run("graphrewrite.rewriting.sandbox:interfaces",
                                                    limits=sandbox.Limits(60.0, None, next(flip))), args.repeat, warmup=0)
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "out")
@@ -45,7 +46,7 @@ def main() -> int:
         rows = []
         for name, job, job_args in (("reference outputs", "reference_job", (MLP, ["serve"])),
                                     ("verification", "verify_output", (expected, out, True))):
-            inside = common.median_time(lambda j=job, a=job_args: sandbox.run(f"graphrewrite.pipeline:{j}", *a),
+            inside = common.median_time(lambda j=job, a=job_args: sandbox.run(f"graphrewrite.rewriting.pipeline:{j}", *a),
                                         args.repeat, warmup=0)
             local = common.median_time(lambda j=job, a=job_args: getattr(pipeline, j)(*a), args.repeat, warmup=0)
             rows.append([name, f"{local:.2f} s", f"{inside:.2f} s", f"{inside - local:+.2f} s"])

@@ -14,17 +14,17 @@ from typing import Any
 __version__ = "0.1.0"
 
 _LAZY = {
-    "compress": ("graphrewrite.pipeline", "compress"),
-    "CompressResult": ("graphrewrite.pipeline", "CompressResult"),
-    "compression_update": ("graphrewrite.update", "compression_update"),
+    "compress": ("graphrewrite.rewriting.pipeline", "compress"),
+    "CompressResult": ("graphrewrite.rewriting.pipeline", "CompressResult"),
+    "compression_update": ("graphrewrite.training.update", "compression_update"),
     "resolve_hparams": ("graphrewrite.hparams", "resolve"),
     "schedule_for_steps": ("graphrewrite.hparams", "schedule_for_steps"),
-    "read_manifest": ("graphrewrite.manifest", "read_dir"),
-    "CompressionCallback": ("graphrewrite.hooks", "CompressionCallback"),
-    "CompressionHook": ("graphrewrite.hooks", "CompressionHook"),
-    "RewrittenLayer": ("graphrewrite.hooks", "RewrittenLayer"),
-    "export": ("graphrewrite.exporting", "export"),
-    "ExportResult": ("graphrewrite.exporting", "ExportResult"),
+    "read_manifest": ("graphrewrite.rewriting.manifest", "read_dir"),
+    "CompressionCallback": ("graphrewrite.training.hooks", "CompressionCallback"),
+    "CompressionHook": ("graphrewrite.training.hooks", "CompressionHook"),
+    "RewrittenLayer": ("graphrewrite.training.hooks", "RewrittenLayer"),
+    "export": ("graphrewrite.rewriting.exporting", "export"),
+    "ExportResult": ("graphrewrite.rewriting.exporting", "ExportResult"),
 }
 
 

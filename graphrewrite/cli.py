@@ -81,7 +81,7 @@ def _warning(message: str) -> None:
 
 
 def selection_options(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Site filters and rank policies beyond the reference (graphrewrite.plan.Selection)."""
+    """Site filters and rank policies beyond the reference (graphrewrite.rewriting.plan.Selection)."""
     options = [
         click.option("--energy", type=float, default=None, metavar="SHARE",
                      help="low rank: keep the fewest singular values holding SHARE of the squared spectrum"),
@@ -102,8 +102,8 @@ def selection_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 def _selection(energy: float | None, max_error: float | None, target_ratio: float | None, min_params: int,
                include: str | None, exclude: str | None) -> Any:
-    from graphrewrite.plan import Selection
-    from graphrewrite.rankpolicy import Policy
+    from graphrewrite.rewriting.plan import Selection
+    from graphrewrite.rewriting.rankpolicy import Policy
 
     return Selection(include, exclude, min_params, Policy(energy, max_error, target_ratio))
 
@@ -197,7 +197,8 @@ def compress(in_model: str, out_model: str, compression_hparams: str | None, met
     --help-all also lists every hyperparameter of compression_lib (alpha_decrement_value,
     begin_compression_step, compression_frequency, ...), spelled as in the reference.
     """
-    from graphrewrite import pipeline, report
+    from graphrewrite.reporting import report
+    from graphrewrite.rewriting import pipeline
 
     hp = _resolve(compression_hparams, method, values, (schedule_steps, schedule_start))
     selection = _selection(energy, max_error, target_ratio, min_params, include, exclude)
@@ -234,8 +235,8 @@ def export(tuned_model: str, final_model: str, checkpoint: str | None, force: bo
     progress = _progress(quiet)
     progress("importing TensorFlow")
     import_tensorflow_quietly()
-    from graphrewrite import exporting as export_lib
-    from graphrewrite import report
+    from graphrewrite.reporting import report
+    from graphrewrite.rewriting import exporting as export_lib
 
     result = export_lib.export(
         tuned_model, final_model, checkpoint=checkpoint, force=force, verify=not fast,
@@ -257,9 +258,10 @@ def inspect(model: str, compression_hparams: str | None, method: str | None, tag
             exclude: str | None, **values: Any) -> None:
     """Show the sites of a rewritten MODEL (with alpha, global step and reconstruction error now),
     or, for an original MODEL, the plan compress would follow (a dry run)."""
-    from graphrewrite import manifest, pipeline, report
     from graphrewrite.errors import UnsafeModelError, UsageError
-    from graphrewrite.scan import scan
+    from graphrewrite.reporting import report
+    from graphrewrite.rewriting import manifest, pipeline
+    from graphrewrite.rewriting.scan import scan
 
     found = scan(model)
     data = manifest.read_dir(model)
@@ -278,7 +280,7 @@ def inspect(model: str, compression_hparams: str | None, method: str | None, tag
         if plot_dir:
             report.add_spectra(data, loaded, plan)
     else:
-        from graphrewrite.status import rewritten_status
+        from graphrewrite.reporting.status import rewritten_status
 
         if found.meta_graph(_tags(tag_set)).findings and not allow_unsafe_ops:
             raise UnsafeModelError(f"{model}: refusing to load a model with unsafe ops (graphrewrite scan lists them)")
@@ -302,11 +304,11 @@ def inspect(model: str, compression_hparams: str | None, method: str | None, tag
               help="also write a self-contained HTML page with a picture of every rewritten site")
 def diff(in_model: str, out_model: str, tag_set: str, as_json: bool, html_file: str | None) -> None:
     """Show what the rewrite changed between IN_MODEL and OUT_MODEL (read as protobufs, never run)."""
-    from graphrewrite import diff as diff_lib
+    from graphrewrite.reporting import diff as diff_lib
 
     result = diff_lib.diff_models(in_model, out_model, tags=_tags(tag_set))
     if html_file:
-        from graphrewrite import htmlreport
+        from graphrewrite.reporting import htmlreport
 
         htmlreport.write_html(result, html_file)
         click.echo(f"wrote {html_file}", err=True)
@@ -321,7 +323,7 @@ def scan(model: str, as_json: bool) -> None:
     without loading it. Exit 4 if any op is refused, 3 if variables/ is missing."""
     from graphrewrite.errors import InputModelError, UnsafeModelError
     from graphrewrite.preflight import variables_missing
-    from graphrewrite.scan import scan as do_scan
+    from graphrewrite.rewriting.scan import scan as do_scan
 
     found = do_scan(model)
     findings = [f for mg in found.meta_graphs for f in mg.findings]
@@ -364,7 +366,7 @@ def _check_paths(model: str, output: str | None, overwrite: bool) -> None:
     """The input model's directory and the output's location, before TensorFlow is imported
     (whether ``variables/`` is there is checked after saved_model.pb: a damaged graph comes first)."""
     from graphrewrite import preflight
-    from graphrewrite.pipeline import check_output
+    from graphrewrite.rewriting.pipeline import check_output
 
     preflight.model_dir(model)
     if output is not None:

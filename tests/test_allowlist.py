@@ -9,7 +9,7 @@ import os
 import models
 import pytest
 
-from graphrewrite import scan as scan_lib
+from graphrewrite.rewriting import scan as scan_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -115,7 +115,7 @@ def test_every_op_of_the_zoo_is_allowed(zoo):
 def test_the_zoo_holds_the_saver_and_control_flow_it_should(zoo):
     # The allow-list is not passed vacuously: the zoo runs saver ops (allowed only by structure)
     # and functional control flow (GRU, LSTM), and a TF1 graph.
-    from graphrewrite.scan import read_saved_model_proto
+    from graphrewrite.rewriting.scan import read_saved_model_proto
 
     seen = set()
     for path in zoo:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from graphrewrite import blend
+from graphrewrite.rewriting import blend
 
 rng = np.random.default_rng(0)
 X = tf.constant(rng.standard_normal((6, 10)).astype(np.float32))

@@ -102,7 +102,7 @@ def digits():
 
 @pytest.fixture(scope="module")
 def cnn_statistics(digits):
-    from graphrewrite import loader, statistics
+    from graphrewrite.rewriting import loader, statistics
 
     model = loader.load(CNN, ["serve"], True)
     data = {"image": digits[0][:40].reshape(-1, 8, 8, 1)}
@@ -127,7 +127,7 @@ def test_conv_gram_is_that_of_the_im2col_patches(cnn_statistics, digits):
 def test_mlp_gram_and_data_forms(digits, tmp_path):
     import tensorflow as tf
 
-    from graphrewrite import calibration, loader, statistics
+    from graphrewrite.rewriting import calibration, loader, statistics
 
     model = loader.load(MLP, ["serve"], True)
     specs = statistics.input_specs(model, "serving_default")
@@ -302,7 +302,7 @@ def test_max_error_is_measured_in_output_space(capsys, tmp_path, digits):
     ("keras3_attention", {"query/kernel": "tokens", "value/kernel": "tokens"}),  # BatchMatMul/Einsum, 3-D
 ])
 def test_statistics_on_other_model_kinds(model_factory, name, first_layers):
-    from graphrewrite import calibration, loader, statistics
+    from graphrewrite.rewriting import calibration, loader, statistics
 
     path, _ = model_factory(name)
     model = loader.load(path, ["serve"], name != "tf1_builder")

@@ -33,7 +33,7 @@ def mixed_model(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def mixed_statistics(mixed_model):
-    from graphrewrite import calibration, loader, statistics
+    from graphrewrite.rewriting import calibration, loader, statistics
 
     model = loader.load(mixed_model, ["serve"], True)
     specs = statistics.input_specs(model, "serving_default")
@@ -94,7 +94,7 @@ def test_row_weighted_lookup_factors(mixed_statistics):
 def test_patch_rows_are_a_seeded_sample_of_bounded_size(monkeypatch):
     from make_testdata import digits_split
 
-    from graphrewrite import loader, statistics
+    from graphrewrite.rewriting import loader, statistics
 
     model = loader.load(CNN, ["serve"], True)
     data = {"image": digits_split()[0][:256].reshape(-1, 8, 8, 1)}
@@ -143,7 +143,7 @@ def test_row_gram_whitening_equals_the_dense_one(rows, m, n):
 
 
 def test_a_weight_with_row_kept_and_gram_readers_sums_both():
-    from graphrewrite import statistics
+    from graphrewrite.rewriting import statistics
 
     rng = np.random.default_rng(5)
     few, many = rng.standard_normal((3, 8)).astype(np.float32), rng.standard_normal((20, 8)).astype(np.float32)
@@ -181,7 +181,7 @@ def test_rows_of_unknown_length_are_reduced_to_a_gram(tmp_path):
     which with a known length would be kept as rows)."""
     import keras
 
-    from graphrewrite import calibration, loader, statistics
+    from graphrewrite.rewriting import calibration, loader, statistics
 
     keras.utils.set_random_seed(4)
     tokens = keras.Input((None, 128), name="steps")

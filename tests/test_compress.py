@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from graphrewrite import hparams, manifest
+from graphrewrite import hparams
+from graphrewrite.rewriting import manifest
 
 # model -> {variable: (op type, m, n, k)} at rank=200, and the variables skipped with a reason.
 EXPECTED = {
@@ -200,8 +201,8 @@ def test_saved_model_cli_reads_the_output(compressed_factory):
 
 
 def test_inlining_helper_flattens_nested_functions():
-    from graphrewrite.graph import Graph
-    from graphrewrite.loader import inline_function
+    from graphrewrite.rewriting.graph import Graph
+    from graphrewrite.rewriting.loader import inline_function
 
     w = tf.Variable(tf.ones([4, 3]))
 
@@ -223,7 +224,8 @@ def test_inlining_helper_flattens_nested_functions():
 def test_big_models_are_verified_in_memory(monkeypatch, model_factory, tmp_path):
     # Above VERIFY_IN_MEMORY_ABOVE bytes of weights compress does not reload its output (that
     # would hold the weights twice): it checks the rebuilt model before saving, then the files.
-    from graphrewrite import compress, pipeline
+    from graphrewrite import compress
+    from graphrewrite.rewriting import pipeline
 
     monkeypatch.setattr(pipeline, "VERIFY_IN_MEMORY_ABOVE", 0)
     src, inputs = model_factory("digits_mlp")
@@ -238,8 +240,9 @@ def test_big_models_are_verified_in_memory(monkeypatch, model_factory, tmp_path)
 
 
 def test_verification_catches_a_wrong_rewrite(monkeypatch, model_factory, tmp_path):
-    from graphrewrite import build, compress
+    from graphrewrite import compress
     from graphrewrite.errors import VerificationError
+    from graphrewrite.rewriting import build
 
     original = build.site_output
 
@@ -259,7 +262,7 @@ def test_sites_of_one_kind_share_a_gated_function_but_keep_their_own_weights(tmp
     from models import matrix_model
 
     import graphrewrite
-    from graphrewrite.pipeline import read_saved_model_proto
+    from graphrewrite.rewriting.pipeline import read_saved_model_proto
 
     rng = np.random.default_rng(7)
     matrices = {name: rng.standard_normal((24, 24)).astype(np.float32) for name in ("a", "b", "c")}

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from graphrewrite import rankpolicy
+from graphrewrite.rewriting import rankpolicy
 
 
 def _error(ks, spectra) -> float:

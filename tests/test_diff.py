@@ -1,7 +1,7 @@
-"""graphrewrite.diff and graphrewrite.htmlreport: what a rewrite changed, read from the protobufs.
+"""graphrewrite.reporting.diff and graphrewrite.reporting.htmlreport: what a rewrite changed, read from the protobufs.
 
 The expected numbers come from outside the diff: variable counts and parameters from the models'
-checkpoint indexes, and op counts from how graphrewrite.blend builds one site (see
+checkpoint indexes, and op counts from how graphrewrite.rewriting.blend builds one site (see
 test_serving_ops_gain_the_gated_branches).
 """
 
@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 from models import TESTDATA
 
-from graphrewrite.diff import diff_models, diff_text, printable
 from graphrewrite.errors import InputModelError
-from graphrewrite.htmlreport import write_html
+from graphrewrite.reporting.diff import diff_models, diff_text, printable
+from graphrewrite.reporting.htmlreport import write_html
 
 KERNELS = ("dense_1/kernel", "dense_2/kernel", "logits/kernel")
 BIASES = ("dense_1/bias", "dense_2/bias", "logits/bias")
@@ -111,7 +111,7 @@ def test_two_originals_list_each_variable_once():
 
 
 def test_serving_ops_gain_the_gated_branches(digits):
-    """Per site, graphrewrite.blend.gated builds StatelessIf(alpha >= 1) whose branches are the dense
+    """Per site, graphrewrite.rewriting.blend.gated builds StatelessIf(alpha >= 1) whose branches are the dense
     MatMul (1) and StatelessIf(alpha <= 0) over the compressed (x @ B) @ C (2) and the mix of both
     (1 + 2): 2 StatelessIf and 6 MatMul in place of 1 MatMul, and reads of b, c and alpha."""
     _, _, result = digits
@@ -124,7 +124,7 @@ def test_serving_ops_gain_the_gated_branches(digits):
         assert "If" not in ops["out"]  # the forward pass holds no stateful cond
         assert ops["removed"] == {}
         assert ops["in"]["BiasAdd"] == ops["out"]["BiasAdd"] == 3 and "BiasAdd" not in ops["added"]
-    # graphrewrite.schedule: per site cond(due) holding cond(first update) whose true branch runs one
+    # graphrewrite.rewriting.schedule: per site cond(due) holding cond(first update) whose true branch runs one
     # in-graph SVD and assigns b and c; each due update assigns alpha and last_update; then the step.
     update = result["signatures"]["compression_update"]["ops"]
     assert update["in"] == {}
@@ -230,7 +230,8 @@ def hostile_models(root: str) -> tuple[str, str]:
     names are written into both protobufs and the manifest, as an attacker would."""
     import tensorflow as tf
 
-    from graphrewrite import compress, hparams, manifest
+    from graphrewrite import compress, hparams
+    from graphrewrite.rewriting import manifest
 
     class Tiny(tf.Module):
         def __init__(self) -> None:
@@ -255,7 +256,7 @@ def hostile_models(root: str) -> tuple[str, str]:
 
 
 def _rename(path: str) -> None:
-    from graphrewrite.scan import read_saved_model_proto
+    from graphrewrite.rewriting.scan import read_saved_model_proto
 
     proto = read_saved_model_proto(path)
     meta = proto.meta_graphs[0]

@@ -9,9 +9,9 @@ import pytest
 import tensorflow as tf
 
 import graphrewrite
-from graphrewrite import manifest
 from graphrewrite.errors import ExportRefusedError, InputModelError
-from graphrewrite.exporting import export
+from graphrewrite.rewriting import manifest
+from graphrewrite.rewriting.exporting import export
 
 MODELS = ["digits_mlp", "digits_cnn", "keras3_attention", "keras3_mixed_precision", "keras3_multi_input",
           "keras3_lstm", "tf_keras_dropout_bn", "tf_module_multi_signature", "tf1_builder"]
@@ -111,7 +111,7 @@ def test_force_reports_the_output_shift(exported):
 
 def test_the_comparison_runs_the_tuned_model_in_the_sandbox_only(compressed_factory, tmp_path, monkeypatch):
     """The tuned model's functions run only in the sandbox: in this process its signatures raise."""
-    from graphrewrite import exporting, sandbox
+    from graphrewrite.rewriting import exporting, sandbox
 
     _, out, _, _ = compressed_factory("digits_mlp", rank=200)
     jobs = []
@@ -129,7 +129,7 @@ def test_the_comparison_runs_the_tuned_model_in_the_sandbox_only(compressed_fact
     monkeypatch.setattr(sandbox, "run", record)
     monkeypatch.setattr(exporting, "_load_tuned", load_without_running)
     result = export(out, str(tmp_path / "final"), force=True)
-    assert "graphrewrite.exporting:compare_job" in jobs
+    assert "graphrewrite.rewriting.exporting:compare_job" in jobs
     assert result.output_shift > 0.1 and result.max_rel_diff_alpha0 < 1e-4
 
 

@@ -87,7 +87,7 @@ def test_tensorflow_log_lines_are_off_for_the_cli_unless_verbose(capsys, monkeyp
 
 
 def test_the_library_keeps_the_users_logging_settings():
-    code = ("import logging, os\nfrom graphrewrite.scan import scan\nscan(os.environ['MODEL'])\n"
+    code = ("import logging, os\nfrom graphrewrite.rewriting.scan import scan\nscan(os.environ['MODEL'])\n"
             "print(os.environ.get('TF_CPP_MIN_LOG_LEVEL'), logging.getLogger('tensorflow').level)")
     env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,

@@ -10,7 +10,7 @@ import pytest
 from models import TESTDATA
 
 from graphrewrite.cli import main
-from graphrewrite.exporting import export
+from graphrewrite.rewriting.exporting import export
 
 DIGITS_PARAMS = 64 * 256 + 256 + 256 * 128 + 128 + 128 * 10 + 10  # 50,826: each weight once
 DIGITS_BIASES = 256 + 128 + 10
@@ -62,7 +62,9 @@ def test_export_json_says_what_output_shift_is(digits_export, tmp_path, capsys):
 @pytest.fixture(scope="module")
 def compress_lines():
     """``compress_lines(overrides, selection)``: compress's text lines for digits_mlp's plan."""
-    from graphrewrite import hparams, pipeline, report
+    from graphrewrite import hparams
+    from graphrewrite.reporting import report
+    from graphrewrite.rewriting import pipeline
 
     def lines(overrides, selection=pipeline.DEFAULT_SELECTION):
         _, plan, _ = pipeline.plan_model(os.path.join(TESTDATA, "digits_mlp"), hparams.resolve(None, overrides),
@@ -73,8 +75,8 @@ def compress_lines():
 
 
 def test_target_ratio_prints_the_achieved_overall_ratio(compress_lines):
-    from graphrewrite.plan import Selection
-    from graphrewrite.rankpolicy import Policy
+    from graphrewrite.rewriting.plan import Selection
+    from graphrewrite.rewriting.rankpolicy import Policy
 
     lines = compress_lines({"rank": 7}, Selection(policy=Policy(target_ratio=0.3)))
     # logits/kernel (128x10) stays dense; the two others get 13,824 parameters: of all 50,432

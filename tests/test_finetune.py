@@ -15,7 +15,7 @@ import pytest
 import tensorflow as tf
 
 import graphrewrite
-from graphrewrite import manifest
+from graphrewrite.rewriting import manifest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "testdata"))

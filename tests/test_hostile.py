@@ -311,12 +311,12 @@ def test_model_code_runs_in_the_sandbox(capsys, tmp_path, monkeypatch, kind, env
 
 
 def test_the_sandbox_has_no_network_and_writes_no_file():
-    from graphrewrite import sandbox
+    from graphrewrite.rewriting import sandbox
 
     assert sandbox.network_isolated()  # CI runs as root on Linux, where a namespace is allowed
     limits = sandbox.Limits(30.0, None)
-    assert sandbox.run("graphrewrite.sandbox:interfaces", limits=limits) == []
-    assert sandbox.run("graphrewrite.sandbox:interfaces", limits=sandbox.Limits(30.0, None, allow_io=True))
+    assert sandbox.run("graphrewrite.rewriting.sandbox:interfaces", limits=limits) == []
+    assert sandbox.run("graphrewrite.rewriting.sandbox:interfaces", limits=sandbox.Limits(30.0, None, allow_io=True))
 
 
 # -- 5. symlinks and special files in the input; an OUT that is a symlink ---------------------------

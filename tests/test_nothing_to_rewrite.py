@@ -11,7 +11,7 @@ from test_cli import run
 
 from graphrewrite import compress, hparams
 from graphrewrite.errors import NothingToRewriteError
-from graphrewrite.plan import Selection
+from graphrewrite.rewriting.plan import Selection
 
 MLP = os.path.join(TESTDATA, "digits_mlp")
 

@@ -7,8 +7,8 @@ import pytest
 import tensorflow as tf
 
 from graphrewrite import views
-from graphrewrite.graph import Graph
-from graphrewrite.ops import ADAPTERS, OperandView
+from graphrewrite.rewriting.graph import Graph
+from graphrewrite.rewriting.ops import ADAPTERS, OperandView
 
 
 def node_of(fn, *values):

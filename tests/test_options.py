@@ -9,8 +9,9 @@ import tensorflow as tf
 from models import matrix_model
 
 import graphrewrite
-from graphrewrite import hparams, manifest
-from graphrewrite.exporting import export
+from graphrewrite import hparams
+from graphrewrite.rewriting import manifest
+from graphrewrite.rewriting.exporting import export
 from graphrewrite.transforms.kmeans import kmeans_quantize_block
 
 OPTIONS = {

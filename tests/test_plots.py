@@ -1,4 +1,4 @@
-"""graphrewrite.plots: the spectrum and overview PNGs, and the error without matplotlib."""
+"""graphrewrite.reporting.plots: the spectrum and overview PNGs, and the error without matplotlib."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import sys
 import numpy as np
 import pytest
 
-from graphrewrite import plots
 from graphrewrite.errors import UsageError
+from graphrewrite.reporting import plots
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 SITES = [{"variable": "dense_1/kernel", "params_before": 16384, "params_after": 10240},

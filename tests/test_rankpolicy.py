@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 from test_cli import MLP, run
 
-from graphrewrite import rankpolicy
 from graphrewrite.cli import main
 from graphrewrite.errors import UsageError
-from graphrewrite.plan import Selection
-from graphrewrite.rankpolicy import Policy
+from graphrewrite.rewriting import rankpolicy
+from graphrewrite.rewriting.plan import Selection
+from graphrewrite.rewriting.rankpolicy import Policy
 
 
 def with_spectrum(s, m=40, n=30, seed=0):

@@ -12,9 +12,9 @@ import tensorflow as tf
 import zoo
 
 from graphrewrite import compress, hparams
-from graphrewrite.exporting import export
-from graphrewrite.match import match_function
-from graphrewrite.pipeline import _max_diff, plan_model
+from graphrewrite.rewriting.exporting import export
+from graphrewrite.rewriting.match import match_function
+from graphrewrite.rewriting.pipeline import _max_diff, plan_model
 
 HPARAMS = {"rank": 400}  # k = min(m, n) / 4: the square SimpleRNN recurrent kernel is smaller too
 CASES = [pytest.param("LSTM"), pytest.param("GRU", marks=pytest.mark.heavy),

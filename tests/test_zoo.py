@@ -9,12 +9,14 @@ import scipy.linalg
 import tensorflow as tf
 import zoo
 
-from graphrewrite import compress, hparams, loader, report, scan, views
-from graphrewrite.exporting import export
-from graphrewrite.match import match_function
-from graphrewrite.pipeline import _max_diff, plan_model
-from graphrewrite.plan import Selection, make_plan
-from graphrewrite.rankpolicy import Policy
+from graphrewrite import compress, hparams, views
+from graphrewrite.reporting import report
+from graphrewrite.rewriting import loader, scan
+from graphrewrite.rewriting.exporting import export
+from graphrewrite.rewriting.match import match_function
+from graphrewrite.rewriting.pipeline import _max_diff, plan_model
+from graphrewrite.rewriting.plan import Selection, make_plan
+from graphrewrite.rewriting.rankpolicy import Policy
 
 LIGHT = [name for name, model in zoo.ZOO.items() if not model.heavy]
 HEAVY = [name for name, model in zoo.ZOO.items() if model.heavy]

@@ -1,6 +1,6 @@
 """Regenerates (or, with ``--check``, diffs) graphrewrite's op allow-list from TensorFlow's registry.
 
-The allow-list (``graphrewrite/allowed_ops.txt``) names the op types a model may contain to be
+The allow-list (``graphrewrite/rewriting/allowed_ops.txt``) names the op types a model may contain to be
 loaded and run without ``--allow-unsafe-ops``: pure math, array, control-flow, variable and
 resource ops. It is derived here from every op TensorFlow registers, in two reviewed steps:
 
@@ -23,7 +23,7 @@ import re
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-LIST = os.path.join(HERE, os.pardir, "graphrewrite", "allowed_ops.txt")
+LIST = os.path.join(HERE, os.pardir, "graphrewrite", "rewriting", "allowed_ops.txt")
 
 # family -> regex (full match) of op types that do I/O, reach other processes, or block.
 DENIED: dict[str, str] = {

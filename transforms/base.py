@@ -112,7 +112,7 @@ class Transform(abc.ABC):
         Args:
           matrix: the weight's m x n matrix view.
           plan: its size plan.
-          gram: ``X^T X / rows`` (m x m) of the rows X that multiply the matrix (graphrewrite.statistics).
+          gram: ``X^T X / rows`` (m x m) of the rows X that multiply the matrix (graphrewrite.rewriting.statistics).
         """
         return None
 

@@ -19,10 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from graphrewrite import __version__, preflight, sandbox, views
-from graphrewrite import manifest as manifest_lib
-from graphrewrite.advice import nothing_to_rewrite
-from graphrewrite.calibration import Calibration
+from graphrewrite import __version__, preflight, views
 from graphrewrite.errors import (
     AlreadyRewrittenError,
     InputModelError,
@@ -31,8 +28,12 @@ from graphrewrite.errors import (
     VerificationError,
     first_line,
 )
-from graphrewrite.plan import RewritePlan, Selection, make_plan
-from graphrewrite.scan import MANIFEST_ASSET, read_saved_model_proto, scan
+from graphrewrite.rewriting import manifest as manifest_lib
+from graphrewrite.rewriting import sandbox
+from graphrewrite.rewriting.advice import nothing_to_rewrite
+from graphrewrite.rewriting.calibration import Calibration
+from graphrewrite.rewriting.plan import RewritePlan, Selection, make_plan
+from graphrewrite.rewriting.scan import MANIFEST_ASSET, read_saved_model_proto, scan
 
 Progress = Callable[[str], None]
 DEFAULT_SELECTION = Selection()
@@ -88,14 +89,14 @@ def plan_model(input_dir: str, hparams: Mapping[str, Any], tags: Sequence[str] =
                warn: Progress = _python_warning,
                probe: Callable[[], None] | None = None, calibration: Calibration | None = None,
                calibration_signature: str = "serving_default") -> tuple[Any, RewritePlan, Any]:
-    """Scans, loads, calibrates (with ``calibration`` data: graphrewrite.statistics) and plans;
+    """Scans, loads, calibrates (with ``calibration`` data: graphrewrite.rewriting.statistics) and plans;
     returns (loaded model, plan, transform).
 
     Between the scan and the load, ``probe`` (default: loading the model once in the sandbox)
     runs the model's load in a child process first, so that a model whose loading hangs or
     crashes stops there, with one line, rather than in this process.
     """
-    from graphrewrite import loader, statistics
+    from graphrewrite.rewriting import loader, statistics
     from graphrewrite.transforms import make as make_transform
 
     transform = make_transform(hparams, allow_larger=allow_larger)
@@ -158,12 +159,12 @@ def compress(input_dir: str, output_dir: str, hparams: Mapping[str, Any], *,
       allow_unsafe_ops: load models with file/network/process ops (after a warning).
       dry_run: plan only; write nothing.
       allow_larger: also rewrite sites whose compressed form is not smaller than the weight.
-      selection: site filters and rank policy (graphrewrite.plan.Selection).
+      selection: site filters and rank policy (graphrewrite.rewriting.plan.Selection).
       progress: called with one-line progress messages.
       warn: called with one-line warnings (default: Python warnings).
       allow_empty: write the output although every site was skipped (else NothingToRewriteError,
         before anything is written).
-      calibration: example inputs (graphrewrite.calibration: an .npz or TFRecord path, a dict of
+      calibration: example inputs (graphrewrite.rewriting.calibration: an .npz or TFRecord path, a dict of
         arrays, an iterable of dicts): low rank and input/output then fit their factors, and the
         rank policies measure their errors, on the outputs of each weight for these inputs.
       calibration_signature: the signature the calibration examples are inputs of.
@@ -179,7 +180,7 @@ def compress(input_dir: str, output_dir: str, hparams: Mapping[str, Any], *,
             sandbox_probe(input_dir, tags, progress, limits)
             return
         progress("computing the input model's reference outputs (in the sandbox)")
-        reference.update(sandbox.run("graphrewrite.pipeline:reference_job", input_dir, list(tags),
+        reference.update(sandbox.run("graphrewrite.rewriting.pipeline:reference_job", input_dir, list(tags),
                                      what=f"{input_dir}: running the input model", limits=limits))
 
     model, plan, transform = plan_model(input_dir, hparams, tags, allow_unsafe_ops, progress, allow_larger,
@@ -209,7 +210,7 @@ def compress(input_dir: str, output_dir: str, hparams: Mapping[str, Any], *,
         gc.collect()  # the input model and the rewritten one in memory: release both
         if expected is not None and not in_memory:
             progress("verifying: reloading the output in the sandbox and comparing with the input at alpha = 1")
-            verification = sandbox.run("graphrewrite.pipeline:verify_output", expected, tmp, transform.blended,
+            verification = sandbox.run("graphrewrite.rewriting.pipeline:verify_output", expected, tmp, transform.blended,
                                        what="verifying the rewritten model", limits=limits)
         if verification is not None:
             data["verification"] = verification
@@ -241,13 +242,13 @@ def _save_rewrite(model: Any, plan: RewritePlan, transform: Any, hparams: Mappin
     """
     import tensorflow as tf
 
-    from graphrewrite import build as build_lib
-    from graphrewrite import irstore
-    from graphrewrite import schedule as schedule_lib
+    from graphrewrite.rewriting import build as build_lib
+    from graphrewrite.rewriting import irstore
+    from graphrewrite.rewriting import schedule as schedule_lib
 
     initial = build_lib.factorize_all(model, plan, transform, progress)
     if model.calibration is not None:
-        from graphrewrite import statistics
+        from graphrewrite.rewriting import statistics
 
         statistics.record_errors(data["sites"], model, plan, transform, initial)
     schedule = schedule_lib.Schedule.from_hparams(hparams)
@@ -382,7 +383,7 @@ def save(root: Any, tmp: str, signatures: Mapping[str, Any], output_dir: str) ->
     """
     import tensorflow as tf
 
-    from graphrewrite import build as build_lib
+    from graphrewrite.rewriting import build as build_lib
 
     try:
         tf.saved_model.save(root, tmp, signatures=signatures, options=build_lib.save_options())

@@ -1,10 +1,10 @@
-"""The While loops of recurrent sites, rebuilt inside the rewritten functions (as graphrewrite.sites
+"""The While loops of recurrent sites, rebuilt inside the rewritten functions (as graphrewrite.rewriting.sites
 does for single ops).
 
 A recurrent site's use is a While loop input that carries the weight's handle
-(graphrewrite.loops). The loop is rebuilt with that input replaced, computed outside the loop:
+(graphrewrite.rewriting.loops). The loop is rebuilt with that input replaced, computed outside the loop:
 
-    rewritten model:  W = alpha * A + (1 - alpha) * W_c   (alpha-gated, graphrewrite.blend: A bit
+    rewritten model:  W = alpha * A + (1 - alpha) * W_c   (alpha-gated, graphrewrite.rewriting.blend: A bit
                       for bit at alpha = 1, W_c = B @ C formed once per call, not per step)
     exported model:   B and C as loop invariants; the body computes (x @ B) @ C
 
@@ -17,10 +17,10 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from graphrewrite import blend, loops
-from graphrewrite.graph import Graph, Node
-from graphrewrite.plan import Use
-from graphrewrite.sites import SiteRuntime, transposed
+from graphrewrite.rewriting import blend, loops
+from graphrewrite.rewriting.graph import Graph, Node
+from graphrewrite.rewriting.plan import Use
+from graphrewrite.rewriting.sites import SiteRuntime, transposed
 from graphrewrite.transforms import Transform
 
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from graphrewrite.model import VariableInfo
+from graphrewrite.rewriting.model import VariableInfo
 
 # (substring of a skip reason, the group it falls in), first match wins.
 _SKIP_GROUPS = (

@@ -1,6 +1,6 @@
 """Fine-tuning front ends: a Keras callback and a tf.compat.v1 SessionRunHook.
 
-Both run ``graphrewrite.compression_update`` (graphrewrite.update) once per training step with
+Both run ``graphrewrite.compression_update`` (graphrewrite.training.update) once per training step with
 the step count as global step, which is what compression_lib asks of its users ("append
 ``all_update_op()`` to the train op and make sure ``global_step`` is incremented").
 """
@@ -13,7 +13,7 @@ from typing import Any
 import keras
 import tensorflow as tf
 
-from graphrewrite.update import compression_update, model_handles
+from graphrewrite.training.update import compression_update, model_handles
 
 
 def find_rewritten(obj: Any) -> Any:
@@ -94,7 +94,7 @@ class CompressionCallback(keras.callbacks.Callback):
 def write_summaries(model: Any, writer: Any, step: int) -> None:
     """Scalars of every site under ``<name>_summaries/<variable>/``, as the reference names them."""
     handles = model_handles(model)
-    from graphrewrite import manifest as manifest_lib
+    from graphrewrite.rewriting import manifest as manifest_lib
 
     data = manifest_lib.read_from_object(model)
     scope = f"{data['hparams'].get('name', 'model_compression')}_summaries"

@@ -18,7 +18,8 @@ import html
 from collections.abc import Mapping, Sequence
 from typing import Any, final
 
-from graphrewrite.diff import (
+from graphrewrite.errors import OutputError
+from graphrewrite.reporting.diff import (
     dims_text,
     op_changes,
     params_text,
@@ -29,8 +30,7 @@ from graphrewrite.diff import (
     variable_text,
     variables_text,
 )
-from graphrewrite.errors import OutputError
-from graphrewrite.report import calibration_text
+from graphrewrite.reporting.report import calibration_text
 
 _CHAR_W = 7.3  # advance of one 12px monospace character
 _LINE_H = 15
@@ -66,7 +66,7 @@ svg polygon { fill: #555555; }
 
 
 def write_html(result: Mapping[str, Any], path: str) -> str:
-    """Writes the page of a ``graphrewrite.diff.diff_models`` result to ``path``; returns ``path``.
+    """Writes the page of a ``graphrewrite.reporting.diff.diff_models`` result to ``path``; returns ``path``.
 
     Raises:
       OutputError: ``path`` cannot be written.

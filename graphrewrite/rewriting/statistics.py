@@ -31,13 +31,14 @@ from typing import Any
 
 import numpy as np
 
-from graphrewrite import calibration, sandbox, views, whiten
-from graphrewrite.calibration import InputSpec
+from graphrewrite import views, whiten
 from graphrewrite.errors import CalibrationDataError, UsageError, first_line
-from graphrewrite.match import Use, match_function
-from graphrewrite.model import FunctionIR, LoadedModel
-from graphrewrite.ops import ADAPTERS, Gather, OpAdapter
-from graphrewrite.plan import RewritePlan
+from graphrewrite.rewriting import calibration, sandbox
+from graphrewrite.rewriting.calibration import InputSpec
+from graphrewrite.rewriting.match import Use, match_function
+from graphrewrite.rewriting.model import FunctionIR, LoadedModel
+from graphrewrite.rewriting.ops import ADAPTERS, Gather, OpAdapter
+from graphrewrite.rewriting.plan import RewritePlan
 from graphrewrite.transforms import Transform
 
 DEFAULT_BATCH = 32
@@ -83,18 +84,18 @@ def calibrate(model: LoadedModel, source: calibration.Calibration, signature: st
               progress: Callable[[str], None], input_dir: str, tags: Sequence[str], object_based: bool,
               limits: sandbox.Limits | None = None) -> Statistics:
     """Reads and checks ``source`` against ``signature`` here, then collects its statistics in the
-    sandbox (the calibration pass runs the model's own ops on the data: graphrewrite.sandbox), from
+    sandbox (the calibration pass runs the model's own ops on the data: graphrewrite.rewriting.sandbox), from
     the same model directory loaded there; variable keys are the loader's, stable across loads."""
     data = calibration.read(source, input_specs(model, signature))
     progress(f"calibration: {len(next(iter(data.values())))} examples of {signature}, in the sandbox")
-    return sandbox.run("graphrewrite.statistics:collect_job", input_dir, list(tags), object_based, data,
+    return sandbox.run("graphrewrite.rewriting.statistics:collect_job", input_dir, list(tags), object_based, data,
                        signature, what=f"{input_dir}: the calibration pass", limits=limits)
 
 
 def collect_job(input_dir: str, tags: Sequence[str], object_based: bool, data: Mapping[str, np.ndarray],
                 signature: str) -> Statistics:
     """Sandbox job: loads the model and runs ``collect`` on the checked data."""
-    from graphrewrite import loader
+    from graphrewrite.rewriting import loader
 
     return collect(loader.load(input_dir, tags, object_based), data, signature)
 

@@ -2,7 +2,7 @@
 
 A rewritten model still carries each original weight A, alpha, the global step and the update
 function. Export rebuilds every signature and function from the source functions kept inside the
-rewritten model (graphrewrite.irstore), putting each site's compressed form alone in place of the
+rewritten model (graphrewrite.rewriting.irstore), putting each site's compressed form alone in place of the
 op (``(x @ B) @ C`` for low rank, a kh x kw x cin -> k convolution followed by a 1 x 1 one for
 Conv2D, codebook lookups for k-means, ...), with the fine-tuned factor values. The weights that were
 not compressed are carried over. Its outputs equal the rewritten model's at alpha = 0.
@@ -17,8 +17,6 @@ from typing import Any
 
 import numpy as np
 
-from graphrewrite import irstore, sandbox
-from graphrewrite import manifest as manifest_lib
 from graphrewrite.errors import (
     ExportRefusedError,
     InputModelError,
@@ -26,8 +24,10 @@ from graphrewrite.errors import (
     VerificationError,
     first_line,
 )
-from graphrewrite.model import LoadedModel, VariableInfo
-from graphrewrite.pipeline import (
+from graphrewrite.rewriting import irstore, sandbox
+from graphrewrite.rewriting import manifest as manifest_lib
+from graphrewrite.rewriting.model import LoadedModel, VariableInfo
+from graphrewrite.rewriting.pipeline import (
     _atomic_write,
     _max_diff,
     _quiet,
@@ -35,7 +35,7 @@ from graphrewrite.pipeline import (
     sample_inputs,
     save,
 )
-from graphrewrite.scan import scan
+from graphrewrite.rewriting.scan import scan
 
 Progress = Callable[[str], None]
 
@@ -172,7 +172,7 @@ def _export(output_dir: str, tuned: Any, data: dict, source_functions: str | Non
             verify: bool, overwrite: bool, progress: Progress, run: _Run) -> ExportResult:
     tuned_dir = run.tuned_dir
 
-    from graphrewrite.build import build_export
+    from graphrewrite.rewriting.build import build_export
     from graphrewrite.transforms import make as make_transform
 
     transform = make_transform(data["hparams"], allow_larger=True)
@@ -199,7 +199,7 @@ def _export(output_dir: str, tuned: Any, data: dict, source_functions: str | Non
         save(built.root, tmp, built.signatures, output_dir)
         if verify:
             progress("verifying against the rewritten model at alpha = 0 (in the sandbox)")
-            report.update(sandbox.run("graphrewrite.exporting:compare_job", run.tuned_dir, run.tags,
+            report.update(sandbox.run("graphrewrite.rewriting.exporting:compare_job", run.tuned_dir, run.tags,
                                       run.checkpoint, tmp, alphas, what="verifying the exported model",
                                       limits=run.limits))
 
@@ -220,7 +220,7 @@ def _params(variables: Any) -> int:
 
 def _check_plan(plan: Any, model: LoadedModel, states: int) -> None:
     """The manifest's sites must name ops of the kept source functions, one site per state."""
-    from graphrewrite.ops import ADAPTERS
+    from graphrewrite.rewriting.ops import ADAPTERS
 
     if len(plan.sites) != states:
         raise InputModelError("the manifest's sites do not match the model's graphrewrite_sites")

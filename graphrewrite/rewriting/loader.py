@@ -1,4 +1,4 @@
-"""Loads a SavedModel into the flat intermediate form (graphrewrite.model).
+"""Loads a SavedModel into the flat intermediate form (graphrewrite.rewriting.model).
 
 Two kinds of SavedModel exist:
 
@@ -10,7 +10,7 @@ Two kinds of SavedModel exist:
   subgraph is extracted, and its ``VariableV2``/``VarHandleOp`` weights become new resource variables
   holding the checkpoint's values. No TF1 init op is run.
 
-This module and graphrewrite.build are the only ones that touch TensorFlow internals.
+This module and graphrewrite.rewriting.build are the only ones that touch TensorFlow internals.
 """
 
 from __future__ import annotations
@@ -20,9 +20,16 @@ from collections.abc import Sequence
 from typing import Any
 
 from graphrewrite.errors import InputModelError, first_line
-from graphrewrite.graph import Graph
-from graphrewrite.model import NO_DEFAULT, Entry, FunctionIR, LoadedModel, VariableInfo, Variant
-from graphrewrite.scan import read_saved_model_proto
+from graphrewrite.rewriting.graph import Graph
+from graphrewrite.rewriting.model import (
+    NO_DEFAULT,
+    Entry,
+    FunctionIR,
+    LoadedModel,
+    VariableInfo,
+    Variant,
+)
+from graphrewrite.rewriting.scan import read_saved_model_proto
 
 # tf.keras internals that duplicate __call__; rebuilding them would only bloat the output.
 _SKIPPED_FUNCTIONS = frozenset({

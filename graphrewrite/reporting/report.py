@@ -8,8 +8,8 @@ from typing import Any
 import numpy as np
 
 from graphrewrite import __version__
-from graphrewrite import manifest as manifest_lib
-from graphrewrite.plan import RewritePlan
+from graphrewrite.rewriting import manifest as manifest_lib
+from graphrewrite.rewriting.plan import RewritePlan
 from graphrewrite.safetext import printable
 from graphrewrite.transforms import BY_NAME
 
@@ -169,7 +169,8 @@ def write_plots(data: dict[str, Any], directory: str) -> list[str]:
 
     import numpy as np
 
-    from graphrewrite import plots, rankpolicy
+    from graphrewrite.reporting import plots
+    from graphrewrite.rewriting import rankpolicy
 
     os.makedirs(directory, exist_ok=True)
     written = []

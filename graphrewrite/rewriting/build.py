@@ -21,11 +21,12 @@ from typing import Any
 
 import numpy as np
 
-from graphrewrite import loops, recurrent, views
-from graphrewrite.graph import Graph, Node
-from graphrewrite.model import NO_DEFAULT, Entry, FunctionIR, LoadedModel, Variant
-from graphrewrite.plan import RewritePlan, SitePlan, Use
-from graphrewrite.sites import SiteRuntime, site_output, weight_spec
+from graphrewrite import views
+from graphrewrite.rewriting import loops, recurrent
+from graphrewrite.rewriting.graph import Graph, Node
+from graphrewrite.rewriting.model import NO_DEFAULT, Entry, FunctionIR, LoadedModel, Variant
+from graphrewrite.rewriting.plan import RewritePlan, SitePlan, Use
+from graphrewrite.rewriting.sites import SiteRuntime, site_output, weight_spec
 from graphrewrite.transforms import Transform
 
 

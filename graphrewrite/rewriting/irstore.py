@@ -15,9 +15,9 @@ import json
 from typing import Any
 
 from graphrewrite.errors import InputModelError
-from graphrewrite.graph import Graph
-from graphrewrite.model import NO_DEFAULT, Entry, FunctionIR, Variant
-from graphrewrite.scan import IR_ASSET
+from graphrewrite.rewriting.graph import Graph
+from graphrewrite.rewriting.model import NO_DEFAULT, Entry, FunctionIR, Variant
+from graphrewrite.rewriting.scan import IR_ASSET
 
 ASSET = IR_ASSET
 

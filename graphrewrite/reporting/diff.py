@@ -73,18 +73,18 @@ import os
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, final
 
-from graphrewrite import manifest as manifest_lib
 from graphrewrite.errors import InputModelError
-from graphrewrite.graph import shape_dims
-from graphrewrite.loader import tf1_trainable_names
-from graphrewrite.report import table
-from graphrewrite.safetext import printable
-from graphrewrite.scan import (
+from graphrewrite.reporting.report import table
+from graphrewrite.rewriting import manifest as manifest_lib
+from graphrewrite.rewriting.graph import shape_dims
+from graphrewrite.rewriting.loader import tf1_trainable_names
+from graphrewrite.rewriting.scan import (
     MANIFEST_ASSET,
     called_functions,
     read_saved_model_proto,
     saver_exempt,
 )
+from graphrewrite.safetext import printable
 from graphrewrite.transforms import BY_NAME
 
 FORMAT = "graphrewrite-diff"

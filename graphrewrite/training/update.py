@@ -1,7 +1,7 @@
 """The training half's entry to the alpha schedule: ``compression_update(model, step)``.
 
 It finds the sites of a loaded rewritten model (from its manifest) and runs the schedule of
-graphrewrite.schedule on them, the same code the saved in-graph update runs.
+graphrewrite.rewriting.schedule on them, the same code the saved in-graph update runs.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import weakref
 from typing import Any
 
 from graphrewrite import views
-from graphrewrite.schedule import Schedule, SiteHandle, update_sites
+from graphrewrite.rewriting.schedule import Schedule, SiteHandle, update_sites
 from graphrewrite.transforms import SizePlan
 
 _HANDLES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -18,7 +18,7 @@ _HANDLES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 def model_handles(model: Any) -> list[SiteHandle]:
     """The site handles of a loaded rewritten model (from its manifest asset; cached per object)."""
-    from graphrewrite import manifest as manifest_lib
+    from graphrewrite.rewriting import manifest as manifest_lib
     from graphrewrite.transforms import make as make_transform
 
     cached = _HANDLES.get(model)

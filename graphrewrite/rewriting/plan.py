@@ -16,11 +16,11 @@ from typing import Any
 
 import numpy as np
 
-from graphrewrite import coverage, rankpolicy
 from graphrewrite.errors import UsageError
-from graphrewrite.match import Blocker, Use, match_function
-from graphrewrite.model import FunctionIR, VariableInfo
-from graphrewrite.rankpolicy import Policy
+from graphrewrite.rewriting import coverage, rankpolicy
+from graphrewrite.rewriting.match import Blocker, Use, match_function
+from graphrewrite.rewriting.model import FunctionIR, VariableInfo
+from graphrewrite.rewriting.rankpolicy import Policy
 from graphrewrite.transforms import Refusal, SizePlan, Transform
 from graphrewrite.views import View, simplify
 

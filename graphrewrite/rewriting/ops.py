@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from graphrewrite.graph import Node
+from graphrewrite.rewriting.graph import Node
 from graphrewrite.views import View
 
 
@@ -45,7 +45,7 @@ class OpAdapter:
 
     op_types: ClassVar[tuple[str, ...]]
     rows_per_example: ClassVar[bool] = False
-    # Both paths cost little (a lookup): blend them directly, without a gate (graphrewrite.sites).
+    # Both paths cost little (a lookup): blend them directly, without a gate (graphrewrite.rewriting.sites).
     cheap: ClassVar[bool] = False
 
     def weight_positions(self, node: Node) -> tuple[int, ...]:
@@ -333,8 +333,8 @@ class Depthwise(OpAdapter):
 @dataclasses.dataclass(frozen=True)
 class Loop(OpAdapter):
     """A While loop input carrying a weight's handle into the body, where MatMuls read it (a recurrent
-    kernel; graphrewrite.loops checks the body). The matrix is the 2-D weight as it is; the loop is
-    rebuilt by graphrewrite.recurrent, never applied here."""
+    kernel; graphrewrite.rewriting.loops checks the body). The matrix is the 2-D weight as it is; the loop is
+    rebuilt by graphrewrite.rewriting.recurrent, never applied here."""
 
     op_types: ClassVar[tuple[str, ...]] = ("While", "StatelessWhile")
 

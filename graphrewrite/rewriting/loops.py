@@ -4,8 +4,8 @@ rewritten body and cond FunctionDefs that take a float tensor (or factors) in th
 A Keras LSTM/GRU/SimpleRNN kernel enters its ``While`` as a loop input: in Keras 3 the variable's
 resource handle, which the body reads (``ReadVariableOp`` of the body argument) and multiplies
 with ``MatMul``; in tf.keras its value, read before the loop. Two rewrites of such a loop input are
-made here, as protobuf edits of the FunctionDefs (this module and graphrewrite.loader are the graph
-layer; graphrewrite.recurrent builds the tensors):
+made here, as protobuf edits of the FunctionDefs (this module and graphrewrite.rewriting.loader are the graph
+layer; graphrewrite.rewriting.recurrent builds the tensors):
 
 * ``dense``: the argument becomes a float tensor ``W`` computed outside the loop (the alpha-blended
   weight); a read of the handle becomes an ``Identity`` of it, so every reader inside sees ``W``.
@@ -27,7 +27,7 @@ import hashlib
 from collections.abc import Mapping
 from typing import Any
 
-from graphrewrite.graph import Graph, Node
+from graphrewrite.rewriting.graph import Graph, Node
 
 LOOP_OPS = frozenset({"While", "StatelessWhile"})
 

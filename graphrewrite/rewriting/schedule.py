@@ -1,7 +1,7 @@
 """The alpha schedule: the in-graph update that slides every site from dense (alpha = 1) to compressed.
 
 The rewrite saves it with the model (``make_update_function``); the training half
-(graphrewrite.update) finds a loaded model's sites and calls the same ``update_sites``.
+(graphrewrite.training.update) finds a loaded model's sites and calls the same ``update_sites``.
 
 It follows the reference's TF-path update (``CompressionOp._create_update_op``, seed-spec §4.3), per
 site, at global step ``step``:

@@ -12,8 +12,9 @@ from typing import Any
 
 import numpy as np
 
-from graphrewrite import sandbox, views
+from graphrewrite import views
 from graphrewrite.errors import InputModelError, first_line
+from graphrewrite.rewriting import sandbox
 from graphrewrite.transforms import SizePlan, make
 
 

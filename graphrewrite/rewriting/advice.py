@@ -10,7 +10,7 @@ import collections
 import re
 
 from graphrewrite.errors import NothingToRewriteError
-from graphrewrite.plan import RewritePlan
+from graphrewrite.rewriting.plan import RewritePlan
 
 _SHOWN = 3
 

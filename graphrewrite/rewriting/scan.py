@@ -38,7 +38,7 @@ _CALL_OPS = frozenset({"PartitionedCall", "StatefulPartitionedCall"})
 
 @functools.cache
 def allowed_ops() -> frozenset[str]:
-    """The op types a model may hold without ``--allow-unsafe-ops`` (graphrewrite/allowed_ops.txt,
+    """The op types a model may hold without ``--allow-unsafe-ops`` (graphrewrite/rewriting/allowed_ops.txt,
     generated from TensorFlow's registry by tools/allowlist.py)."""
     with open(ALLOWED_OPS_FILE, encoding="utf-8") as f:
         return frozenset(line.strip() for line in f if line.strip() and not line.startswith("#"))

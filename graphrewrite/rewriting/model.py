@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from graphrewrite.graph import Graph
+from graphrewrite.rewriting.graph import Graph
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,4 +85,4 @@ class LoadedModel:
     regularization_losses: list[Any]
     source: Any  # the loaded object (kept alive, used to compute reference outputs)
     signature_functions: dict[str, Any]  # signature key -> callable of the original model
-    calibration: Any = None  # graphrewrite.statistics.Statistics when compress was given calibration data
+    calibration: Any = None  # graphrewrite.rewriting.statistics.Statistics when compress was given calibration data

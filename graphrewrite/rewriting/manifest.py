@@ -16,9 +16,9 @@ from typing import Any
 from graphrewrite import views
 from graphrewrite.errors import GraphrewriteError, InputModelError
 from graphrewrite.hparams import alpha_schedule
-from graphrewrite.model import VariableInfo
-from graphrewrite.plan import RewritePlan, Use, display_op
-from graphrewrite.scan import MANIFEST_ASSET
+from graphrewrite.rewriting.model import VariableInfo
+from graphrewrite.rewriting.plan import RewritePlan, Use, display_op
+from graphrewrite.rewriting.scan import MANIFEST_ASSET
 
 FORMAT = "graphrewrite-manifest"
 LOOKUPS = frozenset({"GatherV2", "ResourceGather"})
@@ -105,7 +105,7 @@ def build(plan: RewritePlan, source: str, kind: str, tool_version: str,
 
 def plan_from(data: dict[str, Any], infos: Mapping[str, VariableInfo], transform: Any) -> RewritePlan:
     """The RewritePlan a manifest records (for export), with ``infos`` keyed by variable key."""
-    from graphrewrite.plan import SitePlan
+    from graphrewrite.rewriting.plan import SitePlan
     from graphrewrite.transforms import SizePlan
 
     sites = []

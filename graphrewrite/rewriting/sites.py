@@ -1,7 +1,7 @@
 """The replacement of one rewritten op inside a rebuilt function (one site's use of its factors).
 
 A site is one weight; each op reading it (a *use*) is replaced by the op on the compressed weight,
-blended with the original by alpha. Most ops go through a gated function (graphrewrite.blend) that
+blended with the original by alpha. Most ops go through a gated function (graphrewrite.rewriting.blend) that
 never pays for the path whose coefficient is zero. Lookups (``GatherV2``/``ResourceGather``) are
 blended directly, ``alpha * gather(A, ids) + (1 - alpha) * gather(B, ids) @ C``: both paths cost
 only the rows looked up, and TensorFlow's own gather gradients (IndexedSlices) for A and B are
@@ -17,10 +17,11 @@ import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from graphrewrite import blend, views
-from graphrewrite.graph import Node
-from graphrewrite.ops import ADAPTERS
-from graphrewrite.plan import SitePlan, Use
+from graphrewrite import views
+from graphrewrite.rewriting import blend
+from graphrewrite.rewriting.graph import Node
+from graphrewrite.rewriting.ops import ADAPTERS
+from graphrewrite.rewriting.plan import SitePlan, Use
 from graphrewrite.transforms import Transform
 
 

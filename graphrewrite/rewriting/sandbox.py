@@ -174,7 +174,7 @@ def _fork_server() -> _Handle:
 def _spawn_server() -> _Handle:
     """The server as a fresh interpreter (this process's TensorFlow runtime already runs, and a
     fork of a process with TensorFlow's threads would not be safe)."""
-    code = "from graphrewrite.sandbox import serve; serve()"
+    code = "from graphrewrite.rewriting.sandbox import serve; serve()"
     proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     return _Handle(proc.pid, proc.stdin, proc.stdout, proc)
@@ -452,7 +452,7 @@ def _linux_call(name: str, *args: int) -> bool:
 def probe_load(path: str, tags: Sequence[str], limits: Limits | None = None) -> None:
     """Loads the SavedModel once in the sandbox (its restore and init ops run there), before the
     caller loads it in its own process: a load that hangs or crashes stops here (exit 10)."""
-    run("graphrewrite.sandbox:load_job", path, list(tags), what=f"{path}: loading the model", limits=limits)
+    run("graphrewrite.rewriting.sandbox:load_job", path, list(tags), what=f"{path}: loading the model", limits=limits)
 
 
 def load_job(path: str, tags: Sequence[str]) -> None:
@@ -472,7 +472,7 @@ def load_for_run(path: str, tags: Sequence[str]) -> Any:
 
 def network_isolated() -> bool:
     """Whether a sandboxed child sees no network interface but loopback (for the tests)."""
-    return run("graphrewrite.sandbox:interfaces", what="probing the sandbox", limits=Limits(60.0, None)) == []
+    return run("graphrewrite.rewriting.sandbox:interfaces", what="probing the sandbox", limits=Limits(60.0, None)) == []
 
 
 def interfaces() -> list[str]:

@@ -7,7 +7,7 @@ MatMul, BatchMatMul, Conv2D/3D, Conv2DBackpropInput, Einsum or lookup (GatherV2;
 reads the handle itself) is a *use*; ``ExpandDims`` (Conv1D's kernel) is a wrapper too. Any other
 consumer blocks the variable, because rewriting only some of its readers would change what the
 others see. A variable whose handle (or value) is a While loop input is a use when the body only
-multiplies by it (a recurrent kernel, graphrewrite.loops); passed to an If, a call or any other
+multiplies by it (a recurrent kernel, graphrewrite.rewriting.loops); passed to an If, a call or any other
 body, it is blocked too: weights inside control flow are reported, never silently lost.
 """
 
@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import dataclasses
 
-from graphrewrite import loops
-from graphrewrite.graph import Graph
-from graphrewrite.model import FunctionIR, VariableInfo
-from graphrewrite.ops import ADAPTERS
+from graphrewrite.rewriting import loops
+from graphrewrite.rewriting.graph import Graph
+from graphrewrite.rewriting.model import FunctionIR, VariableInfo
+from graphrewrite.rewriting.ops import ADAPTERS
 from graphrewrite.views import View, resolve_reshape, shape_after, simplify
 
 _PASS_THROUGH = frozenset({"Identity", "Cast"})
@@ -127,7 +127,7 @@ def match_function(fir: FunctionIR, infos: dict[str, VariableInfo]) -> tuple[lis
 
 
 def _in_control_flow(name: str, why: str) -> str:
-    # "inside a While/If" is the key graphrewrite.coverage groups these by.
+    # "inside a While/If" is the key graphrewrite.rewriting.coverage groups these by.
     return f"'{name}' is {why} (inside a While/If or function body that is not rewritten; it keeps working and training)"
 
 

@@ -1,0 +1,1 @@
+"""The reporting half: inspect, status, diff and their HTML/plots."""

@@ -1,0 +1,1 @@
+"""The rewriting half: scan, load, inline, match, plan, build, save, verify, export."""
