@@ -319,3 +319,24 @@ def test_statistics_on_other_model_kinds(model_factory, name, first_layers):
     for gram in map(whiten.dense, stats.grams.values()):  # every other Gram is a Gram: symmetric, positive semi-definite
         np.testing.assert_allclose(gram, gram.T, atol=1e-6 * np.abs(gram).max())
         assert np.linalg.eigvalsh(gram).min() >= -1e-5 * np.abs(gram).max()
+
+
+def test_statistics_behind_a_while_loop(model_factory):
+    """A site fed by a While loop (the LSTM's output into a Dense head) gets the Gram of the loop's
+    outputs; the kernels inside the loop keep plain factors, with the reason."""
+    import tensorflow as tf
+
+    from graphrewrite.rewriting import calibration, loader, statistics
+
+    path, _ = model_factory("keras3_lstm")
+    model = loader.load(path, ["serve"], True)
+    specs = statistics.input_specs(model, "serving_default")
+    x = np.random.default_rng(0).standard_normal((40, 5, 8)).astype("float32")
+    stats = statistics.collect(model, calibration.read({"seq": x}, specs), "serving_default", batch_size=16)
+    by_name = {info.name: key for key, info in model.infos.items()}
+    head, bias = (model.variables[by_name[n]].numpy() for n in ("head/kernel", "head/bias"))
+    out = model.signature_functions["serving_default"](seq=tf.constant(x))
+    hidden = (next(iter(out.values())).numpy() - bias) @ np.linalg.pinv(head)  # 32 x 40 head: exact
+    np.testing.assert_allclose(whiten.dense(stats.grams[by_name["head/kernel"]]), hidden.T @ hidden / len(hidden),
+                               rtol=1e-3, atol=1e-5)
+    assert {model.infos[k].name for k in stats.missing} >= {"lstm/lstm_cell/kernel", "lstm/lstm_cell/recurrent_kernel"}

@@ -277,7 +277,9 @@ def _rows_function(fir: FunctionIR, model: LoadedModel, uses: Sequence[Use], dty
     @tf.function(input_signature=specs, autograph=False)
     def run(number: Any, *inputs: Any) -> Any:
         mapped = {_canonical(name): value for name, value in zip(fir.inputs, inputs)}
-        mapped.update({f"{n}:0": model.variables[k].handle for n, k in fir.handles.items()})
+        # a graph tensor of the handle (import_graph_def cannot map an eager one): a loop taking it
+        mapped.update({f"{n}:0": tf.compat.v1.get_default_graph().capture(model.variables[k].handle)
+                       for n, k in fir.handles.items()})
         mapped.update({f"{n}:0": tf.identity(model.variables[k]) for n, k in fir.reads.items()})
         mapped.update({f"{n}:0": tf.identity(model.captured[i]) for n, i in fir.captures.items()})
         stage = graph_pb2.GraphDef()
