@@ -329,27 +329,37 @@ class _Worker:
 
 
 def _write_frame(fd: int, payload: bytes) -> None:
-    data = len(payload).to_bytes(8, "big") + payload
-    while data:
-        data = data[os.write(fd, data):]
+    """An 8-byte length, then the payload, written through views (a reply of Grams can be
+    hundreds of MB: slicing bytes per pipe-sized write would copy it quadratically)."""
+    for part in (len(payload).to_bytes(8, "big"), payload):
+        view = memoryview(part)
+        while view:
+            view = view[os.write(fd, view):]
 
 
-def _read_frame(fd: int, deadline: float | None = None) -> tuple[bytes | None, bool]:
+def _read_frame(fd: int, deadline: float | None = None) -> tuple[bytes | bytearray | None, bool]:
     """(one frame, False); (None, False) at end of file; (None, True) once ``deadline`` passed."""
-    buffer = b""
-    size = None
-    while size is None or len(buffer) < size + 8:
+    header, timed_out = _read_exactly(fd, 8, deadline)
+    if header is None:
+        return None, timed_out
+    return _read_exactly(fd, int.from_bytes(header, "big"), deadline)
+
+
+def _read_exactly(fd: int, size: int, deadline: float | None) -> tuple[bytearray | None, bool]:
+    """``size`` bytes read into one preallocated buffer (no copy per pipe-sized chunk)."""
+    buffer = bytearray(size)
+    view = memoryview(buffer)
+    got = 0
+    while got < size:
         if deadline is not None:
             left = deadline - time.monotonic()
             if left <= 0 or not select.select([fd], [], [], left)[0]:
                 return None, True
-        chunk = os.read(fd, 1 << 20)
-        if not chunk:
+        count = os.readv(fd, [view[got:]])
+        if not count:
             return None, False
-        buffer += chunk
-        if size is None and len(buffer) >= 8:
-            size = int.from_bytes(buffer[:8], "big")
-    return buffer[8:], False
+        got += count
+    return buffer, False
 
 
 def _describe(status: int) -> str:
