@@ -14,7 +14,7 @@ import zoo
 from graphrewrite import compress, hparams
 from graphrewrite.rewriting.exporting import export
 from graphrewrite.rewriting.match import match_function
-from graphrewrite.rewriting.pipeline import _max_diff, plan_model
+from graphrewrite.rewriting.pipeline import plan_model
 
 HPARAMS = {"rank": 400}  # k = min(m, n) / 4: the square SimpleRNN recurrent kernel is smaller too
 CASES = [pytest.param("LSTM"), pytest.param("GRU", marks=pytest.mark.heavy),
@@ -60,10 +60,6 @@ def rnn_run(tmp_path_factory):
     return get
 
 
-def _call(fn, feed):
-    return {k: v.numpy() for k, v in fn(**{n: tf.constant(x) for n, x in feed.items()}).items()}
-
-
 def _loss(outputs):
     rng = np.random.default_rng(0)
     return tf.add_n([tf.reduce_sum(v * rng.standard_normal(v.shape).astype("float32")) for v in outputs.values()])
@@ -82,11 +78,7 @@ def test_both_kernels_are_sites_read_by_the_loop(rnn_run, layer):
 @pytest.mark.parametrize("layer", CASES)
 def test_bit_exact_at_alpha_one_on_every_signature(rnn_run, layer):
     src, out, _, _, inputs = rnn_run(layer)
-    original, rewritten = tf.saved_model.load(src), tf.saved_model.load(out)
-    for key, feed in inputs.items():
-        want, got = _call(original.signatures[key], feed), _call(rewritten.signatures[key], feed)
-        for k in want:
-            np.testing.assert_array_equal(got[k], want[k], err_msg=f"{layer} {key} {k}")
+    zoo.assert_bit_exact(src, out, inputs, layer)
 
 
 @pytest.mark.parametrize("layer", CASES)
@@ -129,14 +121,7 @@ def test_resaved_model_reloads_and_trains(rnn_run, tmp_path):
 @pytest.mark.parametrize("layer", CASES)
 def test_export_equals_alpha_zero_with_both_products_inside_the_loop(rnn_run, layer):
     _, out, final, _, inputs = rnn_run(layer)
-    rewritten, exported = tf.saved_model.load(out), tf.saved_model.load(final)
-    for site in rewritten.graphrewrite_sites:
-        site.alpha.assign(0.0)
-    for key, feed in inputs.items():
-        want, got = _call(rewritten.signatures[key], feed), _call(exported.signatures[key], feed)
-        for k in want:
-            diff, rel = _max_diff(want[k], got[k])
-            assert rel <= 1e-4 or diff <= 1e-5, (layer, key, k, diff, rel)
+    zoo.assert_export_equals_alpha_zero(out, final, inputs, layer)
     # The exported loop body: each kernel's MatMul multiplies (x @ B) by C, and the body reads no
     # variable any more (A is gone; B and C come in as loop invariants).
     from tensorflow.core.protobuf import saved_model_pb2
@@ -203,13 +188,13 @@ def test_transposed_products_inside_a_loop(tmp_path):
     export(out, final, force=True, verify=False)
     feed = {"x": np.random.default_rng(0).standard_normal((2, 16)).astype("float32")}
     original, rewritten = tf.saved_model.load(src), tf.saved_model.load(out)
-    want = _call(original.signatures["serving_default"], feed)
-    for k, value in _call(rewritten.signatures["serving_default"], feed).items():
+    want = zoo.call(original.signatures["serving_default"], feed)
+    for k, value in zoo.call(rewritten.signatures["serving_default"], feed).items():
         np.testing.assert_array_equal(value, want[k])
     for site in rewritten.graphrewrite_sites:
         site.alpha.assign(0.0)
-    at_zero = _call(rewritten.signatures["serving_default"], feed)
-    got = _call(tf.saved_model.load(final).signatures["serving_default"], feed)
+    at_zero = zoo.call(rewritten.signatures["serving_default"], feed)
+    got = zoo.call(tf.saved_model.load(final).signatures["serving_default"], feed)
     for k in at_zero:
         np.testing.assert_allclose(got[k], at_zero[k], rtol=1e-4, atol=1e-5)
         assert np.abs(at_zero[k] - want[k]).max() > 1e-3  # alpha = 0 is the compressed model

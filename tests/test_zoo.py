@@ -41,21 +41,11 @@ def zoo_run(tmp_path_factory):
     return get
 
 
-def _call(fn, feed):
-    return {k: v.numpy() for k, v in fn(**{n: tf.constant(x) for n, x in feed.items()}).items()}
-
-
 @pytest.mark.parametrize("name", ALL)
 def test_bit_exact_at_alpha_one_on_every_signature(zoo_run, name):
     src, out, _, result, inputs = zoo_run(name)
-    original, rewritten = tf.saved_model.load(src), tf.saved_model.load(out)
     assert result.plan.sites, "nothing was rewritten"
-    assert set(inputs) == set(original.signatures) and set(rewritten.signatures) >= set(inputs)
-    for key, feed in inputs.items():
-        want, got = _call(original.signatures[key], feed), _call(rewritten.signatures[key], feed)
-        assert want.keys() == got.keys()
-        for k in want:
-            np.testing.assert_array_equal(got[k], want[k], err_msg=f"{name} {key} {k}")
+    zoo.assert_bit_exact(src, out, inputs, name)
 
 
 @pytest.mark.parametrize("name", ALL)
@@ -84,14 +74,7 @@ def test_gradients_reach_every_factor(zoo_run, name):
 @pytest.mark.parametrize("name", ALL)
 def test_export_equals_alpha_zero_and_never_forms_the_dense_weight(zoo_run, name):
     _, out, final, _, inputs = zoo_run(name)
-    rewritten, exported = tf.saved_model.load(out), tf.saved_model.load(final)
-    for site in rewritten.graphrewrite_sites:
-        site.alpha.assign(0.0)
-    for key, feed in inputs.items():
-        want, got = _call(rewritten.signatures[key], feed), _call(exported.signatures[key], feed)
-        for k in want:
-            diff, rel = _max_diff(want[k], got[k])
-            assert rel <= 1e-4 or diff <= 1e-5, (name, key, k, diff, rel)
+    zoo.assert_export_equals_alpha_zero(out, final, inputs, name)
     model = loader.load(final, ["serve"], True)
     for fir in model.functions.values():
         _, blockers = match_function(fir, model.infos)

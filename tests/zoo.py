@@ -41,6 +41,42 @@ def _export(model: Any, directory: Any, name: str) -> str:
     return path
 
 
+def call(fn: Any, feed: dict) -> dict:
+    """A signature's outputs, as numpy, on numpy inputs."""
+    import tensorflow as tf
+
+    return {k: v.numpy() for k, v in fn(**{n: tf.constant(x) for n, x in feed.items()}).items()}
+
+
+def assert_bit_exact(src: str, out: str, inputs: dict, label: str) -> None:
+    """Every signature of the rewritten ``out`` gives the original ``src``'s outputs bit for bit."""
+    import tensorflow as tf
+
+    original, rewritten = tf.saved_model.load(src), tf.saved_model.load(out)
+    assert set(inputs) == set(original.signatures) and set(rewritten.signatures) >= set(inputs)
+    for key, feed in inputs.items():
+        want, got = call(original.signatures[key], feed), call(rewritten.signatures[key], feed)
+        assert want.keys() == got.keys()
+        for k in want:
+            np.testing.assert_array_equal(got[k], want[k], err_msg=f"{label} {key} {k}")
+
+
+def assert_export_equals_alpha_zero(out: str, final: str, inputs: dict, label: str) -> None:
+    """Every signature of the exported model ``final`` gives the rewritten ``out``'s outputs at alpha = 0."""
+    import tensorflow as tf
+
+    from graphrewrite.rewriting.pipeline import _max_diff
+
+    rewritten, exported = tf.saved_model.load(out), tf.saved_model.load(final)
+    for site in rewritten.graphrewrite_sites:
+        site.alpha.assign(0.0)
+    for key, feed in inputs.items():
+        want, got = call(rewritten.signatures[key], feed), call(exported.signatures[key], feed)
+        for k in want:
+            diff, rel = _max_diff(want[k], got[k])
+            assert rel <= 1e-4 or diff <= 1e-5, (label, key, k, diff, rel)
+
+
 def _application(name: str, shape: tuple[int | None, ...]) -> Callable[[Any], str]:
     """A keras.applications constructor with random weights and a small input."""
 
