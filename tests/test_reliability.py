@@ -100,6 +100,7 @@ def _cli_subprocess(*argv: str) -> subprocess.CompletedProcess:
                           timeout=300, cwd=ROOT)
 
 
+@pytest.mark.heavy  # 28 s; test_fast_cli keeps the CLI's quiet stderr in the default suite
 def test_tf1_model_keeps_stderr_clean(tmp_path, model_factory, copy_model):
     # TensorFlow's Python warnings (deprecations, reference variables) must not reach stderr: a
     # success with -q prints nothing there, and a failure prints exactly its one line.
