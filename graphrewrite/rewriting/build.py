@@ -23,7 +23,7 @@ import numpy as np
 
 from graphrewrite import views
 from graphrewrite.rewriting import loops, recurrent
-from graphrewrite.rewriting.graph import Graph, Node
+from graphrewrite.rewriting.graph import Edge, Graph, Node
 from graphrewrite.rewriting.model import NO_DEFAULT, Entry, FunctionIR, LoadedModel, Variant
 from graphrewrite.rewriting.plan import RewritePlan, SitePlan, Use
 from graphrewrite.rewriting.sites import SiteRuntime, site_output, weight_spec
@@ -112,7 +112,7 @@ class FunctionBuilder:
         for name in fir.outputs:
             node = name.split(":")[0]
             if node in imported:
-                self.exports.setdefault(level[node], set()).add(_canonical(name))
+                self.exports.setdefault(level[node], set()).add(Edge.parse(name).tensor)
 
     def _dead(self) -> set[str]:
         """Reads of weights the rebuilt ops no longer read, and the wrappers between them and their
@@ -156,7 +156,7 @@ class FunctionBuilder:
         tensors: dict[str, Any] = {}
         ops: dict[str, Any] = {}
         for name, value in zip(fir.inputs, flat_inputs):
-            tensors[_canonical(name)] = value
+            tensors[Edge.parse(name).tensor] = value
         handle_of, read_of = {}, {}
         for node, key in fir.handles.items():
             if node in self.provided:
@@ -244,7 +244,7 @@ class FunctionBuilder:
                         ops[key] = value
             for name in self.stage_python.get(level, []):
                 python_node(name)
-        return [tensors[_canonical(name)] for name in fir.outputs]
+        return [tensors[Edge.parse(name).tensor] for name in fir.outputs]
 
 
 def fingerprint(fir: FunctionIR) -> str:
@@ -262,10 +262,6 @@ def fingerprint(fir: FunctionIR) -> str:
     digest.update(repr((fir.inputs, fir.outputs, sorted(fir.handles.items()), sorted(fir.reads.items()),
                         sorted(fir.captures.items()))).encode())
     return digest.hexdigest()
-
-
-def _canonical(tensor_name: str) -> str:
-    return tensor_name if ":" in tensor_name else f"{tensor_name}:0"
 
 
 def _watched_handle(variable: Any) -> Any:

@@ -35,6 +35,7 @@ from graphrewrite import views, whiten
 from graphrewrite.errors import CalibrationDataError, UsageError, first_line
 from graphrewrite.rewriting import calibration, sandbox
 from graphrewrite.rewriting.calibration import InputSpec
+from graphrewrite.rewriting.graph import Edge
 from graphrewrite.rewriting.match import Use, match_function
 from graphrewrite.rewriting.model import FunctionIR, LoadedModel
 from graphrewrite.rewriting.ops import ADAPTERS, Gather, OpAdapter
@@ -276,7 +277,7 @@ def _rows_function(fir: FunctionIR, model: LoadedModel, uses: Sequence[Use], dty
 
     @tf.function(input_signature=specs, autograph=False)
     def run(number: Any, *inputs: Any) -> Any:
-        mapped = {_canonical(name): value for name, value in zip(fir.inputs, inputs)}
+        mapped = {Edge.parse(name).tensor: value for name, value in zip(fir.inputs, inputs)}
         # a graph tensor of the handle (import_graph_def cannot map an eager one): a loop taking it
         mapped.update({f"{n}:0": tf.compat.v1.get_default_graph().capture(model.variables[k].handle)
                        for n, k in fir.handles.items()})
@@ -376,9 +377,6 @@ def _rows(fir: FunctionIR, model: LoadedModel, use: Use, x: Any, cap: int, seed:
                                                      tf.TensorShape([])))
     return rows, count
 
-
-def _canonical(name: str) -> str:
-    return name if ":" in name else f"{name}:0"
 
 
 __all__ = ["DEFAULT_BATCH", "Statistics", "calibrate", "check_method", "collect", "input_specs", "mark_plan",
