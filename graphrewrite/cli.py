@@ -180,12 +180,16 @@ def cli(verbose: bool) -> None:
               help="example inputs (.npz or TFRecord dir): fit factors to each weight's outputs")
 @click.option("--calibration-signature", "calibration_signature", default="serving_default", show_default=True,
               metavar="NAME", hidden=True, help="the signature whose inputs --calibration holds")
+@click.option("--calibration-passes", "calibration_passes", type=click.IntRange(min=0), default=None, metavar="N",
+              hidden=True, help="at most N error-feedback passes after the first: weights after other weights "
+                                "refitted to their inputs in the compressed model (default 4; 0: none)")
 def compress(in_model: str, out_model: str, compression_hparams: str | None, method: str | None,
              tag_set: str, allow_unsafe_ops: bool, fast: bool, overwrite: bool, dry_run: bool,
              allow_empty: bool, allow_larger: bool, schedule_steps: int | None, schedule_start: int,
              as_json: bool, quiet: bool, show_progress: bool, energy: float | None, max_error: float | None,
              target_ratio: float | None, min_params: int, include: str | None, exclude: str | None,
-             calibration: str | None, calibration_signature: str, **values: Any) -> None:
+             calibration: str | None, calibration_signature: str, calibration_passes: int | None,
+             **values: Any) -> None:
     """Rewrite IN_MODEL into OUT_MODEL with compressed, alpha-gated weights.
 
     \b
@@ -210,7 +214,8 @@ def compress(in_model: str, out_model: str, compression_hparams: str | None, met
         in_model, out_model, hp, tags=_tags(tag_set), verify=not fast, overwrite=overwrite,
         allow_unsafe_ops=allow_unsafe_ops, dry_run=dry_run, allow_larger=allow_larger, selection=selection,
         progress=progress, warn=_warning, allow_empty=allow_empty, calibration=calibration,
-        calibration_signature=calibration_signature)
+        calibration_signature=calibration_signature,
+        **({} if calibration_passes is None else {"calibration_passes": calibration_passes}))
     if as_json:
         click.echo(json.dumps(report.compress_json(result), indent=1))
     else:

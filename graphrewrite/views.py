@@ -56,6 +56,16 @@ def apply_tf(tensor: Any, steps: View) -> Any:
     return tensor
 
 
+def invert_numpy(array: np.ndarray, steps: View, shape: Sequence[int]) -> np.ndarray:
+    """``invert_tf`` in numpy: the matrix back to the variable's ``shape``."""
+    shapes = [tuple(shape)]
+    for step in steps:
+        shapes.append(shape_after(shapes[-1], (step,)))
+    for (kind, arg), before in zip(reversed(steps), reversed(shapes[:-1])):
+        array = array.reshape(before) if kind == "reshape" else np.transpose(array, np.argsort(arg))
+    return array
+
+
 def invert_tf(tensor: Any, steps: View, shape: Sequence[int]) -> Any:
     """The inverse of ``steps`` for a variable of ``shape``: matrix back to the variable's shape."""
     import tensorflow as tf

@@ -181,3 +181,35 @@ def _energy(t: np.ndarray, gram: Gram) -> float:
         return float(np.sum(np.square(np.asarray(gram.rows, np.float64) @ t)))
     g = np.asarray(gram, np.float64)
     return float(np.sum(t * (g[:, None] * t if g.ndim == 1 else g @ t)))
+
+
+def feedback_target(matrix: np.ndarray, gram_tilde: np.ndarray, cross: np.ndarray,
+                    damping: float | None = None) -> np.ndarray:
+    """The matrix ``A'`` whose whitened fit under ``gram_tilde`` is the error-feedback fit.
+
+    When the sites before this one are compressed, its input rows are ``X~`` instead of ``X``, and
+    what the compressed model should reproduce is still the original output ``X A``. The damped
+    objective ``||X A - X~ M||^2 / rows + lambda ||A - M||^2`` equals, up to a constant,
+    ``tr((A' - M)^T G~_d (A' - M))`` with ``G~_d = G~ + lambda I`` (``G~ = X~^T X~ / rows``,
+    ``lambda`` from ``G~`` as in ``damped``) and
+
+        A' = G~_d^-1 (K + lambda I) A,     K = X~^T X / rows (``cross``),
+
+    so ``low_rank(A', G~, k)`` is its exact rank-k optimum (expand both sides: the terms in ``M``
+    agree). With ``X~ = X``, ``A' = A``. Both matrices dense m x m.
+    """
+    a = np.asarray(matrix, np.float64)
+    g = damped(gram_tilde, damping)
+    lam = _lambda(gram_tilde, damping)
+    rhs = np.asarray(cross, np.float64) @ a + lam * a
+    return scipy.linalg.solve(g, rhs, assume_a="pos", check_finite=False).astype(np.float32)
+
+
+def chained_error(matrix: np.ndarray, approx: np.ndarray, gram: np.ndarray, gram_tilde: np.ndarray,
+                  cross: np.ndarray) -> float:
+    """``||X A - X~ M||_F / ||X A||_F`` from ``X^T X``, ``X~^T X~`` and ``X~^T X`` (over the same rows):
+    the relative error of the site's outputs in the compressed model against the original's."""
+    a, m = np.asarray(matrix, np.float64), np.asarray(approx, np.float64)
+    total = _energy(a, gram)
+    error = total - 2.0 * float(np.sum(m * (np.asarray(cross, np.float64) @ a))) + _energy(m, gram_tilde)
+    return float(np.sqrt(max(error, 0.0) / total)) if total > 0 else 0.0

@@ -25,6 +25,7 @@ from graphrewrite.errors import (
     InputModelError,
     OutputError,
     UnsafeModelError,
+    UsageError,
     VerificationError,
     first_line,
 )
@@ -32,6 +33,7 @@ from graphrewrite.rewriting import manifest as manifest_lib
 from graphrewrite.rewriting import sandbox
 from graphrewrite.rewriting.advice import nothing_to_rewrite
 from graphrewrite.rewriting.calibration import Calibration
+from graphrewrite.rewriting.feedback import DEFAULT_PASSES
 from graphrewrite.rewriting.plan import RewritePlan, Selection, make_plan
 from graphrewrite.rewriting.scan import MANIFEST_ASSET, read_saved_model_proto, scan
 
@@ -88,7 +90,8 @@ def plan_model(input_dir: str, hparams: Mapping[str, Any], tags: Sequence[str] =
                allow_larger: bool = False, selection: Selection = DEFAULT_SELECTION,
                warn: Progress = _python_warning,
                probe: Callable[[], None] | None = None, calibration: Calibration | None = None,
-               calibration_signature: str = "serving_default") -> tuple[Any, RewritePlan, Any]:
+               calibration_signature: str = "serving_default",
+               calibration_passes: int = DEFAULT_PASSES) -> tuple[Any, RewritePlan, Any]:
     """Scans, loads, calibrates (with ``calibration`` data: graphrewrite.rewriting.statistics) and plans;
     returns (loaded model, plan, transform).
 
@@ -136,7 +139,7 @@ def plan_model(input_dir: str, hparams: Mapping[str, Any], tags: Sequence[str] =
 
     plan = make_plan(model.functions.values(), model.infos, transform, selection, spectrum)
     if model.calibration is not None:
-        plan = statistics.mark_plan(plan, model.calibration)
+        plan = statistics.mark_plan(plan, model.calibration, calibration_passes)
     return model, plan, transform
 
 
@@ -146,7 +149,8 @@ def compress(input_dir: str, output_dir: str, hparams: Mapping[str, Any], *,
              selection: Selection = DEFAULT_SELECTION, progress: Progress = _quiet,
              warn: Progress = _python_warning, allow_empty: bool = False,
              calibration: Calibration | None = None,
-             calibration_signature: str = "serving_default") -> CompressResult:
+             calibration_signature: str = "serving_default",
+             calibration_passes: int = DEFAULT_PASSES) -> CompressResult:
     """Rewrites ``input_dir`` into ``output_dir`` (see the module docstring).
 
     Args:
@@ -168,7 +172,12 @@ def compress(input_dir: str, output_dir: str, hparams: Mapping[str, Any], *,
         arrays, an iterable of dicts): low rank and input/output then fit their factors, and the
         rank policies measure their errors, on the outputs of each weight for these inputs.
       calibration_signature: the signature the calibration examples are inputs of.
+      calibration_passes: at most this many error-feedback passes after the first
+        (graphrewrite.rewriting.feedback: sites after other sites refitted to their inputs in the
+        compressed model); 0 fits every site to the original model's inputs only.
     """
+    if calibration_passes < 0:
+        raise UsageError(f"--calibration-passes {calibration_passes}: must be 0 or more")
     if not dry_run:
         check_output(input_dir, output_dir, overwrite)
     reference: dict[str, Any] = {}
@@ -184,7 +193,8 @@ def compress(input_dir: str, output_dir: str, hparams: Mapping[str, Any], *,
                                      what=f"{input_dir}: running the input model", limits=limits))
 
     model, plan, transform = plan_model(input_dir, hparams, tags, allow_unsafe_ops, progress, allow_larger,
-                                        selection, warn, probe, calibration, calibration_signature)
+                                        selection, warn, probe, calibration, calibration_signature,
+                                        calibration_passes)
     if dry_run:
         return CompressResult(None, plan, None, None)
     if not plan.sites and transform.option != 0 and not allow_empty:
@@ -248,9 +258,10 @@ def _save_rewrite(model: Any, plan: RewritePlan, transform: Any, hparams: Mappin
 
     initial = build_lib.factorize_all(model, plan, transform, progress)
     if model.calibration is not None:
-        from graphrewrite.rewriting import statistics
+        from graphrewrite.rewriting import feedback, statistics
 
-        statistics.record_errors(data["sites"], model, plan, transform, initial)
+        chained = feedback.refine(model, plan, transform, initial, plan.options["calibration"]["passes"], progress)
+        statistics.record_errors(data["sites"], model, plan, transform, initial, chained)
     schedule = schedule_lib.Schedule.from_hparams(hparams)
 
     def update_factory(root: Any, plan_: RewritePlan, transform_: Any) -> Any:

@@ -65,6 +65,9 @@ class Statistics:
       grams: variable key -> ``X^T X / rows`` (float64, m x m) of the rows that multiply its matrix.
       rows: variable key -> the number of rows behind its Gram.
       missing: variable key -> why a weight read by the signature has no statistics.
+      tilde: in an error-feedback pass (``collect(replaced=...)``), variable key -> ``X~^T X~ / rows``
+        of the rows ``X~`` the weight sees when the ``replaced`` weights are compressed.
+      cross: in such a pass, variable key -> ``X~^T X / rows`` (the same sampled rows as ``grams``).
     """
 
     signature: str
@@ -72,6 +75,11 @@ class Statistics:
     grams: dict[str, np.ndarray]
     rows: dict[str, int]
     missing: dict[str, str]
+    tilde: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    cross: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    # (replaced, only) -> Statistics: an error-feedback pass over the same data (set by ``calibrate``)
+    rerun: Callable[[Mapping[str, np.ndarray], Sequence[str]], Statistics] | None = dataclasses.field(
+        default=None, repr=False, compare=False)
 
 
 def check_method(transform: Transform) -> None:
@@ -89,8 +97,16 @@ def calibrate(model: LoadedModel, source: calibration.Calibration, signature: st
     the same model directory loaded there; variable keys are the loader's, stable across loads."""
     data = calibration.read(source, input_specs(model, signature))
     progress(f"calibration: {len(next(iter(data.values())))} examples of {signature}, in the sandbox")
-    return sandbox.run("graphrewrite.rewriting.statistics:collect_job", input_dir, list(tags), object_based, data,
-                       signature, what=f"{input_dir}: the calibration pass", limits=limits)
+    stats = sandbox.run("graphrewrite.rewriting.statistics:collect_job", input_dir, list(tags), object_based, data,
+                        signature, what=f"{input_dir}: the calibration pass", limits=limits)
+
+    def rerun(replaced: Mapping[str, np.ndarray], only: Sequence[str]) -> Statistics:
+        return sandbox.run("graphrewrite.rewriting.statistics:feedback_job", input_dir, list(tags), object_based,
+                           data, signature, dict(replaced), list(only),
+                           what=f"{input_dir}: an error-feedback calibration pass", limits=limits)
+
+    stats.rerun = rerun
+    return stats
 
 
 def collect_job(input_dir: str, tags: Sequence[str], object_based: bool, data: Mapping[str, np.ndarray],
@@ -101,15 +117,24 @@ def collect_job(input_dir: str, tags: Sequence[str], object_based: bool, data: M
     return collect(loader.load(input_dir, tags, object_based), data, signature)
 
 
+def feedback_job(input_dir: str, tags: Sequence[str], object_based: bool, data: Mapping[str, np.ndarray],
+                 signature: str, replaced: Mapping[str, np.ndarray], only: Sequence[str]) -> Statistics:
+    """Sandbox job: loads the model and runs an error-feedback pass (``collect`` with ``replaced``)."""
+    from graphrewrite.rewriting import loader
+
+    return collect(loader.load(input_dir, tags, object_based), data, signature, replaced=replaced, only=only)
+
+
 def spectrum(matrix: np.ndarray, stats: Statistics | None, key: str) -> np.ndarray | None:
     """Singular values in output space (of the whitened matrix) where ``key`` has a Gram, else None."""
     gram = stats.grams.get(key) if stats is not None else None
     return None if gram is None else whiten.whitened_spectrum(matrix, gram)
 
 
-def mark_plan(plan: RewritePlan, stats: Statistics) -> RewritePlan:
+def mark_plan(plan: RewritePlan, stats: Statistics, passes: int) -> RewritePlan:
     """The plan with each site whose weight has statistics marked ``factors: calibrated`` (and why
-    the others are not), and the calibration recorded in its options."""
+    the others are not), and the calibration (with at most ``passes`` error-feedback passes:
+    graphrewrite.rewriting.feedback) recorded in its options."""
     sites = []
     for site in plan.sites:
         key = site.variable.key
@@ -120,18 +145,24 @@ def mark_plan(plan: RewritePlan, stats: Statistics) -> RewritePlan:
         sites.append(dataclasses.replace(site, size=dataclasses.replace(
             site.size, details={**site.size.details, **extra})))
     options = {**plan.options, "calibration": {"signature": stats.signature, "examples": stats.examples,
-                                               "damping": whiten.DAMPING}}
+                                               "damping": whiten.DAMPING, "passes": passes}}
     return dataclasses.replace(plan, sites=tuple(sites), options=options)
 
 
 def record_errors(sites: Sequence[dict[str, Any]], model: LoadedModel, plan: RewritePlan, transform: Transform,
-                  initial: Mapping[str, Mapping[str, np.ndarray]]) -> None:
+                  initial: Mapping[str, Mapping[str, np.ndarray]],
+                  chained: Mapping[str, Mapping[str, Any]] | None = None) -> None:
     """Adds to each calibrated site of a manifest ``output_error`` (its factors' relative output
     error on the calibration rows, ``||X (A - W_c)|| / ||X A||``) and ``output_error_plain`` (the
-    same for the factors computed from the weight alone)."""
+    same for the factors computed from the weight alone). Sites refitted by error feedback
+    (``chained``, from graphrewrite.rewriting.feedback.refine) get the errors given the compressed
+    sites before them instead, ``||X A - X~ W_c|| / ||X A||``, and their ``feedback_level``."""
     stats = model.calibration
     for entry, site in zip(sites, plan.sites):
         if site.size.details.get("factors") != "calibrated":
+            continue
+        if chained and site.id in chained:
+            entry["details"].update(chained[site.id])
             continue
         gram = stats.grams[site.variable.key]
         matrix = views.apply_numpy(model.variables[site.variable.key].numpy(), site.view).astype(np.float32)
@@ -162,10 +193,22 @@ def input_specs(model: LoadedModel, signature: str) -> list[InputSpec]:
 
 
 def collect(model: LoadedModel, data: Mapping[str, np.ndarray], signature: str,
-            batch_size: int = DEFAULT_BATCH, progress: Callable[[str], None] = lambda _: None) -> Statistics:
-    """Runs the checked calibration ``data`` (calibration.read) through ``signature`` once."""
+            batch_size: int = DEFAULT_BATCH, progress: Callable[[str], None] = lambda _: None,
+            replaced: Mapping[str, np.ndarray] | None = None, only: Sequence[str] | None = None) -> Statistics:
+    """Runs the checked calibration ``data`` (calibration.read) through ``signature`` once.
+
+    With ``replaced`` (variable key -> a value of the variable's shape), an error-feedback pass:
+    the model runs twice on each batch, as it is and with those weights replaced (their compressed
+    values), and for each weight of ``only`` the pass returns, over the same sampled rows, the
+    Gram ``X^T X`` of its original inputs, ``X~^T X~`` of its inputs in the replaced model
+    (``tilde``) and ``X~^T X`` (``cross``), all dense m x m.
+    """
     fir = model.functions[f"signature:{signature}"]
     uses, _ = match_function(fir, dict(model.infos))
+    if only is not None:
+        uses = [u for u in uses if u.variable in set(only)]
+    if replaced is not None:  # a lookup's rows (token ids) do not change with the weights before it
+        uses = [u for u in uses if not _lookup(fir.graph[u.op].op)]
     by_variable: dict[str, list[Use]] = {}
     for use in uses:
         by_variable.setdefault(use.variable, []).append(use)
@@ -178,7 +221,7 @@ def collect(model: LoadedModel, data: Mapping[str, np.ndarray], signature: str,
         step = _batch(model, signature, batch_size)
         batches = -(-examples // step)
         run = _rows_function(fir, model, kept, [data[n].dtype for n in names], [data[n].shape for n in names],
-                             [-(-ROWS_PER_FEATURE * u.m // batches) for u in kept], examples)
+                             [-(-ROWS_PER_FEATURE * u.m // batches) for u in kept], examples, replaced)
         for number, start in enumerate(range(0, examples, step)):
             batch = [data[n][start:start + step] for n in names]
             try:
@@ -194,11 +237,20 @@ def collect(model: LoadedModel, data: Mapping[str, np.ndarray], signature: str,
                     sums[use.variable].add(value.numpy(), int(count), bool(rows))
             progress(f"calibration: {min(start + step, examples)}/{examples} examples through {signature}")
     grams = {key: total.result() for key, total in sums.items() if key not in missing}
+    tilde, cross = {}, {}
+    if replaced is not None:  # each value stacks [X^T X, X~^T X~, X~^T X]
+        tilde = {key: gram[1] for key, gram in grams.items()}
+        cross = {key: gram[2] for key, gram in grams.items()}
+        grams = {key: gram[0] for key, gram in grams.items()}
     for key, gram in grams.items():
         if not np.all(np.isfinite(gram.rows if isinstance(gram, whiten.RowGram) else gram)):
             raise CalibrationDataError(f"the inputs of {model.infos[key].name} overflow on the calibration data "
                                        "(non-finite activations)")
-    return Statistics(signature, examples, grams, {key: sums[key].rows for key in grams}, missing)
+    for key in tilde:
+        if not (np.all(np.isfinite(tilde[key])) and np.all(np.isfinite(cross[key]))):
+            raise CalibrationDataError(f"the inputs of {model.infos[key].name} overflow in the compressed model "
+                                       "on the calibration data (non-finite activations)")
+    return Statistics(signature, examples, grams, {key: sums[key].rows for key in grams}, missing, tilde, cross)
 
 
 class _Sum:
@@ -254,12 +306,18 @@ def _lookup(op: str) -> bool:
 
 
 def _rows_function(fir: FunctionIR, model: LoadedModel, uses: Sequence[Use], dtypes: Sequence[Any],
-                   shapes: Sequence[tuple[int, ...]], caps: Sequence[int], examples: int) -> Any:
+                   shapes: Sequence[tuple[int, ...]], caps: Sequence[int], examples: int,
+                   replaced: Mapping[str, np.ndarray] | None = None) -> Any:
     """``run(batch_number, *inputs)`` -> ``(values, counts, as_rows)``: for each use, what one
     batch adds to its statistics (``_statistic``), the number of rows (-1 where a use has none),
-    and whether the value is the rows themselves."""
+    and whether the value is the rows themselves. With ``replaced``, each value is the stack
+    ``[X^T X, X~^T X~, X~^T X]`` of the rows ``X`` of the model and ``X~`` of a second copy of the
+    pruned graph whose reads of the ``replaced`` variables read those values instead."""
     import tensorflow as tf
     from tensorflow.core.framework import graph_pb2
+
+    holders = {key: tf.Variable(tf.cast(value, model.variables[key].dtype), trainable=False)
+               for key, value in (replaced or {}).items()}
 
     graph = fir.graph
     provided = {name.split(":")[0] for name in fir.inputs} | set(fir.handles) | set(fir.reads) | set(fir.captures)
@@ -300,8 +358,17 @@ def _rows_function(fir: FunctionIR, model: LoadedModel, uses: Sequence[Use], dty
         wanted = sorted({e.tensor for e in activations if e.node in needed})
         results = tf.graph_util.import_graph_def(stage, input_map=input_map, return_elements=wanted, name="calib")
         tensors = {**mapped, **dict(zip(wanted, results))}
-        out = [_statistic(fir, model, use, tensors[edge.tensor], cap, tf.stack([number, i]), examples)
-               for i, (use, edge, cap) in enumerate(zip(uses, activations, caps))]
+        if replaced is None:
+            out = [_statistic(fir, model, use, tensors[edge.tensor], cap, tf.stack([number, i]), examples)
+                   for i, (use, edge, cap) in enumerate(zip(uses, activations, caps))]
+        else:
+            swapped = {f"{n}:0": tf.identity(holders[k]) for n, k in fir.reads.items() if k in holders}
+            results = tf.graph_util.import_graph_def(
+                stage, input_map={t: swapped.get(t, v) for t, v in input_map.items()}, return_elements=wanted,
+                name="calib_compressed")
+            compressed = {**mapped, **swapped, **dict(zip(wanted, results))}
+            out = [_paired(fir, model, use, tensors[edge.tensor], compressed[edge.tensor], cap, tf.stack([number, i]))
+                   for i, (use, edge, cap) in enumerate(zip(uses, activations, caps))]
         return [value for value, _, _ in out], tf.stack([c for _, c, _ in out]), tf.constant([r for *_, r in out])
 
     return run
@@ -325,6 +392,18 @@ def _statistic(fir: FunctionIR, model: LoadedModel, use: Use, x: Any, cap: int, 
     if per_example is not None and examples * per_example <= use.m:
         return rows, count, True
     return tf.matmul(rows, rows, transpose_a=True), count, False
+
+
+def _paired(fir: FunctionIR, model: LoadedModel, use: Use, x: Any, x_tilde: Any, cap: int,
+            seed: Any) -> tuple[Any, Any, bool]:
+    """``([X^T X, X~^T X~, X~^T X], rows, False)`` of one use in one batch: the rows of the model's
+    activation ``x`` and of the replaced model's ``x_tilde``, sampled alike (same seed, same count)."""
+    import tensorflow as tf
+
+    rows, count = _rows(fir, model, use, x, cap, seed)
+    rows_tilde, _ = _rows(fir, model, use, x_tilde, cap, seed)
+    return tf.stack([tf.matmul(a, b, transpose_a=True) for a, b in
+                     ((rows, rows), (rows_tilde, rows_tilde), (rows_tilde, rows))]), count, False
 
 
 def _rows(fir: FunctionIR, model: LoadedModel, use: Use, x: Any, cap: int, seed: Any) -> tuple[Any, Any]:

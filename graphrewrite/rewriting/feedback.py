@@ -1,0 +1,125 @@
+"""Error feedback: calibrated factors fitted to what each weight sees in the *compressed* model.
+
+The first calibration pass fits every site to ``||X A - X M||``: its outputs on the inputs ``X``
+it has in the original model. In the compressed model a site downstream of other sites sees
+``X~`` instead (their errors), and what should come out is still ``X A``. This module refits
+those sites to ``||X A - X~ M||`` (``whiten.feedback_target``: the exact rank-k optimum of the
+damped objective, given ``X~``), in the order of the graph, as sequential post-training
+compression does (GPTQ's and SVD-LLM's layer-by-layer updates):
+
+- a site's *level* is 0 when no other site's weight is read on the way to its input, else one
+  more than the highest level among those (the digits CNN: conv_2 0, the head 1);
+- levels 1, 2, ... are refitted in order, at most ``passes`` calibration passes in all: with
+  more levels than passes, consecutive levels share a pass (``groups``), and a site then sees the
+  sites of its own pass before it with their first (not refitted) factors;
+- a pass runs the model twice on each batch, as it is and with every site's weight replaced by
+  its current compressed value (``statistics.collect(replaced=...)``), in the sandbox.
+
+Ranks stay those of the plan (chosen from the first pass's spectra). Lookups are never refitted
+(their rows are token ids); nor are sites without statistics. Weights read inside a While loop
+(recurrent kernels) are not replaced in the second copy: sites after a compressed recurrent
+kernel are refitted as if it were exact.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+
+import numpy as np
+
+from graphrewrite import views, whiten
+from graphrewrite.rewriting.match import match_function
+from graphrewrite.rewriting.model import LoadedModel
+from graphrewrite.rewriting.ops import ADAPTERS
+from graphrewrite.rewriting.plan import RewritePlan
+from graphrewrite.transforms import Transform
+
+# At most this many error-feedback passes by default (each costs about two forward passes of the
+# calibration data plus its Grams); --calibration-passes changes it, 0 turns error feedback off.
+DEFAULT_PASSES = 4
+
+
+def levels(model: LoadedModel, signature: str, keys: Sequence[str]) -> dict[str, int]:
+    """Variable key -> level for each of ``keys`` read by ``signature`` (see the module doc)."""
+    fir = model.functions[f"signature:{signature}"]
+    graph = fir.graph
+    wanted = set(keys)
+    reads = {name: key for name, key in fir.reads.items() if key in wanted}
+    uses, _ = match_function(fir, dict(model.infos))
+    upstream: dict[str, set[str]] = {}
+    for use in uses:
+        if use.variable not in wanted:
+            continue
+        node = graph[use.op]
+        start = node.data_inputs[ADAPTERS[node.op].activation_position(use.operand)].node
+        seen, stack, found = set(), [start], upstream.setdefault(use.variable, set())
+        while stack:
+            name = stack.pop()
+            if name in seen:
+                continue
+            seen.add(name)
+            if name in reads:
+                found.add(reads[name])
+            elif name in graph:
+                stack.extend(e.node for e in graph[name].inputs)
+        found.discard(use.variable)
+    out: dict[str, int] = {}
+
+    def level(key: str, path: tuple[str, ...] = ()) -> int:
+        if key not in out:
+            before = [k for k in upstream.get(key, ()) if k not in path]
+            out[key] = 1 + max(level(k, path + (key,)) for k in before) if before else 0
+        return out[key]
+
+    for key in upstream:
+        level(key)
+    return out
+
+
+def groups(by_level: Mapping[str, int], passes: int) -> list[list[str]]:
+    """The keys of levels >= 1 in at most ``passes`` groups of consecutive levels, in order."""
+    distinct = sorted({lv for lv in by_level.values() if lv > 0})
+    if not distinct or passes <= 0:
+        return []
+    size = -(-len(distinct) // passes)
+    chunks = [distinct[i:i + size] for i in range(0, len(distinct), size)]
+    return [sorted(k for k, lv in by_level.items() if lv in chunk) for chunk in chunks]
+
+
+def refine(model: LoadedModel, plan: RewritePlan, transform: Transform, initial: dict[str, dict[str, np.ndarray]],
+           passes: int, progress: Callable[[str], None]) -> dict[str, dict[str, float]]:
+    """Refits the calibrated sites downstream of other sites, in place in ``initial`` (site id ->
+    factor values); returns, per refitted site id, its chained output errors (``whiten.chained_error``
+    of its factors and of plain ones on the calibration rows, given the compressed sites before it)
+    and its level."""
+    stats = model.calibration
+    by_key = {site.variable.key: site for site in plan.sites}
+    candidates = [key for key, site in by_key.items() if site.size.details.get("factors") == "calibrated"
+                  and (isinstance(stats.grams[key], whiten.RowGram) or np.ndim(stats.grams[key]) == 2)]
+    by_level = levels(model, stats.signature, list(by_key)) if candidates else {}
+    chosen = groups({k: by_level[k] for k in candidates if k in by_level}, passes)
+    errors: dict[str, dict[str, float]] = {}
+    for number, keys in enumerate(chosen, 1):
+        progress(f"calibration: error-feedback pass {number}/{len(chosen)} ({len(keys)} weights)")
+        replaced = {key: views.invert_numpy(transform.numpy_dense(initial[site.id], site.size), site.view,
+                                            model.infos[key].shape).astype(np.float32)
+                    for key, site in by_key.items()}
+        result = stats.rerun(replaced, keys)
+        for key in keys:
+            if key not in result.tilde:
+                continue
+            site = by_key[key]
+            matrix = views.apply_numpy(model.variables[key].numpy(), site.view).astype(np.float32)
+            gram, tilde, cross = result.grams[key], result.tilde[key], result.cross[key]
+            target = whiten.feedback_target(matrix, tilde, cross)
+            initial[site.id] = transform.factorize_calibrated(target, site.size, tilde)
+            plain = transform.numpy_dense(transform.factorize(matrix, site.size), site.size)
+            errors[site.id] = {
+                "output_error": whiten.chained_error(matrix, transform.numpy_dense(initial[site.id], site.size),
+                                                     gram, tilde, cross),
+                "output_error_plain": whiten.chained_error(matrix, plain, gram, tilde, cross),
+                "feedback_level": by_level[key]}
+    return errors
+
+
+__all__ = ["DEFAULT_PASSES", "groups", "levels", "refine"]

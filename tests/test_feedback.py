@@ -1,0 +1,163 @@
+"""Error feedback (graphrewrite.rewriting.feedback): sites after other sites fitted to their inputs
+in the compressed model, ||X A - X~ M||, checked against closed forms and an independent forward."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+
+import numpy as np
+import pytest
+from test_calibration import CNN, at_alpha0, digits  # noqa: F401 - digits is a fixture
+from test_cli import MLP, run
+
+from graphrewrite import whiten
+
+
+def chained_problem(seed: int, rows: int = 300, m: int = 20, n: int = 12):
+    """Rows X, perturbed rows X~ (what an upstream compression leaves), a weight A."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((rows, m)) @ rng.standard_normal((m, m))
+    x_tilde = x + 0.3 * rng.standard_normal((rows, m)) @ rng.standard_normal((m, m))
+    return x, x_tilde, rng.standard_normal((m, n))
+
+
+def grams(x, x_tilde):
+    return x.T @ x / len(x), x_tilde.T @ x_tilde / len(x), x_tilde.T @ x / len(x)
+
+
+def damped_objective(x, x_tilde, a, approx, lam):
+    return np.sum((x @ a - x_tilde @ approx) ** 2) / len(x) + lam * np.sum((a - approx) ** 2)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_feedback_factors_are_the_reduced_rank_regression_optimum(seed):
+    x, x_tilde, a = chained_problem(seed)
+    gram, tilde, cross = grams(x, x_tilde)
+    lam = whiten.DAMPING * np.trace(tilde) / len(tilde)
+    for k in (1, 4, 9):
+        b, c = whiten.low_rank(whiten.feedback_target(a, tilde, cross), tilde, k)
+        got = b.astype(np.float64) @ c
+        # independent closed form (QR, not Cholesky): min ||Y - Z M|| over rank-k M with the
+        # stacked design Z = [X~; sqrt(N lam) I] and target Y = [X A; sqrt(N lam) A] is
+        # M = R^-1 trunc_k(Q^T Y) for Z = Q R
+        root = np.sqrt(len(x) * lam)
+        z = np.vstack([x_tilde, root * np.eye(len(a))])
+        y = np.vstack([x @ a, root * a])
+        q, r = np.linalg.qr(z)
+        u, s, vt = np.linalg.svd(q.T @ y, full_matrices=False)
+        optimum = np.linalg.solve(r, (u[:, :k] * s[:k]) @ vt[:k])
+        best = damped_objective(x, x_tilde, a, optimum, lam)
+        assert damped_objective(x, x_tilde, a, got, lam) == pytest.approx(best, rel=1e-5)
+        np.testing.assert_allclose(got, optimum, atol=1e-4 * np.abs(optimum).max())
+        # the figure the manifest reports is that of the rows themselves
+        direct = np.linalg.norm(x @ a - x_tilde @ got) / np.linalg.norm(x @ a)
+        assert whiten.chained_error(a, got, gram, tilde, cross) == pytest.approx(direct, rel=1e-6)
+        # and it is never above the first pass's factors' or plain ones', given the same X~
+        local_b, local_c = whiten.low_rank(a, gram, k)
+        u, s, vt = np.linalg.svd(a, full_matrices=False)
+        for other in (local_b.astype(np.float64) @ local_c, (u[:, :k] * s[:k]) @ vt[:k]):
+            assert direct <= np.linalg.norm(x @ a - x_tilde @ other) / np.linalg.norm(x @ a) + 1e-9
+
+
+def test_without_upstream_error_the_target_is_the_weight():
+    x, _, a = chained_problem(3)
+    gram, tilde, cross = grams(x, x)
+    np.testing.assert_allclose(whiten.feedback_target(a, tilde, cross), a, rtol=1e-5, atol=1e-5)
+
+
+def test_levels_and_passes_on_the_digits_mlp():
+    from graphrewrite.rewriting import feedback, loader
+
+    model = loader.load(MLP, ["serve"], True)
+    keys = {model.infos[k].name: k for k in model.infos}
+    kernels = [keys[f"{n}/kernel"] for n in ("dense_1", "dense_2", "logits")]
+    by_level = feedback.levels(model, "serving_default", kernels)
+    assert [by_level[k] for k in kernels] == [0, 1, 2]  # the biases before them are not sites
+    assert feedback.groups(by_level, 4) == [[kernels[1]], [kernels[2]]]
+    assert feedback.groups(by_level, 1) == [sorted(kernels[1:])]
+    assert feedback.groups(by_level, 0) == []
+    # without dense_1 among the sites, dense_2's input does not change: level 0
+    assert feedback.levels(model, "serving_default", kernels[1:]) == {kernels[1]: 0, kernels[2]: 1}
+
+
+def test_feedback_pass_sees_the_replaced_weights(digits):  # noqa: F811
+    from graphrewrite.rewriting import loader, statistics
+
+    model = loader.load(MLP, ["serve"], True)
+    keys = {model.infos[k].name: k for k in model.infos}
+    first, second = keys["dense_1/kernel"], keys["dense_2/kernel"]
+    x = digits[0][:40]
+    replaced = {first: np.zeros(model.infos[first].shape, np.float32)}
+    stats = statistics.collect(model, {"pixels": x}, "serving_default", batch_size=16, replaced=replaced,
+                               only=[second])
+    assert sorted(stats.tilde) == [second]
+    bias = next(v.numpy() for v in model.variables.values() if v.name.startswith("dense_1/bias"))
+    kernel = model.variables[first].numpy()
+    h = np.maximum(x @ kernel + bias, 0.0)  # dense_2's input in the original model
+    h_tilde = np.tile(np.maximum(bias, 0.0), (len(x), 1))  # with dense_1's kernel zero
+    np.testing.assert_allclose(stats.grams[second], h.T @ h / len(x), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(stats.tilde[second], h_tilde.T @ h_tilde / len(x), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(stats.cross[second], h_tilde.T @ h / len(x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def fed_back(tmp_path_factory, digits):  # noqa: F811
+    """The CNN at --target-ratio 0.29 calibrated by the CLI with and without error feedback."""
+    root = tmp_path_factory.mktemp("feedback")
+    np.savez(root / "cal.npz", image=digits[0].reshape(-1, 8, 8, 1))
+    from graphrewrite.cli import main
+
+    for name, passes in (("off", "0"), ("on", "4")):
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):
+            main(["compress", CNN, str(root / name), "--target-ratio=0.29", "-q", "--fast",
+                  "--calibration", str(root / "cal.npz"), "--calibration-passes", passes])
+        assert os.path.isfile(root / name / "saved_model.pb")
+    return root
+
+
+def test_error_feedback_lowers_the_compressed_models_output_error(capsys, fed_back, digits):  # noqa: F811
+    import tensorflow as tf
+
+    x = digits[0].reshape(-1, 8, 8, 1)
+    original = tf.saved_model.load(CNN)  # kept referenced: a restored function dies with its object
+    reference = original.serve(tf.constant(x)).numpy()
+    errors = {}
+    for name in ("off", "on"):
+        model = at_alpha0(str(fed_back / name))
+        out = model.serve(tf.constant(x)).numpy()
+        errors[name] = np.linalg.norm(out - reference) / np.linalg.norm(reference)
+        code, stdout, _ = run(capsys, "inspect", str(fed_back / name), "--json")
+        data = json.loads(stdout)
+        levels = {s["variable"]: s.get("feedback_level") for s in data["sites"]}
+        if name == "on":
+            assert data["options"]["calibration"]["passes"] == 4
+            assert levels == {"conv_2/kernel": None, "logits/kernel": 1}
+            head = next(s for s in data["sites"] if s["variable"] == "logits/kernel")
+            assert 0 < head["output_error"] < head["output_error_plain"]
+            # the head's figure is ||X A - X~ W_c|| / ||X A|| on the calibration images: the model's
+            # own logits give both norms (the bias cancels in the difference and is taken off X A)
+            bias = next(v.numpy() for v in original.variables if v.name.startswith("logits/bias"))
+            independent = np.linalg.norm(out - reference) / np.linalg.norm(reference - bias)
+            assert head["output_error"] == pytest.approx(independent, rel=1e-3)
+        else:
+            assert set(levels.values()) == {None}
+    assert errors["on"] < errors["off"], errors
+    code, text, _ = run(capsys, "inspect", str(fed_back / "on"))
+    assert "(fed back, level 1)" in text and "at most 4 passes" in text
+
+
+def test_bad_pass_count_is_one_line(capsys, tmp_path):
+    code, _, err = run(capsys, "compress", CNN, str(tmp_path / "out"), "--calibration-passes", "-1")
+    assert code == 2 and "--calibration-passes" in err and "Traceback" not in err
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_cli_default_is_the_librarys():
+    from graphrewrite.cli import compress
+    from graphrewrite.rewriting import feedback
+
+    option = next(p for p in compress.params if p.name == "calibration_passes")
+    assert f"(default {feedback.DEFAULT_PASSES};" in option.help
