@@ -77,7 +77,7 @@ def test_levels_and_passes_on_the_digits_mlp():
     by_level = feedback.levels(model, "serving_default", kernels)
     assert [by_level[k] for k in kernels] == [0, 1, 2]  # the biases before them are not sites
     assert feedback.groups(by_level, 4) == [[kernels[1]], [kernels[2]]]
-    assert feedback.groups(by_level, 1) == [sorted(kernels[1:])]
+    assert feedback.groups(by_level, 1) == [[kernels[2]]]  # one level per pass: the deepest
     assert feedback.groups(by_level, 0) == []
     # without dense_1 among the sites, dense_2's input does not change: level 0
     assert feedback.levels(model, "serving_default", kernels[1:]) == {kernels[1]: 0, kernels[2]: 1}
@@ -109,13 +109,30 @@ def fed_back(tmp_path_factory, digits):  # noqa: F811
     root = tmp_path_factory.mktemp("feedback")
     np.savez(root / "cal.npz", image=digits[0].reshape(-1, 8, 8, 1))
     from graphrewrite.cli import main
+    from graphrewrite.rewriting import feedback
 
-    for name, passes in (("off", "0"), ("on", "4")):
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):
+    for name, passes, rows in (("off", "0", None), ("on", "4", None), ("few rows", "4", 1e6)):
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit), \
+                pytest.MonkeyPatch.context() as patch:
+            if rows is not None:
+                patch.setattr(feedback, "MIN_ROWS_PER_FEATURE", rows)
             main(["compress", CNN, str(root / name), "--target-ratio=0.29", "-q", "--fast",
                   "--calibration", str(root / "cal.npz"), "--calibration-passes", passes])
         assert os.path.isfile(root / name / "saved_model.pb")
     return root
+
+
+def test_too_few_rows_per_feature_keeps_the_first_pass_and_says_why(capsys, fed_back):
+    sites = {}
+    for name in ("off", "few rows"):
+        code, stdout, _ = run(capsys, "inspect", str(fed_back / name), "--json")
+        sites[name] = {s["variable"]: s for s in json.loads(stdout)["sites"]}
+    head = sites["few rows"]["logits/kernel"]
+    assert "feedback_level" not in head
+    code, stdout, _ = run(capsys, "inspect", str(fed_back / "few rows"))
+    assert "not refitted: 256 calibration rows for 1,024 input features" in stdout
+    # the first pass's factors, as with --calibration-passes 0
+    assert head["output_error"] == pytest.approx(sites["off"]["logits/kernel"]["output_error"], rel=1e-6)
 
 
 def test_error_feedback_lowers_the_compressed_models_output_error(capsys, fed_back, digits):  # noqa: F811

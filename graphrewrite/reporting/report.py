@@ -31,7 +31,7 @@ def inspect_json(data: dict[str, Any]) -> dict[str, Any]:
         entry = {key: site.get(key) for key in _SITE_KEYS}
         entry["ratio"] = site["params_after"] / site["params_before"] if site["params_before"] else 1.0
         for key in ("policy", "kept_energy", "relative_error", "factors", "calibration", "output_error",
-                    "output_error_plain", "feedback_level"):
+                    "output_error_plain", "feedback_level", "feedback"):
             if key in site.get("details", {}):
                 entry[key] = site["details"][key]
         for extra in ("alpha", "reconstruction_error"):
@@ -125,6 +125,8 @@ def inspect_text(data: dict[str, Any]) -> str:
                        f"{calibrated_with.get('passes', 0)} passes); its output error is ||X A - X~ W_c|| / ||X A||, "
                        "X~ the rows it multiplies when the weights before it are compressed (plain: this weight's "
                        "factors from the weight alone, the others as they are)")
+        out.extend(f"  {s['variable']}: error feedback {s['details']['feedback']}"
+                   for s in data["sites"] if "feedback" in s.get("details", {}))
     if data["skipped"]:
         out.append("skipped:")
         out.extend(f"  {s['op']} ({s.get('variable')}): {s['reason']}" for s in data["skipped"])

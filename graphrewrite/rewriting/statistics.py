@@ -161,9 +161,11 @@ def record_errors(sites: Sequence[dict[str, Any]], model: LoadedModel, plan: Rew
     for entry, site in zip(sites, plan.sites):
         if site.size.details.get("factors") != "calibrated":
             continue
-        if chained and site.id in chained:
-            entry["details"].update(chained[site.id])
+        extra = (chained or {}).get(site.id, {})
+        if "feedback_level" in extra:
+            entry["details"].update(extra)
             continue
+        entry["details"].update(extra)  # why error feedback left it as it was
         gram = stats.grams[site.variable.key]
         matrix = views.apply_numpy(model.variables[site.variable.key].numpy(), site.view).astype(np.float32)
         plain = transform.factorize(matrix, site.size)
