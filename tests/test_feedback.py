@@ -178,3 +178,36 @@ def test_cli_default_is_the_librarys():
 
     option = next(p for p in compress.params if p.name == "calibration_passes")
     assert f"(default {feedback.DEFAULT_PASSES};" in option.help
+
+
+@pytest.mark.parametrize("name", ["keras3_attention", "tf1_builder", "keras3_lstm"])
+def test_feedback_pass_on_other_model_kinds(model_factory, name):
+    """The second copy of the pruned graph reads the replaced values on Einsum/BatchMatMul models,
+    TF1 VariableV2 weights and a model with a While loop: replacing every weight by itself gives
+    back the first pass's Gram three times; halving them changes what the weights after the first
+    ones see. The LSTM's kernels are read inside its loop, which the second copy does not replace
+    (README: what follows a recurrent kernel is refitted as if it were exact): its head stays at
+    level 0 and sees the same rows."""
+    from graphrewrite.rewriting import calibration, feedback, loader, statistics
+
+    path, _ = model_factory(name)
+    model = loader.load(path, ["serve"], name != "tf1_builder")
+    specs = statistics.input_specs(model, "serving_default")
+    rng = np.random.default_rng(0)
+    data = calibration.read({s.name: rng.standard_normal((40, *s.shape[1:])).astype("float32") for s in specs}, specs)
+    first = statistics.collect(model, data, "serving_default", batch_size=16)
+    keys = sorted(first.grams)
+    same = statistics.collect(model, data, "serving_default", batch_size=16, only=keys,
+                              replaced={k: model.variables[k].numpy() for k in keys})
+    assert sorted(same.tilde) == keys
+    for key in keys:
+        gram = whiten.dense(first.grams[key])
+        for value in (same.grams[key], same.tilde[key], same.cross[key]):
+            np.testing.assert_allclose(value, gram, rtol=1e-4, atol=1e-6 * np.abs(gram).max())
+    weights = keys + sorted(first.missing)  # the LSTM's kernels have no statistics of their own
+    halved = statistics.collect(model, data, "serving_default", batch_size=16, only=keys,
+                                replaced={k: 0.5 * model.variables[k].numpy() for k in weights})
+    by_level = feedback.levels(model, "serving_default", weights)
+    moved = {k for k in keys if not np.allclose(halved.tilde[k], halved.grams[k], rtol=1e-3)}
+    assert moved == {k for k in keys if by_level[k] > 0}, by_level
+    assert bool(moved) == (name != "keras3_lstm")
