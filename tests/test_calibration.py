@@ -297,19 +297,28 @@ def test_max_error_is_measured_in_output_space(capsys, tmp_path, digits):
     assert json.loads(stdout)["sites"] == []
 
 
-@pytest.mark.parametrize("name,first_layers", [
-    ("keras3_multi_input", {"fa/kernel": "features", "fb/kernel": "extra"}),  # two inputs, fed in order
-    ("tf1_builder", {"layer1/weights": "x"}),  # TF1 VariableV2 weights
-    ("keras3_attention", {"query/kernel": "tokens", "value/kernel": "tokens"}),  # BatchMatMul/Einsum, 3-D
-])
-def test_statistics_on_other_model_kinds(model_factory, name, first_layers):
+def random_calibration(model_factory, name: str, examples: int = 40):
+    """A test model (tests/models.py) loaded in this process and checked standard-normal data for
+    its serving signature."""
     from graphrewrite.rewriting import calibration, loader, statistics
 
     path, _ = model_factory(name)
     model = loader.load(path, ["serve"], name != "tf1_builder")
     specs = statistics.input_specs(model, "serving_default")
     rng = np.random.default_rng(0)
-    data = calibration.read({s.name: rng.standard_normal((40, *s.shape[1:])).astype("float32") for s in specs}, specs)
+    arrays = {s.name: rng.standard_normal((examples, *s.shape[1:])).astype("float32") for s in specs}
+    return model, calibration.read(arrays, specs)
+
+
+@pytest.mark.parametrize("name,first_layers", [
+    ("keras3_multi_input", {"fa/kernel": "features", "fb/kernel": "extra"}),  # two inputs, fed in order
+    ("tf1_builder", {"layer1/weights": "x"}),  # TF1 VariableV2 weights
+    ("keras3_attention", {"query/kernel": "tokens", "value/kernel": "tokens"}),  # BatchMatMul/Einsum, 3-D
+])
+def test_statistics_on_other_model_kinds(model_factory, name, first_layers):
+    from graphrewrite.rewriting import statistics
+
+    model, data = random_calibration(model_factory, name)
     stats = statistics.collect(model, data, "serving_default", batch_size=16)
     by_name = {model.infos[k].name: k for k in stats.grams}
     assert not stats.missing

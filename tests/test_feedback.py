@@ -10,7 +10,7 @@ import os
 
 import numpy as np
 import pytest
-from test_calibration import CNN, at_alpha0, digits  # noqa: F401 - digits is a fixture
+from test_calibration import CNN, at_alpha0, digits, random_calibration  # noqa: F401 - digits is a fixture
 from test_cli import MLP, run
 
 from graphrewrite import whiten
@@ -188,13 +188,9 @@ def test_feedback_pass_on_other_model_kinds(model_factory, name):
     ones see. The LSTM's kernels are read inside its loop, which the second copy does not replace
     (README: what follows a recurrent kernel is refitted as if it were exact): its head stays at
     level 0 and sees the same rows."""
-    from graphrewrite.rewriting import calibration, feedback, loader, statistics
+    from graphrewrite.rewriting import feedback, statistics
 
-    path, _ = model_factory(name)
-    model = loader.load(path, ["serve"], name != "tf1_builder")
-    specs = statistics.input_specs(model, "serving_default")
-    rng = np.random.default_rng(0)
-    data = calibration.read({s.name: rng.standard_normal((40, *s.shape[1:])).astype("float32") for s in specs}, specs)
+    model, data = random_calibration(model_factory, name)
     first = statistics.collect(model, data, "serving_default", batch_size=16)
     keys = sorted(first.grams)
     same = statistics.collect(model, data, "serving_default", batch_size=16, only=keys,
