@@ -49,40 +49,48 @@ DEFAULT_PASSES = 4
 
 
 def levels(model: LoadedModel, signature: str, keys: Sequence[str]) -> dict[str, int]:
-    """Variable key -> level for each of ``keys`` read by ``signature`` (see the module doc)."""
+    """Variable key -> level for each of ``keys`` read by ``signature`` (see the module doc).
+
+    Linear in the graph: one walk in topological order gives each node the set of ``keys`` read
+    upstream of it (a bit mask), then the levels are a longest path over the weights, without
+    recursion (a deep model has thousands of weights in a chain). A weight reached again on its
+    own path (a weight shared between an early and a late layer) does not count for itself.
+    """
     fir = model.functions[f"signature:{signature}"]
     graph = fir.graph
-    wanted = set(keys)
-    reads = {name: key for name, key in fir.reads.items() if key in wanted}
+    bits = {key: 1 << i for i, key in enumerate(sorted(set(keys)))}
+    reads = {name: bits[key] for name, key in fir.reads.items() if key in bits}
+    masks: dict[str, int] = {}
+    for name in graph.topological_order():
+        mask = reads.get(name, 0)
+        for edge in graph[name].inputs:
+            mask |= masks.get(edge.node, 0)
+        masks[name] = mask
     uses, _ = match_function(fir, dict(model.infos))
-    upstream: dict[str, set[str]] = {}
+    upstream: dict[str, int] = {}
     for use in uses:
-        if use.variable not in wanted:
-            continue
-        node = graph[use.op]
-        start = node.data_inputs[ADAPTERS[node.op].activation_position(use.operand)].node
-        seen, stack, found = set(), [start], upstream.setdefault(use.variable, set())
-        while stack:
-            name = stack.pop()
-            if name in seen:
-                continue
-            seen.add(name)
-            if name in reads:
-                found.add(reads[name])
-            elif name in graph:
-                stack.extend(e.node for e in graph[name].inputs)
-        found.discard(use.variable)
+        if use.variable in bits:
+            node = graph[use.op]
+            start = node.data_inputs[ADAPTERS[node.op].activation_position(use.operand)].node
+            upstream[use.variable] = upstream.get(use.variable, 0) | (masks.get(start, 0) & ~bits[use.variable])
+    before = {key: [k for k, b in bits.items() if mask & b] for key, mask in upstream.items()}
     out: dict[str, int] = {}
-
-    def level(key: str, path: tuple[str, ...] = ()) -> int:
-        if key not in out:
-            before = [k for k in upstream.get(key, ()) if k not in path]
-            out[key] = 1 + max(level(k, path + (key,)) for k in before) if before else 0
-        return out[key]
-
-    for key in upstream:
-        level(key)
-    return out
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    for root in before:
+        stack = [root]
+        while stack:
+            key = stack[-1]
+            if state.get(key) is None:
+                state[key] = 1
+                stack.extend(k for k in before.get(key, ()) if state.get(k) is None)
+                continue
+            if state[key] == 1:
+                # weights with no use here (read otherwise) are level 0; one on the path is a cycle
+                out[key] = max((out.get(k, 0 if k not in before else -1) + 1 for k in before.get(key, ())
+                                if state.get(k) != 1), default=0)
+                state[key] = 2
+            stack.pop()
+    return {key: out[key] for key in before}
 
 
 def groups(by_level: Mapping[str, int], passes: int) -> list[list[str]]:
