@@ -204,6 +204,10 @@ def compress(in_model: str, out_model: str, compression_hparams: str | None, met
     from graphrewrite.reporting import report
     from graphrewrite.rewriting import pipeline
 
+    if calibration_passes is not None and calibration is None:
+        from graphrewrite.errors import UsageError
+
+        raise UsageError("--calibration-passes needs --calibration")
     hp = _resolve(compression_hparams, method, values, (schedule_steps, schedule_start))
     selection = _selection(energy, max_error, target_ratio, min_params, include, exclude)
     _check_paths(in_model, None if dry_run else out_model, overwrite)

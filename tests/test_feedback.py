@@ -169,6 +169,9 @@ def test_error_feedback_lowers_the_compressed_models_output_error(capsys, fed_ba
 def test_bad_pass_count_is_one_line(capsys, tmp_path):
     code, _, err = run(capsys, "compress", CNN, str(tmp_path / "out"), "--calibration-passes", "-1")
     assert code == 2 and "--calibration-passes" in err and "Traceback" not in err
+    code, _, err = run(capsys, "compress", CNN, str(tmp_path / "out"), "--calibration-passes", "2")
+    assert code == 2 and err.strip().endswith("--calibration-passes needs --calibration"), err
+    assert len(err.strip().splitlines()) == 1
     assert not os.path.exists(tmp_path / "out")
 
 
