@@ -31,7 +31,7 @@ def inspect_json(data: dict[str, Any]) -> dict[str, Any]:
         entry = {key: site.get(key) for key in _SITE_KEYS}
         entry["ratio"] = site["params_after"] / site["params_before"] if site["params_before"] else 1.0
         for key in ("policy", "kept_energy", "relative_error", "factors", "calibration", "output_error",
-                    "output_error_plain", "feedback_level", "feedback"):
+                    "output_error_plain", "output_error_first_pass", "feedback_level", "feedback"):
             if key in site.get("details", {}):
                 entry[key] = site["details"][key]
         for extra in ("alpha", "reconstruction_error"):
@@ -124,7 +124,7 @@ def inspect_text(data: dict[str, Any]) -> str:
             out.append("fed back: refitted by error feedback (at most "
                        f"{calibrated_with.get('passes', 0)} passes); its output error is ||X A - X~ W_c|| / ||X A||, "
                        "X~ the rows it multiplies when the weights before it are compressed (plain: this weight's "
-                       "factors from the weight alone, the others as they are)")
+                       "factors from the weight alone, the others as they are; first pass: before its refit)")
         out.extend(f"  {s['variable']}: error feedback {s['details']['feedback']}"
                    for s in data["sites"] if "feedback" in s.get("details", {}))
     if data["skipped"]:
@@ -141,7 +141,8 @@ def inspect_text(data: dict[str, Any]) -> str:
 def calibration_text(details: dict[str, Any]) -> str:
     """``plain -> calibrated`` output errors of a site, or why it has none."""
     if "output_error" in details:
-        fed = f" (fed back, level {details['feedback_level']})" if "feedback_level" in details else ""
+        fed = (f" (fed back, level {details['feedback_level']}; first pass "
+               f"{details['output_error_first_pass']:.4f})") if "feedback_level" in details else ""
         return f"{details['output_error_plain']:.4f} -> {details['output_error']:.4f}{fed}"
     return f"- ({details['calibration']})" if "calibration" in details else "-"
 

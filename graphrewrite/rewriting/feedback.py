@@ -111,8 +111,9 @@ def refine(model: LoadedModel, plan: RewritePlan, transform: Transform, initial:
            passes: int, progress: Callable[[str], None]) -> dict[str, dict[str, Any]]:
     """Refits the calibrated sites downstream of other sites, in place in ``initial`` (site id ->
     factor values); returns, per refitted site id, its chained output errors (``whiten.chained_error``
-    of its factors and of plain ones on the calibration rows, given the compressed sites before it)
-    and its level, and per site left out for too few rows, why (``feedback``)."""
+    on the calibration rows, given the compressed sites before it: of its factors, of the first
+    pass's and of plain ones) and its level, and per site left out, why (``feedback``). A refit is
+    kept only where it lowers that error (always, up to rounding, for low rank: it is the optimum)."""
     stats = model.calibration
     by_key = {site.variable.key: site for site in plan.sites}
     calibrated = [key for key, site in by_key.items() if site.size.details.get("factors") == "calibrated"
@@ -144,13 +145,23 @@ def refine(model: LoadedModel, plan: RewritePlan, transform: Transform, initial:
             matrix = views.apply_numpy(model.variables[key].numpy(), site.view).astype(np.float32)
             gram, tilde, cross = result.grams[key], result.tilde[key], result.cross[key]
             target = whiten.feedback_target(matrix, tilde, cross)
-            initial[site.id] = transform.factorize_calibrated(target, site.size, tilde)
-            plain = transform.numpy_dense(transform.factorize(matrix, site.size), site.size)
-            errors[site.id] = {
-                "output_error": whiten.chained_error(matrix, transform.numpy_dense(initial[site.id], site.size),
-                                                     gram, tilde, cross),
-                "output_error_plain": whiten.chained_error(matrix, plain, gram, tilde, cross),
-                "feedback_level": by_level[key]}
+            refitted = transform.factorize_calibrated(target, site.size, tilde)
+
+            def chained(factors: Mapping[str, np.ndarray], site=site, matrix=matrix, gram=gram, tilde=tilde,
+                        cross=cross) -> float:
+                return whiten.chained_error(matrix, transform.numpy_dense(factors, site.size), gram, tilde, cross)
+
+            first, after = chained(initial[site.id]), chained(refitted)
+            # low rank's refit is the optimum of this objective (damped); input/output's is a fit
+            # that may not be: keep whichever reproduces X A better on the calibration rows
+            if after <= first:
+                initial[site.id] = refitted
+            errors[site.id] = {"output_error": min(after, first), "output_error_first_pass": first,
+                               "output_error_plain": chained(transform.factorize(matrix, site.size)),
+                               "feedback_level": by_level[key]}
+            if after > first:
+                errors[site.id]["feedback"] = (f"refit not kept: output error {after:.4f} against {first:.4f} "
+                                               "with the first pass's factors")
     return errors
 
 
