@@ -260,6 +260,9 @@ def compress_text(result: Any, source: str) -> str:
         lines.append(f"calibrated {len(errors)} site(s): relative output error of each weight on the calibration "
                      f"examples, mean {np.mean([e['output_error'] for e in errors]):.2%} (factors from the weight "
                      f"alone: {np.mean([e['output_error_plain'] for e in errors]):.2%}); per site in inspect")
+        if fed := sum("feedback_level" in e and "refit not kept" not in e.get("feedback", "") for e in errors):
+            lines.append(f"error feedback: {fed} of them refitted to their inputs in the compressed model "
+                         "(their errors are those given the compressed weights before them)")
     for skip in plan.skipped:
         lines.append(f"skipped {skip.op} ({skip.variable}): {skip.reason}")
     return "\n".join(printable(line) for line in lines)  # each one line, whatever the names hold
