@@ -113,7 +113,8 @@ def refine(model: LoadedModel, plan: RewritePlan, transform: Transform, initial:
     factor values); returns, per refitted site id, its chained output errors (``whiten.chained_error``
     on the calibration rows, given the compressed sites before it: of its factors, of the first
     pass's and of plain ones) and its level, and per site left out, why (``feedback``). A refit is
-    kept only where it lowers that error (always, up to rounding, for low rank: it is the optimum)."""
+    kept only where it lowers that error (always, up to rounding, for low rank: it is the optimum)
+    and where, fitted without the pass's held-out batches, it lowers it on them too."""
     stats = model.calibration
     by_key = {site.variable.key: site for site in plan.sites}
     calibrated = [key for key, site in by_key.items() if site.size.details.get("factors") == "calibrated"
@@ -144,25 +145,46 @@ def refine(model: LoadedModel, plan: RewritePlan, transform: Transform, initial:
             site = by_key[key]
             matrix = views.apply_numpy(model.variables[key].numpy(), site.view).astype(np.float32)
             gram, tilde, cross = result.grams[key], result.tilde[key], result.cross[key]
-            target = whiten.feedback_target(matrix, tilde, cross)
-            refitted = transform.factorize_calibrated(target, site.size, tilde)
+            refitted = transform.factorize_calibrated(whiten.feedback_target(matrix, tilde, cross), site.size, tilde)
 
-            def chained(factors: Mapping[str, np.ndarray], site=site, matrix=matrix, gram=gram, tilde=tilde,
-                        cross=cross) -> float:
-                return whiten.chained_error(matrix, transform.numpy_dense(factors, site.size), gram, tilde, cross)
+            def chained(factors: Mapping[str, np.ndarray], grams: tuple[np.ndarray, ...], site=site,
+                        matrix=matrix) -> float:
+                return whiten.chained_error(matrix, transform.numpy_dense(factors, site.size), *grams)
 
-            first, after = chained(initial[site.id]), chained(refitted)
-            # low rank's refit is the optimum of this objective (damped); input/output's is a fit
-            # that may not be: keep whichever reproduces X A better on the calibration rows
-            if after <= first:
+            every = (gram, tilde, cross)
+            first, after = chained(initial[site.id], every), chained(refitted, every)
+            why = _held_out_check(transform, site, matrix, initial[site.id], result, key, chained)
+            if why is None and after > first:
+                # low rank's refit is the optimum of this objective (damped); input/output's is a
+                # fit that may not be
+                why = f"refit not kept: output error {after:.4f} against {first:.4f} with the first pass's factors"
+            if why is None:
                 initial[site.id] = refitted
-            errors[site.id] = {"output_error": min(after, first), "output_error_first_pass": first,
-                               "output_error_plain": chained(transform.factorize(matrix, site.size)),
-                               "feedback_level": by_level[key]}
-            if after > first:
-                errors[site.id]["feedback"] = (f"refit not kept: output error {after:.4f} against {first:.4f} "
-                                               "with the first pass's factors")
+            errors[site.id] = {"output_error": first if why else after, "output_error_first_pass": first,
+                               "output_error_plain": chained(transform.factorize(matrix, site.size), every),
+                               "feedback_level": by_level[key], **({"feedback": why} if why else {})}
     return errors
+
+
+def _held_out_check(transform: Transform, site: Any, matrix: np.ndarray, first: Mapping[str, np.ndarray],
+                    result: Any, key: str, chained: Callable[..., float]) -> str | None:
+    """Why a refit is not kept, or None: refitted without the pass's held-out batches, it must
+    reproduce ``X A`` on them better than the first pass's factors (a refit is a regression of
+    ``X A`` on ``X~``, which can fit the calibration rows and not the inputs to come). Passes
+    with no held-out batch (fewer than statistics.HOLD_OUT_EVERY batches) are not checked."""
+    rows, held = result.held_rows.get(key, 0), result.held.get(key)
+    total = result.rows[key]
+    if held is None or not 0 < rows < total:
+        return None
+    every = np.stack([result.grams[key], result.tilde[key], result.cross[key]])
+    fitted = (every * total - held * rows) / (total - rows)  # the other batches' Grams
+    trial = transform.factorize_calibrated(whiten.feedback_target(matrix, fitted[1], fitted[2]), site.size,
+                                           fitted[1])
+    before, after = chained(first, tuple(held)), chained(trial, tuple(held))
+    if after < before:
+        return None
+    return (f"refit not kept: on the held-out calibration rows ({rows:,}) it gives output error {after:.4f} "
+            f"against {before:.4f} with the first pass's factors")
 
 
 __all__ = ["DEFAULT_PASSES", "MIN_ROWS_PER_FEATURE", "groups", "levels", "refine"]

@@ -53,6 +53,9 @@ PATCH_FLOATS = 1 << 24  # 64 MiB of im2col patches at most at once
 # a convolution's Gram at 16 m^3 multiply-adds over the pass however large its inputs (measured
 # against the forward pass: benchmarks/bench_calibration.py --only cost, the README's cost table).
 ROWS_PER_FEATURE = 16
+# In an error-feedback pass, every HOLD_OUT_EVERY-th batch is also summed apart: a refit fitted
+# without those batches must lower the output error on them to be kept (feedback.refine).
+HOLD_OUT_EVERY = 4
 
 
 @dataclasses.dataclass
@@ -68,6 +71,10 @@ class Statistics:
       tilde: in an error-feedback pass (``collect(replaced=...)``), variable key -> ``X~^T X~ / rows``
         of the rows ``X~`` the weight sees when the ``replaced`` weights are compressed.
       cross: in such a pass, variable key -> ``X~^T X / rows`` (the same sampled rows as ``grams``).
+      held: in such a pass, variable key -> the stack ``[X^T X, X~^T X~, X~^T X] / rows`` of the
+        held-out batches alone (every HOLD_OUT_EVERY-th; they are also in the three above), which
+        graphrewrite.rewriting.feedback checks a refit on.
+      held_rows: the rows behind ``held``.
     """
 
     signature: str
@@ -77,6 +84,8 @@ class Statistics:
     missing: dict[str, str]
     tilde: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
     cross: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    held: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    held_rows: dict[str, int] = dataclasses.field(default_factory=dict)
     # (replaced, only) -> Statistics: an error-feedback pass over the same data (set by ``calibrate``)
     rerun: Callable[[Mapping[str, np.ndarray], Sequence[str]], Statistics] | None = dataclasses.field(
         default=None, repr=False, compare=False)
@@ -219,6 +228,7 @@ def collect(model: LoadedModel, data: Mapping[str, np.ndarray], signature: str,
     names = sorted(data)
     examples = len(data[names[0]])
     sums = {u.variable: _Sum(u.m) for u in kept}
+    held: dict[str, _Sum] = {}  # an error-feedback pass's held-out batches, besides their share of sums
     if kept:
         step = _batch(model, signature, batch_size)
         batches = -(-examples // step)
@@ -237,6 +247,8 @@ def collect(model: LoadedModel, data: Mapping[str, np.ndarray], signature: str,
                                             "or 3-D with dilations or channels first)")
                 else:
                     sums[use.variable].add(value.numpy(), int(count), bool(rows))
+                    if replaced is not None and number % HOLD_OUT_EVERY == HOLD_OUT_EVERY - 1:
+                        held.setdefault(use.variable, _Sum(use.m)).add(value.numpy(), int(count), bool(rows))
             progress(f"calibration: {min(start + step, examples)}/{examples} examples through {signature}")
     grams = {key: total.result() for key, total in sums.items() if key not in missing}
     tilde, cross = {}, {}
@@ -252,7 +264,9 @@ def collect(model: LoadedModel, data: Mapping[str, np.ndarray], signature: str,
         if not (np.all(np.isfinite(tilde[key])) and np.all(np.isfinite(cross[key]))):
             raise CalibrationDataError(f"the inputs of {model.infos[key].name} overflow in the compressed model "
                                        "on the calibration data (non-finite activations)")
-    return Statistics(signature, examples, grams, {key: sums[key].rows for key in grams}, missing, tilde, cross)
+    return Statistics(signature, examples, grams, {key: sums[key].rows for key in grams}, missing, tilde, cross,
+                      {key: total.result() for key, total in held.items() if key in grams},
+                      {key: total.rows for key, total in held.items() if key in grams})
 
 
 class _Sum:
