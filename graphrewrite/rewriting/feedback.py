@@ -15,6 +15,11 @@ compression does (GPTQ's and SVD-LLM's layer-by-layer updates):
 - a pass runs the model twice on each batch, as it is and with every site's weight replaced by
   its current compressed value (``statistics.collect(replaced=...)``), in the sandbox.
 
+A refit replaces the first pass's factors only where it lowers the site's output error given
+the compressed sites before it, on all the pass's rows and, fitted without the pass's held-out
+batches (statistics.HOLD_OUT_EVERY), on those (``_held_out_check``): a refit is a regression of
+``X A`` on ``X~`` and can fit the calibration rows without generalising.
+
 Ranks stay those of the plan (chosen from the first pass's spectra). Lookups are never refitted
 (their rows are token ids); nor are sites without statistics. Weights read inside a While loop
 (recurrent kernels) are not replaced in the second copy: sites after a compressed recurrent
