@@ -227,6 +227,7 @@ def test_a_refit_that_does_not_lower_the_error_is_not_kept(digits, monkeypatch, 
     wrong target."""
     import graphrewrite
     from graphrewrite import hparams
+    from graphrewrite.reporting.report import calibration_text
 
     def run_with(passes):
         return graphrewrite.compress(MLP, str(tmp_path / f"out{passes}"), hparams.resolve(None, {"rank": 200}),
@@ -242,6 +243,7 @@ def test_a_refit_that_does_not_lower_the_error_is_not_kept(digits, monkeypatch, 
         d = sites[name]
         assert d["feedback"].startswith("refit not kept: on the held-out calibration rows")
         assert d["output_error"] == d["output_error_first_pass"] < d["output_error_plain"]
+        assert calibration_text(d).endswith(f"(level {d['feedback_level']}: refit not kept)")
     # the written factors are the first pass's: the same as without feedback
     import tensorflow as tf
 

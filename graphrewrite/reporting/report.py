@@ -141,8 +141,10 @@ def inspect_text(data: dict[str, Any]) -> str:
 def calibration_text(details: dict[str, Any]) -> str:
     """``plain -> calibrated`` output errors of a site, or why it has none."""
     if "output_error" in details:
-        fed = (f" (fed back, level {details['feedback_level']}; first pass "
-               f"{details['output_error_first_pass']:.4f})") if "feedback_level" in details else ""
+        fed = ""
+        if "feedback_level" in details:
+            fed = (f" (level {details['feedback_level']}: refit not kept)" if "feedback" in details else
+                   f" (fed back, level {details['feedback_level']}; first pass {details['output_error_first_pass']:.4f})")
         return f"{details['output_error_plain']:.4f} -> {details['output_error']:.4f}{fed}"
     return f"- ({details['calibration']})" if "calibration" in details else "-"
 
