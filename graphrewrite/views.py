@@ -56,26 +56,23 @@ def apply_tf(tensor: Any, steps: View) -> Any:
     return tensor
 
 
-def invert_numpy(array: np.ndarray, steps: View, shape: Sequence[int]) -> np.ndarray:
-    """``invert_tf`` in numpy: the matrix back to the variable's ``shape``."""
+def inverse(steps: View, shape: Sequence[int]) -> View:
+    """The steps taking the matrix of ``steps`` back to a variable of ``shape``."""
     shapes = [tuple(shape)]
     for step in steps:
         shapes.append(shape_after(shapes[-1], (step,)))
-    for (kind, arg), before in zip(reversed(steps), reversed(shapes[:-1])):
-        array = array.reshape(before) if kind == "reshape" else np.transpose(array, np.argsort(arg))
-    return array
+    return tuple(("reshape", before) if kind == "reshape" else ("transpose", tuple(int(p) for p in np.argsort(arg)))
+                 for (kind, arg), before in zip(reversed(steps), reversed(shapes[:-1])))
+
+
+def invert_numpy(array: np.ndarray, steps: View, shape: Sequence[int]) -> np.ndarray:
+    """``invert_tf`` in numpy: the matrix back to the variable's ``shape``."""
+    return apply_numpy(array, inverse(steps, shape))
 
 
 def invert_tf(tensor: Any, steps: View, shape: Sequence[int]) -> Any:
     """The inverse of ``steps`` for a variable of ``shape``: matrix back to the variable's shape."""
-    import tensorflow as tf
-
-    shapes = [tuple(shape)]
-    for step in steps:
-        shapes.append(shape_after(shapes[-1], (step,)))
-    for (kind, arg), before in zip(reversed(steps), reversed(shapes[:-1])):
-        tensor = tf.reshape(tensor, before) if kind == "reshape" else tf.transpose(tensor, np.argsort(arg))
-    return tensor
+    return apply_tf(tensor, inverse(steps, shape))
 
 
 def to_json(steps: View) -> list[list[Any]]:

@@ -138,11 +138,15 @@ def refine(model: LoadedModel, plan: RewritePlan, transform: Transform, initial:
         else:
             candidates.append(key)
     chosen = groups({k: by_level[k] for k in candidates}, passes)
+
+    def compressed(key: str) -> np.ndarray:  # the weight as its current factors give it, variable-shaped
+        site = by_key[key]
+        return views.invert_numpy(transform.numpy_dense(initial[site.id], site.size), site.view,
+                                  model.infos[key].shape).astype(np.float32)
+
+    replaced = {key: compressed(key) for key in by_key} if chosen else {}  # updated as refits are kept
     for number, keys in enumerate(chosen, 1):
         progress(f"calibration: error-feedback pass {number}/{len(chosen)} ({len(keys)} weights)")
-        replaced = {key: views.invert_numpy(transform.numpy_dense(initial[site.id], site.size), site.view,
-                                            model.infos[key].shape).astype(np.float32)
-                    for key, site in by_key.items()}
         result = stats.rerun(replaced, keys)
         for key in keys:
             if key not in result.tilde:
@@ -165,6 +169,7 @@ def refine(model: LoadedModel, plan: RewritePlan, transform: Transform, initial:
                 why = f"refit not kept: output error {after:.4f} against {first:.4f} with the first pass's factors"
             if why is None:
                 initial[site.id] = refitted
+                replaced[key] = compressed(key)
             errors[site.id] = {"output_error": first if why else after, "output_error_first_pass": first,
                                "output_error_plain": chained(transform.factorize(matrix, site.size), every),
                                "feedback_level": by_level[key], **({"feedback": why} if why else {})}
