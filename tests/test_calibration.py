@@ -221,6 +221,8 @@ def test_cli_round_trip_on_the_digits_cnn(capsys, calibrated_cnn, digits):
     assert "calibrated 2 site(s)" not in printed["plain"]
     code, stdout, _ = run(capsys, "inspect", outs["calibrated"], "--json")
     data = json.loads(stdout)
+    check = data["options"]["calibration"].pop("model_check")  # tests/test_modelcheck.py checks it
+    assert check["checked"] and check["kept"] in check["errors"]
     assert data["options"]["calibration"] == {"signature": "serving_default", "examples": 256, "damping": 0.01,
                                               "passes": 4}
     for site in data["sites"]:

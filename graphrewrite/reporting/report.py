@@ -127,6 +127,8 @@ def inspect_text(data: dict[str, Any]) -> str:
                        "factors from the weight alone, the others as they are; first pass: before its refit)")
         out.extend(f"  {s['variable']}: error feedback {s['details']['feedback']}"
                    for s in data["sites"] if "feedback" in s.get("details", {}))
+        if "model_check" in calibrated_with:
+            out.append(model_check_text(calibrated_with["model_check"]))
     if data["skipped"]:
         out.append("skipped:")
         out.extend(f"  {s['op']} ({s.get('variable')}): {s['reason']}" for s in data["skipped"])
@@ -136,6 +138,16 @@ def inspect_text(data: dict[str, Any]) -> str:
                f"{t['params_after']:,} ({t['ratio']:.3f}x), FLOPs per row {t.get('flops_before', 0):,} -> "
                f"{t.get('flops_after', 0):,}")
     return "\n".join(out)
+
+
+def model_check_text(check: dict[str, Any]) -> str:
+    """One line on the model check (graphrewrite.rewriting.modelcheck) a manifest records."""
+    if not check.get("checked"):
+        return f"model check: not run ({check.get('why', 'no reason recorded')})"
+    figures = ", ".join(f"{name} {error:.4f}" for name, error in check["errors"].items())
+    return (f"model check on {check['examples']} held-out calibration examples (the largest over the outputs of "
+            f"||Y_c - Y|| / ||Y||, Y the original model's, Y_c at alpha = 0 with factors fitted without those "
+            f"examples): {figures}; kept {check['kept']}")
 
 
 def calibration_text(details: dict[str, Any]) -> str:
@@ -265,6 +277,8 @@ def compress_text(result: Any, source: str) -> str:
         if fed := sum("feedback_level" in e and "refit not kept" not in e.get("feedback", "") for e in errors):
             lines.append(f"error feedback: {fed} of them refitted to their inputs in the compressed model "
                          "(their errors are those given the compressed weights before them)")
+    if check := (((result.manifest or {}).get("options") or {}).get("calibration") or {}).get("model_check"):
+        lines.append(model_check_text(check))
     for skip in plan.skipped:
         lines.append(f"skipped {skip.op} ({skip.variable}): {skip.reason}")
     return "\n".join(printable(line) for line in lines)  # each one line, whatever the names hold

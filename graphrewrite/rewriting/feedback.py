@@ -38,6 +38,7 @@ from graphrewrite.rewriting.match import match_function
 from graphrewrite.rewriting.model import LoadedModel
 from graphrewrite.rewriting.ops import ADAPTERS
 from graphrewrite.rewriting.plan import RewritePlan
+from graphrewrite.rewriting.statistics import without
 from graphrewrite.transforms import Transform
 
 # A weight is refitted only where the first pass saw at least this many rows per feature of its
@@ -113,19 +114,23 @@ def groups(by_level: Mapping[str, int], passes: int) -> list[list[str]]:
 
 
 def refine(model: LoadedModel, plan: RewritePlan, transform: Transform, initial: dict[str, dict[str, np.ndarray]],
-           passes: int, progress: Callable[[str], None]) -> dict[str, dict[str, Any]]:
+           passes: int, progress: Callable[[str], None]
+           ) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, np.ndarray]]]:
     """Refits the calibrated sites downstream of other sites, in place in ``initial`` (site id ->
-    factor values); returns, per refitted site id, its chained output errors (``whiten.chained_error``
+    factor values). Returns, per refitted site id, its chained output errors (``whiten.chained_error``
     on the calibration rows, given the compressed sites before it: of its factors, of the first
-    pass's and of plain ones) and its level, and per site left out, why (``feedback``). A refit is
-    kept only where it lowers that error (always, up to rounding, for low rank: it is the optimum)
-    and where, fitted without the pass's held-out batches, it lowers it on them too."""
+    pass's and of plain ones) and its level, and per site left out, why (``feedback``); and per
+    site id whose refit was kept, that refit fitted without the held-out batches (the trial that
+    graphrewrite.rewriting.modelcheck checks the model with). A refit is kept only where it lowers
+    that error (always, up to rounding, for low rank: it is the optimum) and where, fitted without
+    the pass's held-out batches, it lowers it on them too."""
     stats = model.calibration
     by_key = {site.variable.key: site for site in plan.sites}
     calibrated = [key for key, site in by_key.items() if site.size.details.get("factors") == "calibrated"
                   and (isinstance(stats.grams[key], whiten.RowGram) or np.ndim(stats.grams[key]) == 2)]
     by_level = levels(model, stats.signature, list(by_key)) if calibrated and passes else {}
     errors: dict[str, dict[str, Any]] = {}
+    trials: dict[str, dict[str, np.ndarray]] = {}
     candidates = []
     for key in calibrated:
         if by_level.get(key, 0) == 0:
@@ -162,7 +167,7 @@ def refine(model: LoadedModel, plan: RewritePlan, transform: Transform, initial:
 
             every = (gram, tilde, cross)
             first, after = chained(initial[site.id], every), chained(refitted, every)
-            why = _held_out_check(transform, site, matrix, initial[site.id], result, key, chained)
+            why, trial = _held_out_check(transform, site, matrix, initial[site.id], result, key, chained)
             if why is None and after > first:
                 # low rank's refit is the optimum of this objective (damped); input/output's is a
                 # fit that may not be
@@ -170,31 +175,35 @@ def refine(model: LoadedModel, plan: RewritePlan, transform: Transform, initial:
             if why is None:
                 initial[site.id] = refitted
                 replaced[key] = compressed(key)
+                if trial is not None:
+                    trials[site.id] = trial
             errors[site.id] = {"output_error": first if why else after, "output_error_first_pass": first,
                                "output_error_plain": chained(transform.factorize(matrix, site.size), every),
                                "feedback_level": by_level[key], **({"feedback": why} if why else {})}
-    return errors
+    return errors, trials
 
 
 def _held_out_check(transform: Transform, site: Any, matrix: np.ndarray, first: Mapping[str, np.ndarray],
-                    result: Any, key: str, chained: Callable[..., float]) -> str | None:
-    """Why a refit is not kept, or None: refitted without the pass's held-out batches, it must
-    reproduce ``X A`` on them better than the first pass's factors (a refit is a regression of
-    ``X A`` on ``X~``, which can fit the calibration rows and not the inputs to come). Passes
-    with no held-out batch (fewer than statistics.HOLD_OUT_EVERY batches) are not checked."""
+                    result: Any, key: str, chained: Callable[..., float]
+                    ) -> tuple[str | None, dict[str, np.ndarray] | None]:
+    """``(why a refit is not kept or None, the trial refit)``: refitted without the pass's held-out
+    batches (the trial), it must reproduce ``X A`` on them better than the first pass's factors (a
+    refit is a regression of ``X A`` on ``X~``, which can fit the calibration rows and not the
+    inputs to come). Passes with no held-out batch (fewer than statistics.HOLD_OUT_EVERY batches)
+    are not checked (no trial)."""
     rows, held = result.held_rows.get(key, 0), result.held.get(key)
     total = result.rows[key]
     if held is None or not 0 < rows < total:
-        return None
+        return None, None
     every = np.stack([result.grams[key], result.tilde[key], result.cross[key]])
-    fitted = (every * total - held * rows) / (total - rows)  # the other batches' Grams
+    fitted = without(every, total, held, rows)  # the other batches' Grams
     trial = transform.factorize_calibrated(whiten.feedback_target(matrix, fitted[1], fitted[2]), site.size,
                                            fitted[1])
     before, after = chained(first, tuple(held)), chained(trial, tuple(held))
     if after < before:
-        return None
+        return None, trial
     return (f"refit not kept: on the held-out calibration rows ({rows:,}) it gives output error {after:.4f} "
-            f"against {before:.4f} with the first pass's factors")
+            f"against {before:.4f} with the first pass's factors"), trial
 
 
 __all__ = ["DEFAULT_PASSES", "MIN_ROWS_PER_FEATURE", "groups", "levels", "refine"]

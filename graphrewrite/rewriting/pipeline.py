@@ -258,10 +258,15 @@ def _save_rewrite(model: Any, plan: RewritePlan, transform: Any, hparams: Mappin
 
     initial = build_lib.factorize_all(model, plan, transform, progress)
     if model.calibration is not None:
-        from graphrewrite.rewriting import feedback, statistics
+        from graphrewrite.rewriting import feedback, modelcheck, statistics
 
-        chained = feedback.refine(model, plan, transform, initial, plan.options["calibration"]["passes"], progress)
-        statistics.record_errors(data["sites"], model, plan, transform, initial, chained)
+        first_pass = dict(initial)
+        chained, trials = feedback.refine(model, plan, transform, initial, plan.options["calibration"]["passes"],
+                                          progress)
+        check = modelcheck.choose(model, plan, transform, initial, first_pass, trials, progress)
+        statistics.record_errors(data["sites"], model, plan, transform, initial, modelcheck.notes(check, chained, plan))
+        if check is not None:
+            data["options"]["calibration"] = {**data["options"]["calibration"], "model_check": check}
     schedule = schedule_lib.Schedule.from_hparams(hparams)
 
     def update_factory(root: Any, plan_: RewritePlan, transform_: Any) -> Any:

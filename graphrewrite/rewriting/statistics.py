@@ -33,9 +33,8 @@ import numpy as np
 
 from graphrewrite import views, whiten
 from graphrewrite.errors import CalibrationDataError, UsageError, first_line
-from graphrewrite.rewriting import calibration, sandbox
+from graphrewrite.rewriting import calibration, replay, sandbox
 from graphrewrite.rewriting.calibration import InputSpec
-from graphrewrite.rewriting.graph import Edge
 from graphrewrite.rewriting.match import Use, match_function
 from graphrewrite.rewriting.model import FunctionIR, LoadedModel
 from graphrewrite.rewriting.ops import ADAPTERS, Gather, OpAdapter
@@ -53,9 +52,20 @@ PATCH_FLOATS = 1 << 24  # 64 MiB of im2col patches at most at once
 # a convolution's Gram at 16 m^3 multiply-adds over the pass however large its inputs (measured
 # against the forward pass: benchmarks/bench_calibration.py --only cost, the README's cost table).
 ROWS_PER_FEATURE = 16
-# In an error-feedback pass, every HOLD_OUT_EVERY-th batch is also summed apart: a refit fitted
-# without those batches must lower the output error on them to be kept (feedback.refine).
+# Every HOLD_OUT_EVERY-th batch is also summed apart: factors fitted without those batches are
+# checked on them, a refit of error feedback on its weight's outputs (feedback.refine) and the
+# compressed model on its outputs (modelcheck).
 HOLD_OUT_EVERY = 4
+
+
+def held_out(data: Mapping[str, np.ndarray], batch: int) -> dict[str, np.ndarray]:
+    """The examples of the held-out batches (every HOLD_OUT_EVERY-th of ``batch`` examples, as
+    ``collect`` cuts them)."""
+    examples = len(next(iter(data.values())))
+    index = np.concatenate([np.arange(start, min(start + batch, examples)) for number, start in
+                            enumerate(range(0, examples, batch)) if number % HOLD_OUT_EVERY == HOLD_OUT_EVERY - 1]
+                           or [np.zeros(0, np.int64)])
+    return {name: values[index] for name, values in data.items()}
 
 
 @dataclasses.dataclass
@@ -71,8 +81,9 @@ class Statistics:
       tilde: in an error-feedback pass (``collect(replaced=...)``), variable key -> ``X~^T X~ / rows``
         of the rows ``X~`` the weight sees when the ``replaced`` weights are compressed.
       cross: in such a pass, variable key -> ``X~^T X / rows`` (the same sampled rows as ``grams``).
-      held: in such a pass, variable key -> the stack ``[X^T X, X~^T X~, X~^T X] / rows`` of the
-        held-out batches alone (every HOLD_OUT_EVERY-th; they are also in the three above), which
+      held: variable key -> the statistic of the held-out batches alone (every HOLD_OUT_EVERY-th;
+        they are also in the above): the Gram as in ``grams`` (``fitted`` gives the other batches');
+        in an error-feedback pass the stack ``[X^T X, X~^T X~, X~^T X] / rows``, which
         graphrewrite.rewriting.feedback checks a refit on.
       held_rows: the rows behind ``held``.
     """
@@ -86,9 +97,32 @@ class Statistics:
     cross: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
     held: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
     held_rows: dict[str, int] = dataclasses.field(default_factory=dict)
+    # (common, variants) -> each variant's model errors on the held-out examples, and how many
+    # examples those are (set by ``calibrate``: graphrewrite.rewriting.modelcheck)
+    check: Callable[[Mapping[str, np.ndarray], Sequence[Mapping[str, np.ndarray]]], list[dict[str, float]]] | None = (
+        dataclasses.field(default=None, repr=False, compare=False))
+    held_examples: int = 0
     # (replaced, only) -> Statistics: an error-feedback pass over the same data (set by ``calibrate``)
     rerun: Callable[[Mapping[str, np.ndarray], Sequence[str]], Statistics] | None = dataclasses.field(
         default=None, repr=False, compare=False)
+
+
+    def fitted(self, key: str) -> whiten.Gram | None:
+        """``key``'s Gram without the held-out batches (None where the pass had none or only those):
+        what factors checked on the held-out batches are fitted to (graphrewrite.rewriting.modelcheck)."""
+        rows, held = self.rows[key], self.held_rows.get(key, 0)
+        if not 0 < held < rows:
+            return None
+        gram = self.grams[key]
+        if isinstance(gram, whiten.RowGram):  # the held-out rows come last (_Sum.result)
+            return whiten.RowGram(gram.rows[:rows - held] * np.float32(np.sqrt(rows / (rows - held))))
+        return without(gram, rows, self.held[key], held)
+
+
+def without(total: np.ndarray, rows: int, part: np.ndarray, part_rows: int) -> np.ndarray:
+    """The mean statistic ``X^T X / rows`` of the rows other than ``part``'s (``part`` a mean over
+    ``part_rows`` of the ``rows``)."""
+    return (total * rows - part * part_rows) / (rows - part_rows)
 
 
 def check_method(transform: Transform) -> None:
@@ -114,7 +148,15 @@ def calibrate(model: LoadedModel, source: calibration.Calibration, signature: st
                            data, signature, dict(replaced), list(only),
                            what=f"{input_dir}: an error-feedback calibration pass", limits=limits)
 
-    stats.rerun = rerun
+    batch = _batch(model, signature, DEFAULT_BATCH)
+    held = held_out(data, batch)
+
+    def check(common: Mapping[str, np.ndarray], variants: Sequence[Mapping[str, np.ndarray]]) -> list[dict[str, float]]:
+        return sandbox.run("graphrewrite.rewriting.modelcheck:errors_job", input_dir, list(tags), object_based,
+                           held, signature, batch, dict(common), [dict(v) for v in variants],
+                           what=f"{input_dir}: the model check on held-out calibration examples", limits=limits)
+
+    stats.rerun, stats.check, stats.held_examples = rerun, check, len(next(iter(held.values())))
     return stats
 
 
@@ -228,7 +270,7 @@ def collect(model: LoadedModel, data: Mapping[str, np.ndarray], signature: str,
     names = sorted(data)
     examples = len(data[names[0]])
     sums = {u.variable: _Sum(u.m) for u in kept}
-    held: dict[str, _Sum] = {}  # an error-feedback pass's held-out batches, besides their share of sums
+    held: dict[str, _Sum] = {}  # the held-out batches (every HOLD_OUT_EVERY-th), besides their share of sums
     if kept:
         step = _batch(model, signature, batch_size)
         batches = -(-examples // step)
@@ -246,8 +288,9 @@ def collect(model: LoadedModel, data: Mapping[str, np.ndarray], signature: str,
                     missing[use.variable] = (f"no calibration statistics for this {use.op_type} (grouped; "
                                             "or 3-D with dilations or channels first)")
                 else:
-                    sums[use.variable].add(value.numpy(), int(count), bool(rows))
-                    if replaced is not None and number % HOLD_OUT_EVERY == HOLD_OUT_EVERY - 1:
+                    out = number % HOLD_OUT_EVERY == HOLD_OUT_EVERY - 1
+                    sums[use.variable].add(value.numpy(), int(count), bool(rows), held=out)
+                    if out:
                         held.setdefault(use.variable, _Sum(use.m)).add(value.numpy(), int(count), bool(rows))
             progress(f"calibration: {min(start + step, examples)}/{examples} examples through {signature}")
     grams = {key: total.result() for key, total in sums.items() if key not in missing}
@@ -279,19 +322,22 @@ class _Sum:
     def __init__(self, m: int) -> None:
         self.m, self.rows = m, 0
         self.blocks: list[np.ndarray] = []
+        self.last: list[np.ndarray] = []  # the held-out batches' rows, which come after the others'
         self.gram: np.ndarray | float = 0.0
 
-    def add(self, value: np.ndarray, count: int, as_rows: bool) -> None:
+    def add(self, value: np.ndarray, count: int, as_rows: bool, held: bool = False) -> None:
         """Adds one batch: ``count`` rows ``value`` (N x m) if ``as_rows``, else their Gram (m x m)
-        or a lookup's counts (m,)."""
+        or a lookup's counts (m,). The rows of ``held`` batches are put after all others (so that
+        ``Statistics.fitted`` finds the others' first)."""
         self.rows += count
         if as_rows:
-            self.blocks.append(value)
+            (self.last if held else self.blocks).append(value)
         else:
             self.gram = self.gram + value.astype(np.float64)
 
     def result(self) -> whiten.Gram:
         """``X^T X / rows``: a diagonal for a lookup, an m x m Gram, or the scaled rows."""
+        self.blocks, self.last = self.blocks + self.last, []
         if self.blocks and isinstance(self.gram, float):
             return whiten.RowGram(np.concatenate(self.blocks) / np.float32(np.sqrt(max(self.rows, 1))))
         for block in self.blocks:  # a weight with readers of both kinds: one Gram for all
@@ -330,59 +376,24 @@ def _rows_function(fir: FunctionIR, model: LoadedModel, uses: Sequence[Use], dty
     ``[X^T X, X~^T X~, X~^T X]`` of the rows ``X`` of the model and ``X~`` of a second copy of the
     pruned graph whose reads of the ``replaced`` variables read those values instead."""
     import tensorflow as tf
-    from tensorflow.core.framework import graph_pb2
 
     holders = {key: tf.Variable(tf.cast(value, model.variables[key].dtype), trainable=False)
                for key, value in (replaced or {}).items()}
-
     graph = fir.graph
-    provided = {name.split(":")[0] for name in fir.inputs} | set(fir.handles) | set(fir.reads) | set(fir.captures)
     activations = [graph[u.op].data_inputs[ADAPTERS[graph[u.op].op].activation_position(u.operand)] for u in uses]
-    needed: set[str] = set()
-    stack = [e.node for e in activations]
-    while stack:
-        name = stack.pop()
-        if name in needed or name in provided:
-            continue
-        needed.add(name)
-        stack.extend(e.node for e in graph[name].inputs)
+    pruned = replay.Pruned(fir, model, sorted({e.tensor for e in activations}))
     specs = [tf.TensorSpec([], tf.int32)] + [tf.TensorSpec([None, *shape[1:]], dtype)
                                              for shape, dtype in zip(shapes, dtypes)]
 
     @tf.function(input_signature=specs, autograph=False)
     def run(number: Any, *inputs: Any) -> Any:
-        mapped = {Edge.parse(name).tensor: value for name, value in zip(fir.inputs, inputs)}
-        # a graph tensor of the handle (import_graph_def cannot map an eager one): a loop taking it
-        mapped.update({f"{n}:0": tf.compat.v1.get_default_graph().capture(model.variables[k].handle)
-                       for n, k in fir.handles.items()})
-        mapped.update({f"{n}:0": tf.identity(model.variables[k]) for n, k in fir.reads.items()})
-        mapped.update({f"{n}:0": tf.identity(model.captured[i]) for n, i in fir.captures.items()})
-        stage = graph_pb2.GraphDef()
-        stage.versions.CopyFrom(graph.graph_def.versions)
-        stage.library.CopyFrom(graph.graph_def.library)
-        input_map = {}
-        for name in needed:
-            proto = stage.node.add()
-            proto.CopyFrom(graph[name].proto)
-            proto.device = ""
-            if "_class" in proto.attr:
-                del proto.attr["_class"]
-            kept = [e for e in graph[name].inputs if not (e.control and e.node in provided)]
-            del proto.input[:]
-            proto.input.extend(e.tensor for e in kept)
-            input_map.update({e.tensor: mapped[e.tensor] for e in kept if e.node in provided})
-        wanted = sorted({e.tensor for e in activations if e.node in needed})
-        results = tf.graph_util.import_graph_def(stage, input_map=input_map, return_elements=wanted, name="calib")
-        tensors = {**mapped, **dict(zip(wanted, results))}
+        feeds = pruned.feeds(inputs)
+        tensors = pruned.run(feeds, name="calib")
         if replaced is None:
             out = [_statistic(fir, model, use, tensors[edge.tensor], cap, tf.stack([number, i]), examples)
                    for i, (use, edge, cap) in enumerate(zip(uses, activations, caps))]
         else:
-            swapped = {f"{n}:0": tf.identity(holders[k]) for n, k in fir.reads.items() if k in holders}
-            results = tf.graph_util.import_graph_def(
-                stage, input_map={t: swapped.get(t, v) for t, v in input_map.items()}, return_elements=wanted,
-                name="calib_compressed")
-            compressed = {**mapped, **swapped, **dict(zip(wanted, results))}
+            compressed = pruned.run(feeds, holders, name="calib_compressed")
             out = [_paired(fir, model, use, tensors[edge.tensor], compressed[edge.tensor], cap, tf.stack([number, i]))
                    for i, (use, edge, cap) in enumerate(zip(uses, activations, caps))]
         return [value for value, _, _ in out], tf.stack([c for _, c, _ in out]), tf.constant([r for *_, r in out])

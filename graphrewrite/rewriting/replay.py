@@ -1,0 +1,88 @@
+"""Part of a function's inlined graph, run again inside a tf.function, some variable reads replaced.
+
+The calibration pass (graphrewrite.rewriting.statistics) needs the tensors that the weights
+multiply; the model check (graphrewrite.rewriting.modelcheck) needs the signature's outputs with
+the weights replaced by their compressed values. Both run the model's own graph (the loader's
+FunctionIR: inlined, its variable reads labelled), pruned to the tensors they want, imported into
+a tf.function with ``tf.graph_util.import_graph_def``: the graph's inputs, variable handles, reads
+and captured constants are fed from the loaded model, and a read of a variable in ``swap`` reads
+the value given instead. Only the ops that the wanted tensors depend on are imported.
+
+A weight read inside a While body through its handle (a recurrent kernel) is not a read of the
+function's own graph: swapping does not reach it, and it keeps its value.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from graphrewrite.rewriting.graph import Edge
+from graphrewrite.rewriting.model import FunctionIR, LoadedModel
+
+
+class Pruned:
+    """``fir``'s graph pruned to the tensors ``wanted`` (``node:index`` names) need."""
+
+    def __init__(self, fir: FunctionIR, model: LoadedModel, wanted: Sequence[str]) -> None:
+        from tensorflow.core.framework import graph_pb2
+
+        self.fir, self.model = fir, model
+        graph = fir.graph
+        self.provided = ({Edge.parse(name).node for name in fir.inputs} | set(fir.handles) | set(fir.reads)
+                         | set(fir.captures))
+        needed: set[str] = set()
+        stack = [Edge.parse(name).node for name in wanted]
+        while stack:
+            name = stack.pop()
+            if name in needed or name in self.provided:
+                continue
+            needed.add(name)
+            stack.extend(e.node for e in graph[name].inputs)
+        self.stage = graph_pb2.GraphDef()
+        self.stage.versions.CopyFrom(graph.graph_def.versions)
+        self.stage.library.CopyFrom(graph.graph_def.library)
+        self.fed: set[str] = set()  # the provided tensors the pruned graph reads
+        for name in sorted(needed):
+            proto = self.stage.node.add()
+            proto.CopyFrom(graph[name].proto)
+            proto.device = ""
+            if "_class" in proto.attr:
+                del proto.attr["_class"]
+            kept = [e for e in graph[name].inputs if not (e.control and e.node in self.provided)]
+            del proto.input[:]
+            proto.input.extend(e.tensor for e in kept)
+            self.fed.update(e.tensor for e in kept if e.node in self.provided)
+        self.wanted = [Edge.parse(name).tensor for name in wanted]
+        self.computed = sorted({t for t in self.wanted if Edge.parse(t).node in needed})
+
+    def feeds(self, inputs: Sequence[Any]) -> dict[str, Any]:
+        """Tensor name -> value for the graph's inputs (``inputs``, in ``fir.inputs`` order), its
+        variable handles, reads and captures. Call inside the tf.function."""
+        import tensorflow as tf
+
+        fir, model = self.fir, self.model
+        mapped = {Edge.parse(name).tensor: value for name, value in zip(fir.inputs, inputs)}
+        # a graph tensor of the handle (import_graph_def cannot map an eager one): a loop taking it
+        mapped.update({f"{n}:0": tf.compat.v1.get_default_graph().capture(model.variables[k].handle)
+                       for n, k in fir.handles.items()})
+        mapped.update({f"{n}:0": tf.identity(model.variables[k]) for n, k in fir.reads.items()})
+        mapped.update({f"{n}:0": tf.identity(model.captured[i]) for n, i in fir.captures.items()})
+        return mapped
+
+    def run(self, feeds: Mapping[str, Any], swap: Mapping[str, Any] | None = None,
+            name: str = "replay") -> dict[str, Any]:
+        """The ``wanted`` tensors, with the reads of the variables (keys) in ``swap`` reading the
+        values given there instead. Call inside the tf.function."""
+        import tensorflow as tf
+
+        swapped = {f"{n}:0": tf.identity(swap[k]) for n, k in self.fir.reads.items() if k in (swap or {})}
+        values = {**feeds, **swapped}
+        results = tf.graph_util.import_graph_def(
+            self.stage, input_map={t: values[t] for t in sorted(self.fed)}, return_elements=self.computed,
+            name=name) if self.computed else []
+        out = {**values, **dict(zip(self.computed, results))}
+        return {t: out[t] for t in self.wanted}
+
+
+__all__ = ["Pruned"]

@@ -1,0 +1,208 @@
+"""The model check (graphrewrite.rewriting.modelcheck): the compressed model's outputs on held-out
+calibration examples decide which calibrated factors are kept, and the figures are the model's."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from test_calibration import CNN, at_alpha0, digits  # noqa: F401 - digits is a fixture
+from test_cli import MLP, run
+
+from graphrewrite import whiten
+
+
+def _mlp_forward(variables, x, **replaced):
+    """The digits MLP in numpy (dense_1, dense_2 with ReLU, logits), kernels replaceable."""
+    v = {name: replaced.get(name.split("/")[0], value) if name.endswith("kernel") else value
+         for name, value in variables.items()}
+    h = np.maximum(x @ v["dense_1/kernel"] + v["dense_1/bias"], 0)
+    h = np.maximum(h @ v["dense_2/kernel"] + v["dense_2/bias"], 0)
+    return h @ v["logits/kernel"] + v["logits/bias"]
+
+
+@pytest.mark.parametrize("examples", [64, 80])
+def test_the_first_pass_holds_out_every_fourth_batch(digits, examples):  # noqa: F811
+    """64 examples in batches of 16: dense_1 (64 features) keeps its rows (a RowGram), 80: a Gram.
+    Either way ``fitted`` is the Gram of the examples outside batch 4 (48-63), ``held`` theirs."""
+    from graphrewrite.rewriting import loader, statistics
+
+    model = loader.load(MLP, ["serve"], True)
+    key = next(k for k in model.infos if model.infos[k].name == "dense_1/kernel")
+    x = digits[0][:examples].astype(np.float64)
+    stats = statistics.collect(model, {"pixels": digits[0][:examples]}, "serving_default", batch_size=16)
+    assert isinstance(stats.grams[key], whiten.RowGram) == (examples == 64)
+    assert stats.held_rows[key] == 16
+    held = x[48:64]
+    rest = np.concatenate([x[:48], x[64:]])
+    np.testing.assert_allclose(whiten.dense(stats.held[key]), held.T @ held / 16, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(whiten.dense(stats.fitted(key)), rest.T @ rest / len(rest), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(whiten.dense(stats.grams[key]), x.T @ x / len(x), rtol=1e-4, atol=1e-4)
+    held_examples = statistics.held_out({"pixels": digits[0][:examples]}, 16)["pixels"]
+    np.testing.assert_array_equal(held_examples, digits[0][48:64])
+    # with fewer than four batches there is nothing to hold out
+    few = statistics.collect(model, {"pixels": digits[0][:48]}, "serving_default", batch_size=16)
+    assert few.fitted(key) is None
+
+
+def test_errors_are_the_models_outputs_against_an_independent_forward(digits):  # noqa: F811
+    from graphrewrite.rewriting import loader, modelcheck
+
+    model = loader.load(MLP, ["serve"], True)
+    keys = {model.infos[k].name: k for k in model.infos}
+    variables = {model.infos[k].name: v.numpy() for k, v in model.variables.items()}
+    x = digits[0][:50]
+    rng = np.random.default_rng(0)
+    noisy = variables["dense_2/kernel"] + 0.05 * rng.standard_normal(variables["dense_2/kernel"].shape)
+    halved = 0.5 * variables["logits/kernel"]
+    got = modelcheck.errors(model, {"pixels": x}, "serving_default", 16, {keys["logits/kernel"]: halved},
+                            [{}, {keys["dense_2/kernel"]: noisy}, {keys["dense_1/kernel"]: variables["dense_1/kernel"]}])
+    reference = _mlp_forward(variables, x.astype(np.float64))
+    for errors, replaced in zip(got, ({"logits": halved}, {"logits": halved, "dense_2": noisy}, {"logits": halved})):
+        out = _mlp_forward(variables, x.astype(np.float64), **replaced)
+        assert list(errors) == ["output_0"]
+        expected = np.linalg.norm(out - reference) / np.linalg.norm(reference)
+        assert errors["output_0"] == pytest.approx(expected, rel=1e-4)
+    assert got[0]["output_0"] == pytest.approx(got[2]["output_0"])  # a weight replaced by itself
+
+
+@pytest.fixture(scope="module")
+def cnn_checked(tmp_path_factory, digits):  # noqa: F811
+    """The CNN at rank=200 (the same ranks with and without data) compressed plain and calibrated."""
+    import graphrewrite
+    from graphrewrite import hparams
+
+    root = tmp_path_factory.mktemp("modelcheck")
+    results = {}
+    for name, data in (("plain", None), ("calibrated", {"image": digits[0].reshape(-1, 8, 8, 1)})):
+        results[name] = graphrewrite.compress(CNN, str(root / name), hparams.resolve(None, {"rank": 200}),
+                                              verify=False, calibration=data)
+    return root, results
+
+
+def test_the_plain_figure_is_the_plain_models_error_on_the_held_out_examples(cnn_checked, digits):  # noqa: F811
+    """Plain factors do not depend on the data, so the check's plain figure must be the error of the
+    model compressed without calibration, on the held-out examples (batches of 32: the 4th and 8th
+    of 256 images), computed here from the saved models."""
+    import tensorflow as tf
+
+    from graphrewrite.rewriting import statistics
+
+    root, results = cnn_checked
+    check = results["calibrated"].manifest["options"]["calibration"]["model_check"]
+    assert check["checked"] and check["examples"] == 64
+    assert list(check["errors"]) == ["error feedback", "first pass", "plain"]  # the head is refitted
+    held = statistics.held_out({"image": digits[0].reshape(-1, 8, 8, 1)}, 32)["image"]
+    np.testing.assert_array_equal(held, np.concatenate([digits[0][96:128], digits[0][224:256]]).reshape(-1, 8, 8, 1))
+    original = tf.saved_model.load(CNN)
+    reference = original.signatures["serving_default"](image=tf.constant(held))["output_0"].numpy()
+    plain = at_alpha0(str(root / "plain"))
+    out = plain.signatures["serving_default"](image=tf.constant(held))["output_0"].numpy()
+    assert check["errors"]["plain"] == pytest.approx(np.linalg.norm(out - reference) / np.linalg.norm(reference),
+                                                     rel=1e-4)
+    assert check["outputs"]["plain"] == {"output_0": check["errors"]["plain"]}
+    # on these images the calibrated sets are far better, and the one kept is the best
+    assert check["errors"]["first pass"] < 0.5 * check["errors"]["plain"]
+    assert check["kept"] == min(check["errors"], key=check["errors"].get)
+    calibrated = at_alpha0(str(root / "calibrated"))
+    out = calibrated.signatures["serving_default"](image=tf.constant(held))["output_0"].numpy()
+    # the written factors (fitted on all 256 images, these included) do at least as well as the trial
+    assert np.linalg.norm(out - reference) / np.linalg.norm(reference) <= check["errors"][check["kept"]] * 1.01
+
+
+def test_the_check_is_reported(capsys, cnn_checked):
+    from graphrewrite.reporting.report import compress_text
+
+    root, results = cnn_checked
+    code, text, _ = run(capsys, "inspect", str(root / "calibrated"))
+    assert code == 0
+    line = next(line for line in text.splitlines() if line.startswith("model check on 64 held-out"))
+    assert "error feedback 0." in line and "first pass 0." in line and "plain 0." in line and "; kept " in line
+    summary = compress_text(results["calibrated"], CNN)
+    assert line in summary.splitlines()
+    code, stdout, _ = run(capsys, "inspect", str(root / "calibrated"), "--json")
+    assert json.loads(stdout)["options"]["calibration"]["model_check"]["kept"] in ("error feedback", "first pass")
+
+
+def test_plain_factors_are_kept_where_the_calibrated_ones_do_not_generalise(digits, tmp_path):  # noqa: F811
+    """Calibration data whose held-out batch is unlike the rest: the first three batches of 32 are
+    one image repeated, the fourth real digits. Factors fitted to one image do not carry over, the
+    check sees it on the fourth batch and keeps plain factors: the written model is then the one
+    compressed without data, and the manifest says why."""
+    import tensorflow as tf
+
+    import graphrewrite
+    from graphrewrite import hparams
+
+    x = np.concatenate([np.repeat(digits[0][:1], 96, axis=0), digits[0][:32]])
+    hp = hparams.resolve(None, {"rank": 200})
+    plain = graphrewrite.compress(MLP, str(tmp_path / "plain"), hp, verify=False)
+    result = graphrewrite.compress(MLP, str(tmp_path / "checked"), hp, verify=False, calibration={"pixels": x})
+    check = result.manifest["options"]["calibration"]["model_check"]
+    assert check["kept"] == "plain", check
+    assert check["errors"]["plain"] < check["errors"]["first pass"]
+    for site in result.manifest["sites"]:
+        details = site["details"]
+        assert details["factors"] == "plain (kept by the model check)"
+        assert details["output_error"] == pytest.approx(details["output_error_plain"])
+        if "feedback_level" not in details and "feedback" in details:
+            assert details["feedback"].startswith("refit not kept: the model check kept the plain factors")
+    written = [[v.numpy() for _, v in sorted(s.factors.items())]
+               for s in tf.saved_model.load(str(tmp_path / "checked")).graphrewrite_sites]
+    expected = [[v.numpy() for _, v in sorted(s.factors.items())]
+                for s in tf.saved_model.load(str(tmp_path / "plain")).graphrewrite_sites]
+    assert len(written) == len(expected) == len(plain.manifest["sites"]) == 3
+    for got, want in zip(written, expected):
+        for a, b in zip(got, want):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_choose_keeps_the_lowest_and_puts_its_factors_back(digits, monkeypatch):  # noqa: F811
+    """The decision alone, with the sandbox's figures given: error feedback's model error above the
+    first pass's puts the first pass's factors back in the refitted sites (and notes say so)."""
+    from graphrewrite import hparams
+    from graphrewrite.rewriting import feedback, modelcheck, statistics
+    from graphrewrite.rewriting.build import factorize_all
+    from graphrewrite.rewriting.pipeline import plan_model
+
+    model, plan, transform = plan_model(CNN, hparams.resolve(None, {"rank": 200}), probe=lambda: None,
+                                        calibration={"image": digits[0].reshape(-1, 8, 8, 1)})
+    initial = factorize_all(model, plan, transform, lambda _: None)
+    first_pass = dict(initial)
+    chained, trials = feedback.refine(model, plan, transform, initial, 4, lambda _: None)
+    refitted = [sid for sid in initial if initial[sid] is not first_pass[sid]]
+    assert refitted and set(refitted) == set(trials)
+    seen = []
+
+    def fake(common, variants):
+        seen.append((common, variants))
+        return [{"output_0": 0.3}, {"output_0": 0.2}, {"output_0": 0.9}]  # feedback, first pass, plain
+
+    monkeypatch.setattr(model.calibration, "check", fake)
+    check = modelcheck.choose(model, plan, transform, initial, first_pass, trials, lambda _: None)
+    assert check["kept"] == "first pass" and check["errors"] == {"error feedback": 0.3, "first pass": 0.2,
+                                                                  "plain": 0.9}
+    for sid in refitted:
+        assert initial[sid] is first_pass[sid]
+    (common, variants), = seen
+    assert common == {} and len(variants) == 3  # every site is calibrated here (conv_2 and the head)
+    # what the check ran: the trials, fitted without the held-out batches
+    key = plan.sites[0].variable.key
+    fitted = model.calibration.fitted(key)
+    assert statistics.HOLD_OUT_EVERY == 4 and fitted is not None
+    notes = modelcheck.notes(check, chained, plan)
+    assert all(n["feedback"].startswith("refit not kept: the model check kept the first pass factors")
+               for sid, n in notes.items() if sid in refitted)
+
+
+def test_with_too_few_examples_the_check_says_it_did_not_run(digits, tmp_path, capsys):  # noqa: F811
+    import graphrewrite
+    from graphrewrite import hparams
+
+    result = graphrewrite.compress(MLP, str(tmp_path / "out"), hparams.resolve(None, {"rank": 200}), verify=False,
+                                   calibration={"pixels": digits[0][:96]})  # three batches of 32
+    check = result.manifest["options"]["calibration"]["model_check"]
+    assert check == {"checked": False, "why": "fewer than 4 batches of calibration examples: none to hold out"}
+    code, text, _ = run(capsys, "inspect", str(tmp_path / "out"))
+    assert "model check: not run (fewer than 4 batches" in text
