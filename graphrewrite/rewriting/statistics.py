@@ -16,8 +16,9 @@ The pass runs a pruned copy of the flat signature function: only the ops the wei
 depend on, so the layers after the last weight are not even computed. It is a function of (loaded
 model, data) returning numpy arrays, so that it can run in another process.
 
-Memory bound, besides the model and the calibration arrays: ``8 * sum(m_i^2)`` bytes over the
-sites (float64 Grams, or float32 rows, at most m of them; a lookup: 8 m), the activations of one
+Memory bound, besides the model and the calibration arrays: ``16 * sum(m_i^2)`` bytes over the
+sites (float64 Grams, or float32 rows, at most m of them; a lookup: 8 m; each twice: all batches
+and the held-out ones, see HOLD_OUT_EVERY), the activations of one
 batch (``batch_size`` examples), and for each convolution at most ``PATCH_FLOATS`` (64 MiB) of
 patches, or one example's where that is more: patches are extracted a chunk of examples at a time
 (``tf.image.extract_patches`` in a ``tf.while_loop``), sampled, then reduced.
