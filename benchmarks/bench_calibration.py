@@ -10,7 +10,8 @@ Four parts (``--only`` runs one):
 * ``finetune``: the README's fine-tuning (bench_accuracy.py: gradual schedule, Adam 1e-3, batch 32,
   45 epochs) after plain and calibrated compression at 0.48 and 0.29, the accuracy after 1, 2, 3,
   5, 10, 20 and 45 epochs, mean of 2 seeds (batch order and calibration draw).
-* ``zoo``: a transformer encoder (2 layers, width 128, 4 heads, 32 tokens) and a ResNet50
+* ``zoo``: a transformer encoder (2 layers, width 128, 4 heads, 32 tokens), a two-layer LSTM text
+  model (``build_lstm``) and a ResNet50
   (``keras.applications``, random weights, 64 x 64 inputs, no softmax): the relative output error
   ``||y_c - y||_F / ||y||_F`` at alpha = 0 on 128 held-out random inputs, calibrated on 512 others,
   at the same budget (the reference's rule, rank=200: the same k everywhere), first pass only and
@@ -162,16 +163,29 @@ def build_resnet(path: str) -> None:
         path, verbose=False)
 
 
+def build_lstm(path: str) -> None:
+    """Keras' own layers, random weights: Embedding(1000, 64) -> LSTM(128, sequences) -> LSTM(128)
+    -> Dense(10), 32 tokens (its four recurrent weights are read inside While loops)."""
+    import keras
+
+    keras.utils.set_random_seed(0)
+    tokens = keras.Input((32,), dtype="int32", name="tokens")
+    h = keras.layers.Embedding(1000, 64, name="embed")(tokens)
+    h = keras.layers.LSTM(128, return_sequences=True, name="lstm_1")(h)
+    h = keras.layers.LSTM(128, name="lstm_2")(h)
+    keras.Model(tokens, keras.layers.Dense(10, name="head")(h)).export(path, verbose=False)
+
+
 def zoo_inputs(name: str, count: int, seed: int) -> dict:
     rng = np.random.default_rng(seed)
-    if name == "encoder":
+    if name in ("encoder", "lstm"):
         return {"tokens": rng.integers(0, 1000, (count, 32)).astype(np.int32)}
     return {"keras_tensor": rng.standard_normal((count, 64, 64, 3)).astype(np.float32)}
 
 
 def zoo_models(work: str) -> list[tuple[str, str]]:
     out = []
-    for name, builder in (("encoder", build_encoder), ("resnet50_64", build_resnet)):
+    for name, builder in (("encoder", build_encoder), ("lstm", build_lstm), ("resnet50_64", build_resnet)):
         path = os.path.join(work, name)
         if not os.path.isdir(path):
             builder(path)
@@ -189,12 +203,12 @@ def rename(model_path: str, data: dict) -> dict:
 def zoo(args, work: str, targets: common.Targets) -> None:
     rows = []
     for name, src in zoo_models(work):
-        kind = "encoder" if name == "encoder" else "resnet"
+        kind = name if name in ("encoder", "lstm") else "resnet"
         calibration = rename(src, zoo_inputs(kind, EXAMPLES, 0))
         held_out = rename(src, zoo_inputs(kind, 128, 1))
         reference = np.asarray(next(iter(tf.saved_model.load(src).signatures["serving_default"](
             **{k: tf.constant(v) for k, v in held_out.items()}).values())))
-        errors, seconds = {}, {}
+        errors, seconds, kept = {}, {}, {}
         for label, data, passes in (("plain", None, None), ("first", calibration, 0),
                                     ("calibrated", calibration, FEEDBACK)):
             out = os.path.join(work, f"{name}_{label}")
@@ -204,16 +218,21 @@ def zoo(args, work: str, targets: common.Targets) -> None:
             got = np.asarray(next(iter(at_alpha0(out).signatures["serving_default"](
                 **{k: tf.constant(v) for k, v in held_out.items()}).values())))
             errors[label] = float(np.linalg.norm(got - reference) / np.linalg.norm(reference))
+            if data is not None:
+                check = result.manifest["options"]["calibration"]["model_check"]
+                kept[label] = check.get("kept", "not checked")
         factor = errors["calibrated"] / errors["plain"]
         ok = targets.check(factor < 1.0, f"{name}: calibrated/plain output error {factor:.3f}")
         rows.append([name, str(len(result.plan.sites)), f"{result.plan.params_after / result.plan.params_before:.0%}",
                      f"{errors['plain']:.4f}", f"{errors['first']:.4f}", f"{errors['calibrated']:.4f}",
-                     f"{factor:.3f}", *(f"{seconds[k]:.0f} s" for k in ("plain", "first", "calibrated")), ok])
+                     f"{factor:.3f}", f"{kept['first']} / {kept['calibrated']}",
+                     *(f"{seconds[k]:.0f} s" for k in ("plain", "first", "calibrated")), ok])
     print(f"# relative output error at alpha = 0 on 128 held-out random inputs, rank=200, calibrated on "
           f"{EXAMPLES} others (first pass only, and with at most {FEEDBACK} error-feedback passes); "
           f"compress's wall time (verify off); {common.machine()}")
     print(common.table(["model", "sites", "params kept", "plain SVD", "calibrated, first pass",
-                        "calibrated, error feedback", "factor (feedback / plain)", "time plain", "first pass",
+                        "calibrated, error feedback", "factor (feedback / plain)",
+                        "model check kept (first pass / feedback runs)", "time plain", "first pass",
                         "feedback", "target"], rows))
 
 

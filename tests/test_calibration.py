@@ -335,7 +335,10 @@ def test_statistics_on_other_model_kinds(model_factory, name, first_layers):
 
 def test_statistics_behind_a_while_loop(model_factory):
     """A site fed by a While loop (the LSTM's output into a Dense head) gets the Gram of the loop's
-    outputs; the kernels inside the loop keep plain factors, with the reason."""
+    outputs; the kernels inside the loop get theirs, summed in the loop (loops.gram_loop): the
+    kernel's rows are the input steps, the recurrent kernel's the hidden states before each step
+    (h_0 = 0, h_1 .. h_4), computed here by a Keras LSTM with the same weights. The first step
+    Keras computes before its loop for the shapes only does not run and adds no rows."""
     import tensorflow as tf
 
     from graphrewrite.rewriting import calibration, loader, statistics
@@ -351,4 +354,55 @@ def test_statistics_behind_a_while_loop(model_factory):
     hidden = (next(iter(out.values())).numpy() - bias) @ np.linalg.pinv(head)  # 32 x 40 head: exact
     np.testing.assert_allclose(whiten.dense(stats.grams[by_name["head/kernel"]]), hidden.T @ hidden / len(hidden),
                                rtol=1e-3, atol=1e-5)
-    assert {model.infos[k].name for k in stats.missing} >= {"lstm/lstm_cell/kernel", "lstm/lstm_cell/recurrent_kernel"}
+    assert not stats.missing
+    import keras
+
+    kernel, recurrent, lstm_bias = (model.variables[by_name[f"lstm/lstm_cell/{n}"]].numpy()
+                                    for n in ("kernel", "recurrent_kernel", "bias"))
+    layer = keras.layers.LSTM(32, return_sequences=True)
+    layer.build((None, 5, 8))
+    layer.set_weights([kernel, recurrent, lstm_bias])
+    states = np.asarray(layer(x))  # h_1 .. h_5
+    assert np.allclose(states[:, -1], hidden, atol=1e-4)  # the model's own last state
+    steps = x.reshape(-1, 8)
+    before = np.concatenate([np.zeros((40, 1, 32), np.float32), states[:, :-1]], axis=1).reshape(-1, 32)
+    for name, rows in (("kernel", steps), ("recurrent_kernel", before)):
+        key = by_name[f"lstm/lstm_cell/{name}"]
+        assert stats.rows[key] == 200
+        np.testing.assert_allclose(whiten.dense(stats.grams[key]), rows.T @ rows / len(rows), rtol=1e-3, atol=1e-5)
+
+
+def test_recurrent_kernels_are_calibrated_and_their_figures_hold(model_factory, tmp_path):
+    """compress --calibration on the Keras 3 LSTM: both kernels read inside the loop get calibrated
+    factors, the model verifies at alpha = 1, and the recurrent kernel's reported output error is
+    ||X (A - W_c)|| / ||X A|| on the hidden states before each step, computed here by a Keras LSTM
+    with the same weights and the written factors."""
+    import keras
+    import tensorflow as tf
+
+    import graphrewrite
+    from graphrewrite import hparams
+
+    path, _ = model_factory("keras3_lstm")
+    x = np.random.default_rng(0).standard_normal((128, 5, 8)).astype("float32")
+    result = graphrewrite.compress(path, str(tmp_path / "out"), hparams.resolve(None, {"rank": 200}),
+                                   calibration={"seq": x})
+    assert result.verification["signatures"]["serving_default"]["checked"]  # equal at alpha = 1, or it raises
+    sites = {s["variable"]: s for s in result.manifest["sites"]}
+    for name in ("lstm/lstm_cell/kernel", "lstm/lstm_cell/recurrent_kernel"):
+        details = sites[name]["details"]
+        assert details["factors"] == "calibrated", details
+        assert details["output_error"] < details["output_error_plain"]
+    source = tf.saved_model.load(path)
+    weights = {v.name.split(":")[0]: v.numpy() for v in source.variables}
+    layer = keras.layers.LSTM(32, return_sequences=True)
+    layer.build((None, 5, 8))
+    layer.set_weights([weights[f"lstm/lstm_cell/{n}"] for n in ("kernel", "recurrent_kernel", "bias")])
+    states = np.asarray(layer(x))
+    before = np.concatenate([np.zeros((128, 1, 32), np.float32), states[:, :-1]], axis=1).reshape(-1, 32)
+    rewritten = tf.saved_model.load(str(tmp_path / "out"))
+    index = [s["variable"] for s in result.manifest["sites"]].index("lstm/lstm_cell/recurrent_kernel")
+    factors = {k: v.numpy() for k, v in rewritten.graphrewrite_sites[index].factors.items()}
+    a = weights["lstm/lstm_cell/recurrent_kernel"]
+    independent = np.linalg.norm(before @ (a - factors["b"] @ factors["c"])) / np.linalg.norm(before @ a)
+    assert sites["lstm/lstm_cell/recurrent_kernel"]["details"]["output_error"] == pytest.approx(independent, rel=1e-3)

@@ -145,9 +145,11 @@ def model_check_text(check: dict[str, Any]) -> str:
     if not check.get("checked"):
         return f"model check: not run ({check.get('why', 'no reason recorded')})"
     figures = ", ".join(f"{name} {error:.4f}" for name, error in check["errors"].items())
-    return (f"model check on {check['examples']} held-out calibration examples (the largest over the outputs of "
-            f"||Y_c - Y|| / ||Y||, Y the original model's, Y_c at alpha = 0 with factors fitted without those "
-            f"examples): {figures}; kept {check['kept']}")
+    z = ", ".join(f"{name} {value:+.1f}" for name, value in check.get("z", {}).items())
+    return (f"model check on {check['examples']} held-out calibration examples (||Y_c - Y|| / ||Y||, Y the "
+            f"original model's outputs, Y_c at alpha = 0 with factors fitted without those examples; several "
+            f"outputs: the root of their squares' sum): {figures}; kept {check['kept']} (a less data-aware set "
+            f"needs z < -2 against the one standing; z: {z})")
 
 
 def calibration_text(details: dict[str, Any]) -> str:

@@ -21,9 +21,11 @@ batches (statistics.HOLD_OUT_EVERY), on those (``_held_out_check``): a refit is 
 ``X A`` on ``X~`` and can fit the calibration rows without generalising.
 
 Ranks stay those of the plan (chosen from the first pass's spectra). Lookups are never refitted
-(their rows are token ids); nor are sites without statistics. Weights read inside a While loop
-(recurrent kernels) are not replaced in the second copy: sites after a compressed recurrent
-kernel are refitted as if it were exact.
+(their rows are token ids); nor are sites without statistics, nor recurrent kernels (their rows
+are summed inside the loop, statistics' first pass only). A recurrent kernel is replaced in the
+second copy like any weight (replay swaps the handle its loop takes), so the sites after a
+compressed recurrent layer are refitted to what it gives; its level is one more than the weights
+before its loop (the loop's own weights do not count for each other).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from graphrewrite import views, whiten
+from graphrewrite.rewriting.loops import LOOP_OPS
 from graphrewrite.rewriting.match import match_function
 from graphrewrite.rewriting.model import LoadedModel
 from graphrewrite.rewriting.ops import ADAPTERS
@@ -65,7 +68,8 @@ def levels(model: LoadedModel, signature: str, keys: Sequence[str]) -> dict[str,
     fir = model.functions[f"signature:{signature}"]
     graph = fir.graph
     bits = {key: 1 << i for i, key in enumerate(sorted(set(keys)))}
-    reads = {name: bits[key] for name, key in fir.reads.items() if key in bits}
+    # a weight's reads, and its handle where a loop takes it (Keras 3 RNNs read it in the body)
+    reads = {name: bits[key] for name, key in {**fir.handles, **fir.reads}.items() if key in bits}
     masks: dict[str, int] = {}
     for name in graph.topological_order():
         mask = reads.get(name, 0)
@@ -74,11 +78,21 @@ def levels(model: LoadedModel, signature: str, keys: Sequence[str]) -> dict[str,
         masks[name] = mask
     uses, _ = match_function(fir, dict(model.infos))
     upstream: dict[str, int] = {}
+    carried: dict[str, int] = {}  # per loop, the weights it takes
+    for use in uses:
+        if use.variable in bits and graph[use.op].op in LOOP_OPS:
+            carried[use.op] = carried.get(use.op, 0) | bits[use.variable]
     for use in uses:
         if use.variable in bits:
             node = graph[use.op]
-            start = node.data_inputs[ADAPTERS[node.op].activation_position(use.operand)].node
-            upstream[use.variable] = upstream.get(use.variable, 0) | (masks.get(start, 0) & ~bits[use.variable])
+            if node.op in LOOP_OPS:  # a recurrent kernel: after what enters the loop but the loop's weights
+                mask = 0
+                for edge in node.data_inputs:
+                    mask |= masks.get(edge.node, 0)
+                mask &= ~carried[use.op]
+            else:
+                mask = masks.get(node.data_inputs[ADAPTERS[node.op].activation_position(use.operand)].node, 0)
+            upstream[use.variable] = upstream.get(use.variable, 0) | (mask & ~bits[use.variable])
     before = {key: [k for k, b in bits.items() if mask & b] for key, mask in upstream.items()}
     out: dict[str, int] = {}
     state: dict[str, int] = {}  # 1: on the current path, 2: done

@@ -27,6 +27,8 @@ import hashlib
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
+
 from graphrewrite.rewriting.graph import Graph, Node
 
 LOOP_OPS = frozenset({"While", "StatelessWhile"})
@@ -184,6 +186,109 @@ def rewrite_loop(graph: Graph, node: Node, inputs: Mapping[int, LoopInput]) -> t
     loop.attr["cond"].func.name = new_cond.signature.name
     proto.library.function.extend([new_body, new_cond])
     return proto, feeds
+
+
+def gram_blocker(graph: Graph, node: Node, found: LoopWeight) -> str | None:
+    """Why ``gram_loop`` cannot sum the rows that multiply the weight ``found`` in While ``node``'s
+    body (None where it can): every MatMul must take it as its second operand, untransposed, in
+    float32 (the rows are then its first operand, ``x`` or, with transpose_a, ``x^T``)."""
+    from tensorflow.python.framework import dtypes
+
+    by_name = {nd.name: nd for nd in _library(graph)[node.attr("body")].node_def}
+    for name, operand in found.matmuls:
+        matmul = by_name[name]
+        if operand != 1 or matmul.attr["transpose_b"].b:
+            return f"no calibration statistics inside {node.op} '{node.name}': MatMul '{name}' takes it transposed"
+        if matmul.attr["T"].type != dtypes.float32.as_datatype_enum:
+            return (f"no calibration statistics inside {node.op} '{node.name}': MatMul '{name}' is "
+                    f"{dtypes.as_dtype(matmul.attr['T'].type).name}")
+    return None
+
+
+def gram_loop(graph: Graph, node: Node, weights: Mapping[int, tuple[LoopWeight, int]]
+              ) -> tuple[list[Any], list[Any], dict[int, tuple[int, int]]]:
+    """The While ``node`` rewritten to sum, for each loop input ``pos`` of ``weights`` (its
+    LoopWeight and the weight's m), the Gram ``X^T X`` of the rows X that multiply it over all
+    iterations (float32, m x m) and their number (float32), as two more loop variables each,
+    started at zero and appended after the others (no existing output index moves). Each reader
+    must pass ``gram_blocker``. Returns (the new NodeDefs: the loop and the zeros it starts from,
+    the new body and cond FunctionDefs, pos -> (output index of the Gram, of the row count))."""
+    from tensorflow.core.framework import node_def_pb2
+    from tensorflow.python.framework import dtypes, tensor_util
+
+    float32 = dtypes.float32.as_datatype_enum
+    library = _library(graph)
+    body, cond = type(library[node.attr("body")])(), type(library[node.attr("cond")])()
+    body.CopyFrom(library[node.attr("body")])
+    cond.CopyFrom(library[node.attr("cond")])
+    loop = node_def_pb2.NodeDef()
+    loop.CopyFrom(node.proto)
+    loop.device = ""
+    del loop.input[:]
+    loop.input.extend(e.tensor for e in node.data_inputs)
+    nodes: list[Any] = [loop]
+    by_name = {nd.name: nd for nd in body.node_def}
+    shapes = loop.attr["output_shapes"].list.shape
+    outputs: dict[int, tuple[int, int]] = {}
+
+    def add(op: str, name: str, inputs: list[str], **attrs: Any) -> Any:
+        nd = body.node_def.add()
+        nd.name, nd.op = name, op
+        nd.input.extend(inputs)
+        for key, value in attrs.items():
+            if isinstance(value, bool):
+                nd.attr[key].b = value
+            elif key == "value":
+                nd.attr[key].tensor.CopyFrom(value)
+            else:
+                nd.attr[key].type = value
+        return nd
+
+    for pos, (found, m) in sorted(weights.items()):
+        refs = {}
+        for kind, shape in (("gram", (m, m)), ("rows", ())):
+            arg = f"graphrewrite_{kind}_{pos}"
+            for function in (body, cond):
+                added = function.signature.input_arg.add()
+                added.name, added.type = arg, float32
+            start = node_def_pb2.NodeDef(name=f"{node.name}/graphrewrite_{kind}_{pos}_start", op="Const")
+            start.attr["dtype"].type = float32
+            start.attr["value"].tensor.CopyFrom(tensor_util.make_tensor_proto(np.zeros(shape, np.float32)))
+            nodes.append(start)
+            loop.input.append(f"{start.name}:0")
+            loop.attr["T"].list.type.append(float32)
+            if shapes:
+                _set_shape(shapes.add(), shape)
+            refs[kind] = arg
+        outputs[pos] = (len(loop.attr["T"].list.type) - 2, len(loop.attr["T"].list.type) - 1)
+        scale = add("Const", f"graphrewrite_rows_{pos}/per_row", [], dtype=float32,
+                    value=tensor_util.make_tensor_proto(np.float32(1.0 / m)))
+        for name, _ in found.matmuls:
+            x, flipped = by_name[name].input[0], by_name[name].attr["transpose_a"].b
+            gram = add("MatMul", f"{name}/graphrewrite_gram", [x, x], T=float32, transpose_a=not flipped,
+                       transpose_b=flipped)
+            total = add("AddV2", f"{name}/graphrewrite_gram_sum", [refs["gram"], f"{gram.name}:product:0"], T=float32)
+            size = add("Size", f"{name}/graphrewrite_size", [x], T=float32, out_type=dtypes.int32.as_datatype_enum)
+            cast = add("Cast", f"{name}/graphrewrite_size_float", [f"{size.name}:output:0"],
+                       SrcT=dtypes.int32.as_datatype_enum, DstT=float32, Truncate=False)
+            rows = add("Mul", f"{name}/graphrewrite_rows", [f"{cast.name}:y:0", f"{scale.name}:output:0"], T=float32)
+            count = add("AddV2", f"{name}/graphrewrite_rows_sum", [refs["rows"], f"{rows.name}:z:0"], T=float32)
+            refs = {"gram": f"{total.name}:z:0", "rows": f"{count.name}:z:0"}
+        for kind in ("gram", "rows"):
+            out = body.signature.output_arg.add()
+            out.name, out.type = f"graphrewrite_{kind}_{pos}_out", float32
+            body.ret[out.name] = refs[kind]
+    if "_num_original_outputs" in loop.attr:
+        loop.attr["_num_original_outputs"].i = len(loop.attr["T"].list.type)
+    if "_output_shapes" in loop.attr:
+        del loop.attr["_output_shapes"]
+    suffix = hashlib.sha256(body.SerializeToString(deterministic=True)
+                            + cond.SerializeToString(deterministic=True)).hexdigest()[:12]
+    body.signature.name = f"{body.signature.name}_graphrewrite_gram_{suffix}"
+    cond.signature.name = f"{cond.signature.name}_graphrewrite_gram_{suffix}"
+    loop.attr["body"].func.name = body.signature.name
+    loop.attr["cond"].func.name = cond.signature.name
+    return nodes, [body, cond], outputs
 
 
 def _set_shape(proto: Any, shape: tuple[int, ...]) -> None:

@@ -8,8 +8,8 @@ a tf.function with ``tf.graph_util.import_graph_def``: the graph's inputs, varia
 and captured constants are fed from the loaded model, and a read of a variable in ``swap`` reads
 the value given instead. Only the ops that the wanted tensors depend on are imported.
 
-A weight read inside a While body through its handle (a recurrent kernel) is not a read of the
-function's own graph: swapping does not reach it, and it keeps its value.
+A weight read inside a While body is swapped too: Keras 3 passes its handle into the loop, which
+then gets the handle of the variable holding the new value; tf.keras reads it before the loop.
 """
 
 from __future__ import annotations
@@ -24,7 +24,11 @@ from graphrewrite.rewriting.model import FunctionIR, LoadedModel
 class Pruned:
     """``fir``'s graph pruned to the tensors ``wanted`` (``node:index`` names) need."""
 
-    def __init__(self, fir: FunctionIR, model: LoadedModel, wanted: Sequence[str]) -> None:
+    def __init__(self, fir: FunctionIR, model: LoadedModel, wanted: Sequence[str],
+                 rewritten: Sequence[Any] = (), functions: Sequence[Any] = ()) -> None:
+        """``rewritten``: NodeDefs that replace the graph's nodes of their names where the pruned
+        graph has them (their inputs as the originals' and new nodes among ``rewritten``), and
+        new nodes; ``functions``: FunctionDefs they call (graphrewrite.rewriting.loops.gram_loop)."""
         from tensorflow.core.framework import graph_pb2
 
         self.fir, self.model = fir, model
@@ -53,6 +57,22 @@ class Pruned:
             del proto.input[:]
             proto.input.extend(e.tensor for e in kept)
             self.fed.update(e.tensor for e in kept if e.node in self.provided)
+        replacing = {proto.name: proto for proto in rewritten}
+        for proto in self.stage.node:
+            if proto.name in replacing:  # a loop without control inputs (loops.loop_weight): all fed alike
+                proto.CopyFrom(replacing[proto.name])
+                proto.device = ""
+                if "_class" in proto.attr:
+                    del proto.attr["_class"]
+        self.stage.node.extend(p for p in rewritten if p.name not in graph)
+        self.stage.library.function.extend(functions)
+        if functions:
+            # import_graph_def records them in the tf.function's graph, but the runtime does not
+            # find new loop bodies there (NotFoundError at the first call, TensorFlow 2.21)
+            from tensorflow.python.eager import context
+
+            for function in functions:
+                context.context().add_function_def(function)
         self.wanted = [Edge.parse(name).tensor for name in wanted]
         self.computed = sorted({t for t in self.wanted if Edge.parse(t).node in needed})
 
@@ -73,10 +93,16 @@ class Pruned:
     def run(self, feeds: Mapping[str, Any], swap: Mapping[str, Any] | None = None,
             name: str = "replay") -> dict[str, Any]:
         """The ``wanted`` tensors, with the reads of the variables (keys) in ``swap`` reading the
-        values given there instead. Call inside the tf.function."""
+        values given there instead (tf.Variables: then a loop taking the weight's handle takes
+        theirs). Call inside the tf.function."""
         import tensorflow as tf
 
-        swapped = {f"{n}:0": tf.identity(swap[k]) for n, k in self.fir.reads.items() if k in (swap or {})}
+        swap = swap or {}
+        swapped = {f"{n}:0": tf.identity(swap[k]) for n, k in self.fir.reads.items() if k in swap}
+        # a loop that reads the weight through its handle (Keras 3 RNNs) reads the holder's
+        graph = tf.compat.v1.get_default_graph()
+        swapped.update({f"{n}:0": graph.capture(swap[k].handle) for n, k in self.fir.handles.items()
+                        if k in swap and hasattr(swap[k], "handle")})
         values = {**feeds, **swapped}
         results = tf.graph_util.import_graph_def(
             self.stage, input_map={t: values[t] for t in sorted(self.fed)}, return_elements=self.computed,

@@ -10,7 +10,11 @@ than it has features keeps the rows themselves (``whiten.RowGram``: no m x m pro
 N < m to form, and no m^3 Cholesky later); an embedding lookup's rows are one-hot, so its Gram is
 the diagonal of lookup counts (bincount in the graph). A weight read by several ops sums the
 statistics of all its readers (its output error is the sum of theirs); one read both as a table
-and as a matrix (tied) gets none.
+and as a matrix (tied) gets none. A weight a While loop multiplies in its body (a recurrent
+kernel) has its rows only inside the loop: the pass runs a copy of the loop that sums their Gram
+and count as extra loop variables (loops.gram_loop) and takes those outputs. Readers that no
+output depends on (Keras computes an RNN's first step before the loop for its shapes only) do
+not run and are left out.
 
 The pass runs a pruned copy of the flat signature function: only the ops the weights' inputs
 depend on, so the layers after the last weight are not even computed. It is a function of (loaded
@@ -34,8 +38,9 @@ import numpy as np
 
 from graphrewrite import views, whiten
 from graphrewrite.errors import CalibrationDataError, UsageError, first_line
-from graphrewrite.rewriting import calibration, replay, sandbox
+from graphrewrite.rewriting import calibration, loops, replay, sandbox
 from graphrewrite.rewriting.calibration import InputSpec
+from graphrewrite.rewriting.graph import Edge
 from graphrewrite.rewriting.match import Use, match_function
 from graphrewrite.rewriting.model import FunctionIR, LoadedModel
 from graphrewrite.rewriting.ops import ADAPTERS, Gather, OpAdapter
@@ -259,14 +264,17 @@ def collect(model: LoadedModel, data: Mapping[str, np.ndarray], signature: str,
     """
     fir = model.functions[f"signature:{signature}"]
     uses, _ = match_function(fir, dict(model.infos))
+    live = _live(fir)
+    uses = [u for u in uses if u.op in live]  # a product nothing reads does not run
     if only is not None:
         uses = [u for u in uses if u.variable in set(only)]
-    if replaced is not None:  # a lookup's rows (token ids) do not change with the weights before it
-        uses = [u for u in uses if not _lookup(fir.graph[u.op].op)]
+    if replaced is not None:  # a lookup's rows (token ids) do not change with the weights before it;
+        # a loop's weights are not replaced in the second copy (replay's limit)
+        uses = [u for u in uses if not _lookup(fir.graph[u.op].op) and fir.graph[u.op].op not in loops.LOOP_OPS]
     by_variable: dict[str, list[Use]] = {}
     for use in uses:
         by_variable.setdefault(use.variable, []).append(use)
-    missing = {key: reason for key, group in by_variable.items() if (reason := _unsupported(fir, group))}
+    missing = {key: reason for key, group in by_variable.items() if (reason := _unsupported(fir, model, group))}
     kept = [u for u in uses if u.variable not in missing]
     names = sorted(data)
     examples = len(data[names[0]])
@@ -353,14 +361,33 @@ def _batch(model: LoadedModel, signature: str, batch_size: int) -> int:
     return fixed.pop() if len(fixed) == 1 else batch_size
 
 
-def _unsupported(fir: FunctionIR, uses: Sequence[Use]) -> str | None:
+def _unsupported(fir: FunctionIR, model: LoadedModel, uses: Sequence[Use]) -> str | None:
     for use in uses:
         op = fir.graph[use.op].op
-        if not _lookup(op) and type(ADAPTERS[op]).activation_rows is OpAdapter.activation_rows:
+        if op in loops.LOOP_OPS:
+            found = loops.loop_weight(fir.graph, fir.graph[use.op], use.operand, model.infos[use.variable].dtype)
+            why = found if isinstance(found, str) else loops.gram_blocker(fir.graph, fir.graph[use.op], found)
+            if why:
+                return why
+        elif not _lookup(op) and type(ADAPTERS[op]).activation_rows is OpAdapter.activation_rows:
             return f"no calibration statistics for {op} inputs"
     if len({_lookup(fir.graph[u.op].op) for u in uses}) > 1 or len({u.m for u in uses}) > 1:
         return "read through different matrix views (a tied lookup table and LM head): no one Gram fits all"
     return None
+
+
+def _live(fir: FunctionIR) -> set[str]:
+    """The nodes the function's outputs depend on (Keras' RNNs compute a first step before their
+    loop only for its shapes: its products, which never run, must not add rows)."""
+    live: set[str] = set()
+    stack = [Edge.parse(name).node for name in fir.outputs]
+    while stack:
+        name = stack.pop()
+        if name in live or name not in fir.graph:
+            continue
+        live.add(name)
+        stack.extend(e.node for e in fir.graph[name].inputs)
+    return live
 
 
 def _lookup(op: str) -> bool:
@@ -381,8 +408,21 @@ def _rows_function(fir: FunctionIR, model: LoadedModel, uses: Sequence[Use], dty
     holders = {key: tf.Variable(tf.cast(value, model.variables[key].dtype), trainable=False)
                for key, value in (replaced or {}).items()}
     graph = fir.graph
-    activations = [graph[u.op].data_inputs[ADAPTERS[graph[u.op].op].activation_position(u.operand)] for u in uses]
-    pruned = replay.Pruned(fir, model, sorted({e.tensor for e in activations}))
+    # a loop's weights: the loop sums their Grams itself (loops.gram_loop); the tensors to take
+    # are its Gram and row-count outputs, named like an activation
+    rewritten, functions, loop_outputs = [], [], {}
+    for name in sorted({u.op for u in uses if graph[u.op].op in loops.LOOP_OPS}):
+        weights = {u.operand: (loops.loop_weight(graph, graph[name], u.operand, model.infos[u.variable].dtype), u.m)
+                   for u in uses if u.op == name}
+        nodes, library, indices = loops.gram_loop(graph, graph[name], weights)
+        rewritten += nodes
+        functions += library
+        loop_outputs.update({(name, pos): (Edge(name, g, False), Edge(name, r, False)) for pos, (g, r) in indices.items()})
+    activations = [loop_outputs[(u.op, u.operand)][0] if (u.op, u.operand) in loop_outputs else
+                   graph[u.op].data_inputs[ADAPTERS[graph[u.op].op].activation_position(u.operand)] for u in uses]
+    counts = {u.op + f"#{u.operand}": loop_outputs[(u.op, u.operand)][1] for u in uses if (u.op, u.operand) in loop_outputs}
+    pruned = replay.Pruned(fir, model, sorted({e.tensor for e in activations} | {e.tensor for e in counts.values()}),
+                           rewritten, functions)
     specs = [tf.TensorSpec([], tf.int32)] + [tf.TensorSpec([None, *shape[1:]], dtype)
                                              for shape, dtype in zip(shapes, dtypes)]
 
@@ -391,7 +431,9 @@ def _rows_function(fir: FunctionIR, model: LoadedModel, uses: Sequence[Use], dty
         feeds = pruned.feeds(inputs)
         tensors = pruned.run(feeds, name="calib")
         if replaced is None:
-            out = [_statistic(fir, model, use, tensors[edge.tensor], cap, tf.stack([number, i]), examples)
+            out = [(tensors[edge.tensor], tf.cast(tf.round(tensors[counts[f"{use.op}#{use.operand}"].tensor]), tf.int64),
+                    False) if f"{use.op}#{use.operand}" in counts else
+                   _statistic(fir, model, use, tensors[edge.tensor], cap, tf.stack([number, i]), examples)
                    for i, (use, edge, cap) in enumerate(zip(uses, activations, caps))]
         else:
             compressed = pruned.run(feeds, holders, name="calib_compressed")
