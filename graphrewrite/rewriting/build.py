@@ -136,17 +136,8 @@ class FunctionBuilder:
         return [e for e in node.inputs if e.node not in self._dead_nodes]
 
     def _live_nodes(self) -> set[str]:
-        graph = self.fir.graph
         self._dead_nodes = self._dead()
-        live: set[str] = set()
-        stack = [name.split(":")[0] for name in self.fir.outputs]
-        while stack:
-            name = stack.pop()
-            if name in live or name in self._dead_nodes:
-                continue
-            live.add(name)
-            stack.extend(e.node for e in graph[name].inputs)
-        return live
+        return self.fir.graph.upstream((name.split(":")[0] for name in self.fir.outputs), self._dead_nodes)
 
     def __call__(self, flat_inputs: Sequence[Any], site_reads: Mapping[str, Mapping[str, Any]]) -> list[Any]:
         import tensorflow as tf

@@ -7,7 +7,7 @@ themselves (the onnx-graphsurgeon idea: one thin wrapper around the serialized f
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Container, Iterable, Iterator
 from typing import Any
 
 import numpy as np
@@ -145,6 +145,19 @@ class Graph:
         if node is None or node.op != "Const":
             return None
         return node.attr("value")
+
+    def upstream(self, starts: Iterable[str], stop: Container[str] = ()) -> set[str]:
+        """The nodes ``starts`` (node names) depend on, themselves included, through data and
+        control edges, without entering ``stop`` or names the graph does not have."""
+        found: set[str] = set()
+        stack = list(starts)
+        while stack:
+            name = stack.pop()
+            if name in found or name in stop or name not in self.nodes:
+                continue
+            found.add(name)
+            stack.extend(e.node for e in self.nodes[name].inputs)
+        return found
 
     def topological_order(self) -> list[str]:
         """Node names with every producer before its consumers (data and control edges)."""

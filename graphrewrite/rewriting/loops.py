@@ -175,17 +175,23 @@ def rewrite_loop(graph: Graph, node: Node, inputs: Mapping[int, LoopInput]) -> t
             if shapes:
                 _set_shape(shapes.add(), spec.shapes[1])
             _factor(new_body, new_cond, pos, dtype, found)
-    if "_num_original_outputs" in loop.attr:
-        loop.attr["_num_original_outputs"].i = len(loop.attr["T"].list.type)
     loop.input.extend(feeds)
-    suffix = hashlib.sha256(new_body.SerializeToString(deterministic=True)
-                            + new_cond.SerializeToString(deterministic=True)).hexdigest()[:12]
-    new_body.signature.name = f"{body.signature.name}_graphrewrite_{suffix}"
-    new_cond.signature.name = f"{cond.signature.name}_graphrewrite_{suffix}"
-    loop.attr["body"].func.name = new_body.signature.name
-    loop.attr["cond"].func.name = new_cond.signature.name
+    _attach(loop, new_body, new_cond, "graphrewrite")
     proto.library.function.extend([new_body, new_cond])
     return proto, feeds
+
+
+def _attach(loop: Any, body: Any, cond: Any, tag: str) -> None:
+    """Names the rewritten ``body`` and ``cond`` after the originals, ``tag`` and a hash of their
+    content (two rewrites of one loop never share a name), and points the While ``loop`` at them."""
+    if "_num_original_outputs" in loop.attr:
+        loop.attr["_num_original_outputs"].i = len(loop.attr["T"].list.type)
+    suffix = hashlib.sha256(body.SerializeToString(deterministic=True)
+                            + cond.SerializeToString(deterministic=True)).hexdigest()[:12]
+    body.signature.name = f"{body.signature.name}_{tag}_{suffix}"
+    cond.signature.name = f"{cond.signature.name}_{tag}_{suffix}"
+    loop.attr["body"].func.name = body.signature.name
+    loop.attr["cond"].func.name = cond.signature.name
 
 
 def gram_blocker(graph: Graph, node: Node, found: LoopWeight) -> str | None:
@@ -278,16 +284,9 @@ def gram_loop(graph: Graph, node: Node, weights: Mapping[int, tuple[LoopWeight, 
             out = body.signature.output_arg.add()
             out.name, out.type = f"graphrewrite_{kind}_{pos}_out", float32
             body.ret[out.name] = refs[kind]
-    if "_num_original_outputs" in loop.attr:
-        loop.attr["_num_original_outputs"].i = len(loop.attr["T"].list.type)
     if "_output_shapes" in loop.attr:
         del loop.attr["_output_shapes"]
-    suffix = hashlib.sha256(body.SerializeToString(deterministic=True)
-                            + cond.SerializeToString(deterministic=True)).hexdigest()[:12]
-    body.signature.name = f"{body.signature.name}_graphrewrite_gram_{suffix}"
-    cond.signature.name = f"{cond.signature.name}_graphrewrite_gram_{suffix}"
-    loop.attr["body"].func.name = body.signature.name
-    loop.attr["cond"].func.name = cond.signature.name
+    _attach(loop, body, cond, "graphrewrite_gram")
     return nodes, [body, cond], outputs
 
 

@@ -30,8 +30,10 @@ like the calibration data that its factors were not fitted to. It is slightly op
 feedback: a refit's trial leaves the held-out rows out of its own Grams, but the rows it regresses
 on came through the weights before it with their factors fitted on all examples. Integer outputs
 (class ids) are not compared.
-Cost: per set one pass of the held-out examples through the signature, and the set's compressed
-weights sent to the sandbox (the three sets: up to three times the compressed weights' size).
+Cost: per set one pass of the held-out examples through the signature, and the compressed
+weights sent to the sandbox: the first pass's and the other sites' once, plain ones for the
+calibrated sites, error feedback's for the refitted ones (up to about twice the compressed
+weights' size).
 """
 
 from __future__ import annotations
@@ -83,8 +85,12 @@ def choose(model: LoadedModel, plan: RewritePlan, transform: Transform, initial:
         return views.invert_numpy(transform.numpy_dense(factors, site.size), site.view,
                                   model.infos[site.variable.key].shape).astype(np.float32)
 
+    # what the sets share goes once: the other sites, and the first pass's trial (error feedback's
+    # set differs from it in the refitted sites only)
     common = {s.variable.key: value(s.id, initial[s.id]) for s in plan.sites if s.id not in plain}
-    variants = [{by_id[sid].variable.key: value(sid, f) for sid, f in factors.items()} for factors in sets.values()]
+    common.update({by_id[sid].variable.key: value(sid, f) for sid, f in first_trial.items()})
+    variants = [{by_id[sid].variable.key: value(sid, f) for sid, f in factors.items() if f is not first_trial.get(sid)}
+                for factors in sets.values()]
     progress(f"calibration: checking the compressed model on the held-out examples ({', '.join(sets)})")
     results = dict(zip(sets, stats.check(common, variants)))
     kept, z = decide({name: r["scores"] for name, r in results.items()})

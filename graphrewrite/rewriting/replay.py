@@ -35,14 +35,7 @@ class Pruned:
         graph = fir.graph
         self.provided = ({Edge.parse(name).node for name in fir.inputs} | set(fir.handles) | set(fir.reads)
                          | set(fir.captures))
-        needed: set[str] = set()
-        stack = [Edge.parse(name).node for name in wanted]
-        while stack:
-            name = stack.pop()
-            if name in needed or name in self.provided:
-                continue
-            needed.add(name)
-            stack.extend(e.node for e in graph[name].inputs)
+        needed = graph.upstream((Edge.parse(name).node for name in wanted), self.provided)
         self.stage = graph_pb2.GraphDef()
         self.stage.versions.CopyFrom(graph.graph_def.versions)
         self.stage.library.CopyFrom(graph.graph_def.library)

@@ -379,15 +379,7 @@ def _unsupported(fir: FunctionIR, model: LoadedModel, uses: Sequence[Use]) -> st
 def _live(fir: FunctionIR) -> set[str]:
     """The nodes the function's outputs depend on (Keras' RNNs compute a first step before their
     loop only for its shapes: its products, which never run, must not add rows)."""
-    live: set[str] = set()
-    stack = [Edge.parse(name).node for name in fir.outputs]
-    while stack:
-        name = stack.pop()
-        if name in live or name not in fir.graph:
-            continue
-        live.add(name)
-        stack.extend(e.node for e in fir.graph[name].inputs)
-    return live
+    return fir.graph.upstream(Edge.parse(name).node for name in fir.outputs)
 
 
 def _lookup(op: str) -> bool:
