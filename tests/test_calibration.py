@@ -238,6 +238,9 @@ def test_cli_round_trip_on_the_digits_cnn(capsys, calibrated_cnn, digits):
     site = data["sites"][0]
     assert "output error on calibration data" in page
     assert f"{site['output_error_plain']:.4f} -&gt; {site['output_error']:.4f}" in page
+    assert "model check on 64 held-out calibration examples" in page and f"kept {check['kept']}" in page
+    code, text, _ = run(capsys, "diff", CNN, outs["calibrated"])
+    assert f"kept {check['kept']} (a less data-aware set" in text
     x_test, y_test = digits[1].reshape(-1, 8, 8, 1), digits[2]
     plain, calibrated = (one_shot_accuracy(outs[k], x_test, y_test) for k in ("plain", "calibrated"))
     assert calibrated >= plain + 0.05, (plain, calibrated)  # measured: 0.66 -> 0.83 at 29%

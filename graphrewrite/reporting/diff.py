@@ -50,7 +50,8 @@ the models' order unless noted::
       },
       "manifest": null | {                # the out model's graphrewrite manifest
         "method": str, "option": int, "hparams": {...}, "totals": {...},
-        "sites": [SITE], "skipped": [{"op": str, "op_type": str, "variable": str, "reason": str}]
+        "sites": [SITE], "skipped": [{"op": str, "op_type": str, "variable": str, "reason": str}],
+        "model_check": null | {...}      # with --calibration: options.calibration.model_check
       }
     }
     TENSOR   = {"dtype": str, "shape": [int | null] | null}          # null dim: unknown; null: unknown rank
@@ -74,7 +75,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, final
 
 from graphrewrite.errors import InputModelError
-from graphrewrite.reporting.report import table
+from graphrewrite.reporting.report import model_check_text, table
 from graphrewrite.rewriting import manifest as manifest_lib
 from graphrewrite.rewriting.graph import shape_dims
 from graphrewrite.rewriting.loader import tf1_trainable_names
@@ -346,6 +347,7 @@ def _manifest_part(data: dict[str, Any], variables: list[dict[str, Any]]) -> dic
         "sites": [_site(site, variables) for site in data["sites"]],
         "skipped": [{key: str(skip.get(key, "")) for key in ("op", "op_type", "variable", "reason")}
                     for skip in data["skipped"] if isinstance(skip, dict)],
+        "model_check": ((data.get("options") or {}).get("calibration") or {}).get("model_check"),
     }
 
 
@@ -488,4 +490,6 @@ def _manifest_lines(manifest: Mapping[str, Any]) -> list[str]:
     lines += [f"skipped {s['op']} ({s['variable']}): {s['reason']}" for s in manifest["skipped"]]
     lines.append(f"total: {len(manifest['sites'])} sites, {len(manifest['skipped'])} skipped, parameters of "
                  f"the rewritten weights {params_text(*site_params(manifest['sites']))}")
+    if manifest.get("model_check"):
+        lines.append(model_check_text(manifest["model_check"]))
     return lines

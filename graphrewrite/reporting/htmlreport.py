@@ -30,7 +30,7 @@ from graphrewrite.reporting.diff import (
     variable_text,
     variables_text,
 )
-from graphrewrite.reporting.report import calibration_text
+from graphrewrite.reporting.report import calibration_text, model_check_text
 
 _CHAR_W = 7.3  # advance of one 12px monospace character
 _LINE_H = 15
@@ -127,6 +127,8 @@ def _summary(result: Mapping[str, Any]) -> str:
         rows += [["rewritten sites", f"{len(manifest['sites'])} ({manifest['method']}, compression_option="
                                      f"{manifest['option']}), {len(manifest['skipped'])} skipped"],
                  ["parameters of the rewritten weights", params_text(*site_params(manifest["sites"]))]]
+        if manifest.get("model_check"):
+            rows.append(["model check (--calibration)", model_check_text(manifest["model_check"])])
     return _table(None, rows, "summary")
 
 
