@@ -248,3 +248,28 @@ def test_with_too_few_examples_the_check_says_it_did_not_run(digits, tmp_path, c
     assert check == {"checked": False, "why": "fewer than 4 batches of calibration examples: none to hold out"}
     code, text, _ = run(capsys, "inspect", str(tmp_path / "out"))
     assert "model check: not run (fewer than 4 batches" in text
+
+
+@pytest.mark.parametrize("name", ["keras3_multi_input", "tf1_builder", "keras3_mixed_precision"])
+def test_the_check_runs_on_other_model_kinds(model_factory, tmp_path, name):
+    """Two inputs and two outputs, TF1 VariableV2 weights, float16 compute: every float output
+    of the signature is measured, and the model's figure is the root of their squares' sum."""
+    import graphrewrite
+    from graphrewrite import hparams
+    from graphrewrite.rewriting import loader, statistics
+
+    path, _ = model_factory(name)
+    model = loader.load(path, ["serve"], name != "tf1_builder")
+    specs = statistics.input_specs(model, "serving_default")
+    rng = np.random.default_rng(0)
+    data = {s.name: rng.standard_normal((128, *s.shape[1:])).astype(s.dtype) for s in specs}
+    result = graphrewrite.compress(path, str(tmp_path / "out"), hparams.resolve(None, {"rank": 200}),
+                                   calibration=data)
+    check = result.manifest["options"]["calibration"]["model_check"]
+    outputs = sorted(model.signature_functions["serving_default"].structured_outputs)
+    assert check["checked"] and check["examples"] == 32
+    for name_, per_output in check["outputs"].items():
+        assert sorted(per_output) == outputs
+        assert np.isfinite(list(per_output.values())).all()
+        assert check["errors"][name_] == pytest.approx(np.sqrt(sum(v ** 2 for v in per_output.values())))
+    assert check["kept"] in check["errors"]
