@@ -107,6 +107,7 @@ def choose(model: LoadedModel, plan: RewritePlan, transform: Transform, initial:
 # say so beyond their noise: the mean per-example difference of their errors more than this many
 # standard errors below zero (about 2.3% of such differences by chance, one-sided).
 Z_TO_SWITCH = 2.0
+Z_CAP = 1e6
 
 
 def decide(scores: Mapping[str, np.ndarray]) -> tuple[str, dict[str, float]]:
@@ -120,7 +121,8 @@ def decide(scores: Mapping[str, np.ndarray]) -> tuple[str, dict[str, float]]:
         d = np.asarray(scores[name], np.float64) - np.asarray(scores[kept], np.float64)
         spread = np.std(d, ddof=1) / np.sqrt(len(d)) if len(d) > 1 else 0.0
         mean = float(np.mean(d)) if len(d) else 0.0
-        z[name] = mean / spread if spread > 0 else (0.0 if mean == 0 else float(np.copysign(np.inf, mean)))
+        # capped, so that the manifest stays plain JSON where all differences are equal
+        z[name] = float(np.clip(mean / spread, -Z_CAP, Z_CAP)) if spread > 0 else float(np.sign(mean) * Z_CAP)
         if z[name] < -Z_TO_SWITCH:
             kept = name
     return kept, z

@@ -105,13 +105,12 @@ class Statistics:
     held_rows: dict[str, int] = dataclasses.field(default_factory=dict)
     # (common, variants) -> each variant's model errors on the held-out examples, and how many
     # examples those are (set by ``calibrate``: graphrewrite.rewriting.modelcheck)
-    check: Callable[[Mapping[str, np.ndarray], Sequence[Mapping[str, np.ndarray]]], list[dict[str, float]]] | None = (
+    check: Callable[[Mapping[str, np.ndarray], Sequence[Mapping[str, np.ndarray]]], list[dict[str, Any]]] | None = (
         dataclasses.field(default=None, repr=False, compare=False))
     held_examples: int = 0
     # (replaced, only) -> Statistics: an error-feedback pass over the same data (set by ``calibrate``)
     rerun: Callable[[Mapping[str, np.ndarray], Sequence[str]], Statistics] | None = dataclasses.field(
         default=None, repr=False, compare=False)
-
 
     def fitted(self, key: str) -> whiten.Gram | None:
         """``key``'s Gram without the held-out batches (None where the pass had none or only those):
@@ -157,7 +156,7 @@ def calibrate(model: LoadedModel, source: calibration.Calibration, signature: st
     batch = _batch(model, signature, DEFAULT_BATCH)
     held = held_out(data, batch)
 
-    def check(common: Mapping[str, np.ndarray], variants: Sequence[Mapping[str, np.ndarray]]) -> list[dict[str, float]]:
+    def check(common: Mapping[str, np.ndarray], variants: Sequence[Mapping[str, np.ndarray]]) -> list[dict[str, Any]]:
         return sandbox.run("graphrewrite.rewriting.modelcheck:errors_job", input_dir, list(tags), object_based,
                            held, signature, batch, dict(common), [dict(v) for v in variants],
                            what=f"{input_dir}: the model check on held-out calibration examples", limits=limits)
@@ -269,7 +268,7 @@ def collect(model: LoadedModel, data: Mapping[str, np.ndarray], signature: str,
     if only is not None:
         uses = [u for u in uses if u.variable in set(only)]
     if replaced is not None:  # a lookup's rows (token ids) do not change with the weights before it;
-        # a loop's weights are not replaced in the second copy (replay's limit)
+        # a loop's weights have their rows inside the loop (the second copy does replace them)
         uses = [u for u in uses if not _lookup(fir.graph[u.op].op) and fir.graph[u.op].op not in loops.LOOP_OPS]
     by_variable: dict[str, list[Use]] = {}
     for use in uses:
@@ -412,7 +411,7 @@ def _rows_function(fir: FunctionIR, model: LoadedModel, uses: Sequence[Use], dty
         loop_outputs.update({(name, pos): (Edge(name, g, False), Edge(name, r, False)) for pos, (g, r) in indices.items()})
     activations = [loop_outputs[(u.op, u.operand)][0] if (u.op, u.operand) in loop_outputs else
                    graph[u.op].data_inputs[ADAPTERS[graph[u.op].op].activation_position(u.operand)] for u in uses]
-    counts = {u.op + f"#{u.operand}": loop_outputs[(u.op, u.operand)][1] for u in uses if (u.op, u.operand) in loop_outputs}
+    counts = {(u.op, u.operand): loop_outputs[(u.op, u.operand)][1] for u in uses if (u.op, u.operand) in loop_outputs}
     pruned = replay.Pruned(fir, model, sorted({e.tensor for e in activations} | {e.tensor for e in counts.values()}),
                            rewritten, functions)
     specs = [tf.TensorSpec([], tf.int32)] + [tf.TensorSpec([None, *shape[1:]], dtype)
@@ -423,8 +422,8 @@ def _rows_function(fir: FunctionIR, model: LoadedModel, uses: Sequence[Use], dty
         feeds = pruned.feeds(inputs)
         tensors = pruned.run(feeds, name="calib")
         if replaced is None:
-            out = [(tensors[edge.tensor], tf.cast(tf.round(tensors[counts[f"{use.op}#{use.operand}"].tensor]), tf.int64),
-                    False) if f"{use.op}#{use.operand}" in counts else
+            out = [(tensors[edge.tensor], tf.cast(tf.round(tensors[counts[(use.op, use.operand)].tensor]), tf.int64),
+                    False) if (use.op, use.operand) in counts else
                    _statistic(fir, model, use, tensors[edge.tensor], cap, tf.stack([number, i]), examples)
                    for i, (use, edge, cap) in enumerate(zip(uses, activations, caps))]
         else:
