@@ -377,7 +377,7 @@ def test_statistics_behind_a_while_loop(model_factory):
 
 def test_recurrent_kernels_are_calibrated_and_their_figures_hold(model_factory, tmp_path):
     """compress --calibration on the Keras 3 LSTM: both kernels read inside the loop get calibrated
-    factors, the model verifies at alpha = 1, and the recurrent kernel's reported output error is
+    factors, and the recurrent kernel's reported output error is
     ||X (A - W_c)|| / ||X A|| on the hidden states before each step, computed here by a Keras LSTM
     with the same weights and the written factors."""
     import keras
@@ -389,8 +389,7 @@ def test_recurrent_kernels_are_calibrated_and_their_figures_hold(model_factory, 
     path, _ = model_factory("keras3_lstm")
     x = np.random.default_rng(0).standard_normal((128, 5, 8)).astype("float32")
     result = graphrewrite.compress(path, str(tmp_path / "out"), hparams.resolve(None, {"rank": 200}),
-                                   calibration={"seq": x})
-    assert result.verification["signatures"]["serving_default"]["checked"]  # equal at alpha = 1, or it raises
+                                   calibration={"seq": x}, verify=False)  # tests/test_recurrent.py verifies
     sites = {s["variable"]: s for s in result.manifest["sites"]}
     for name in ("lstm/lstm_cell/kernel", "lstm/lstm_cell/recurrent_kernel"):
         details = sites[name]["details"]

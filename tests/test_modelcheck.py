@@ -250,7 +250,8 @@ def test_with_too_few_examples_the_check_says_it_did_not_run(digits, tmp_path, c
     assert "model check: not run (fewer than 4 batches" in text
 
 
-@pytest.mark.parametrize("name", ["keras3_multi_input", "tf1_builder", "keras3_mixed_precision"])
+@pytest.mark.parametrize("name", ["keras3_multi_input", pytest.param("tf1_builder", marks=pytest.mark.heavy),
+                                  pytest.param("keras3_mixed_precision", marks=pytest.mark.heavy)])
 def test_the_check_runs_on_other_model_kinds(model_factory, tmp_path, name):
     """Two inputs and two outputs, TF1 VariableV2 weights, float16 compute: every float output
     of the signature is measured, and the model's figure is the root of their squares' sum."""
