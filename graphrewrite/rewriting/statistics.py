@@ -121,7 +121,8 @@ class Statistics:
         gram = self.grams[key]
         if isinstance(gram, whiten.RowGram):  # the held-out rows come last (_Sum.result)
             return whiten.RowGram(gram.rows[:rows - held] * np.float32(np.sqrt(rows / (rows - held))))
-        return without(gram, rows, self.held[key], held)
+        part = self.held[key]  # rows where only row-keeping readers saw the held-out batches
+        return without(gram, rows, whiten.dense(part) if isinstance(part, whiten.RowGram) else part, held)
 
 
 def without(total: np.ndarray, rows: int, part: np.ndarray, part_rows: int) -> np.ndarray:
