@@ -127,8 +127,14 @@ def groups(by_level: Mapping[str, int], passes: int) -> list[list[str]]:
     return [sorted(k for k, lv in by_level.items() if lv == level) for level in chosen]
 
 
+def compressed_value(model: LoadedModel, transform: Transform, site: Any, factors: Mapping[str, np.ndarray]) -> np.ndarray:
+    """The weight of ``site`` as ``factors`` give it, in the variable's shape (float32)."""
+    return views.invert_numpy(transform.numpy_dense(factors, site.size), site.view,
+                              model.infos[site.variable.key].shape).astype(np.float32)
+
+
 def refine(model: LoadedModel, plan: RewritePlan, transform: Transform, initial: dict[str, dict[str, np.ndarray]],
-           passes: int, progress: Callable[[str], None]
+           passes: int, progress: Callable[[str], None], plain: Mapping[str, Mapping[str, np.ndarray]] | None = None
            ) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, np.ndarray]]]:
     """Refits the calibrated sites downstream of other sites, in place in ``initial`` (site id ->
     factor values). Returns, per refitted site id, its chained output errors (``whiten.chained_error``
@@ -137,7 +143,8 @@ def refine(model: LoadedModel, plan: RewritePlan, transform: Transform, initial:
     site id whose refit was kept, that refit fitted without the held-out batches (the trial that
     graphrewrite.rewriting.modelcheck checks the model with). A refit is kept only where it lowers
     that error (always, up to rounding, for low rank: it is the optimum) and where, fitted without
-    the pass's held-out batches, it lowers it on them too."""
+    the pass's held-out batches, it lowers it on them too. ``plain``: the sites' factors from the
+    weight alone where already computed (statistics.plain_factors)."""
     stats = model.calibration
     by_key = {site.variable.key: site for site in plan.sites}
     calibrated = [key for key, site in by_key.items() if site.size.details.get("factors") == "calibrated"
@@ -158,10 +165,8 @@ def refine(model: LoadedModel, plan: RewritePlan, transform: Transform, initial:
             candidates.append(key)
     chosen = groups({k: by_level[k] for k in candidates}, passes)
 
-    def compressed(key: str) -> np.ndarray:  # the weight as its current factors give it, variable-shaped
-        site = by_key[key]
-        return views.invert_numpy(transform.numpy_dense(initial[site.id], site.size), site.view,
-                                  model.infos[key].shape).astype(np.float32)
+    def compressed(key: str) -> np.ndarray:  # the weight as its current factors give it
+        return compressed_value(model, transform, by_key[key], initial[by_key[key].id])
 
     replaced = {key: compressed(key) for key in by_key} if chosen else {}  # updated as refits are kept
     for number, keys in enumerate(chosen, 1):
@@ -192,7 +197,8 @@ def refine(model: LoadedModel, plan: RewritePlan, transform: Transform, initial:
                 if trial is not None:
                     trials[site.id] = trial
             errors[site.id] = {"output_error": first if why else after, "output_error_first_pass": first,
-                               "output_error_plain": chained(transform.factorize(matrix, site.size), every),
+                               "output_error_plain": chained((plain or {}).get(site.id)
+                                                             or transform.factorize(matrix, site.size), every),
                                "feedback_level": by_level[key], **({"feedback": why} if why else {})}
     return errors, trials
 
@@ -220,4 +226,4 @@ def _held_out_check(transform: Transform, site: Any, matrix: np.ndarray, first: 
             f"against {before:.4f} with the first pass's factors"), trial
 
 
-__all__ = ["DEFAULT_PASSES", "MIN_ROWS_PER_FEATURE", "groups", "levels", "refine"]
+__all__ = ["DEFAULT_PASSES", "MIN_ROWS_PER_FEATURE", "compressed_value", "groups", "levels", "refine"]

@@ -45,9 +45,10 @@ import numpy as np
 
 from graphrewrite import views
 from graphrewrite.rewriting import replay
+from graphrewrite.rewriting.feedback import compressed_value
 from graphrewrite.rewriting.model import LoadedModel
 from graphrewrite.rewriting.plan import RewritePlan
-from graphrewrite.rewriting.statistics import HOLD_OUT_EVERY
+from graphrewrite.rewriting.statistics import HOLD_OUT_EVERY, plain_factors
 from graphrewrite.transforms import Transform
 
 PLAIN, FIRST_PASS, FEEDBACK = "plain", "first pass", "error feedback"
@@ -55,11 +56,13 @@ PLAIN, FIRST_PASS, FEEDBACK = "plain", "first pass", "error feedback"
 
 def choose(model: LoadedModel, plan: RewritePlan, transform: Transform, initial: dict[str, dict[str, np.ndarray]],
            first_pass: Mapping[str, Mapping[str, np.ndarray]], trials: Mapping[str, Mapping[str, np.ndarray]],
-           progress: Callable[[str], None]) -> dict[str, Any] | None:
+           progress: Callable[[str], None], plain: Mapping[str, Mapping[str, np.ndarray]] | None = None
+           ) -> dict[str, Any] | None:
     """Checks the model with each set of factors (see the module doc) and keeps the best in
     ``initial`` (site id -> factors; it holds error feedback's on entry, ``first_pass`` the first
     pass's, ``trials`` the kept refits fitted without the held-out batches). Returns what the
-    manifest records, or None without calibrated sites."""
+    manifest records, or None without calibrated sites. ``plain``: statistics.plain_factors, where
+    already computed."""
     stats = model.calibration
     sites = [s for s in plan.sites if s.size.details.get("factors") == "calibrated"]
     if stats is None or stats.check is None or not sites:
@@ -68,10 +71,10 @@ def choose(model: LoadedModel, plan: RewritePlan, transform: Transform, initial:
     if any(g is None for g in fitted.values()):
         return {"checked": False, "why": f"fewer than {HOLD_OUT_EVERY} batches of calibration examples: "
                                          "none to hold out"}
-    plain, first_trial = {}, {}
+    plain = dict(plain) if plain is not None else plain_factors(model, plan, transform)
+    first_trial = {}
     for site in sites:
         matrix = views.apply_numpy(model.variables[site.variable.key].numpy(), site.view).astype(np.float32)
-        plain[site.id] = transform.factorize(matrix, site.size)
         first_trial[site.id] = transform.factorize_calibrated(matrix, site.size, fitted[site.id])
     sets = {FIRST_PASS: first_trial, PLAIN: plain}
     refitted = [sid for sid in initial if initial[sid] is not first_pass.get(sid)]  # refine replaced them
@@ -81,9 +84,7 @@ def choose(model: LoadedModel, plan: RewritePlan, transform: Transform, initial:
     by_id = {s.id: s for s in plan.sites}
 
     def value(sid: str, factors: Mapping[str, np.ndarray]) -> np.ndarray:
-        site = by_id[sid]
-        return views.invert_numpy(transform.numpy_dense(factors, site.size), site.view,
-                                  model.infos[site.variable.key].shape).astype(np.float32)
+        return compressed_value(model, transform, by_id[sid], factors)
 
     # what the sets share goes once: the other sites, and the first pass's trial (error feedback's
     # set differs from it in the refitted sites only)

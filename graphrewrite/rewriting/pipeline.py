@@ -260,11 +260,12 @@ def _save_rewrite(model: Any, plan: RewritePlan, transform: Any, hparams: Mappin
     if model.calibration is not None:
         from graphrewrite.rewriting import feedback, modelcheck, statistics
 
-        first_pass = dict(initial)
+        first_pass, plain = dict(initial), statistics.plain_factors(model, plan, transform)
         chained, trials = feedback.refine(model, plan, transform, initial, plan.options["calibration"]["passes"],
-                                          progress)
-        check = modelcheck.choose(model, plan, transform, initial, first_pass, trials, progress)
-        statistics.record_errors(data["sites"], model, plan, transform, initial, modelcheck.notes(check, chained, plan))
+                                          progress, plain)
+        check = modelcheck.choose(model, plan, transform, initial, first_pass, trials, progress, plain)
+        statistics.record_errors(data["sites"], model, plan, transform, initial, modelcheck.notes(check, chained, plan),
+                                 plain)
         if check is not None:
             data["options"]["calibration"] = {**data["options"]["calibration"], "model_check": check}
     schedule = schedule_lib.Schedule.from_hparams(hparams)

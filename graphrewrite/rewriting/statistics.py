@@ -206,9 +206,21 @@ def mark_plan(plan: RewritePlan, stats: Statistics, passes: int) -> RewritePlan:
     return dataclasses.replace(plan, sites=tuple(sites), options=options)
 
 
+def plain_factors(model: LoadedModel, plan: RewritePlan, transform: Transform) -> dict[str, dict[str, np.ndarray]]:
+    """Site id -> the factors from the weight alone, for each calibrated site: what their errors are
+    compared with (record_errors, feedback.refine) and the model check's plain set."""
+    out = {}
+    for site in plan.sites:
+        if site.size.details.get("factors") == "calibrated":
+            matrix = views.apply_numpy(model.variables[site.variable.key].numpy(), site.view).astype(np.float32)
+            out[site.id] = transform.factorize(matrix, site.size)
+    return out
+
+
 def record_errors(sites: Sequence[dict[str, Any]], model: LoadedModel, plan: RewritePlan, transform: Transform,
                   initial: Mapping[str, Mapping[str, np.ndarray]],
-                  chained: Mapping[str, Mapping[str, Any]] | None = None) -> None:
+                  chained: Mapping[str, Mapping[str, Any]] | None = None,
+                  plain: Mapping[str, Mapping[str, np.ndarray]] | None = None) -> None:
     """Adds to each calibrated site of a manifest ``output_error`` (its factors' relative output
     error on the calibration rows, ``||X (A - W_c)|| / ||X A||``) and ``output_error_plain`` (the
     same for the factors computed from the weight alone). Sites refitted by error feedback
@@ -225,11 +237,11 @@ def record_errors(sites: Sequence[dict[str, Any]], model: LoadedModel, plan: Rew
         entry["details"].update(extra)  # why error feedback left it as it was
         gram = stats.grams[site.variable.key]
         matrix = views.apply_numpy(model.variables[site.variable.key].numpy(), site.view).astype(np.float32)
-        plain = transform.factorize(matrix, site.size)
+        alone = (plain or {}).get(site.id) or transform.factorize(matrix, site.size)
         entry["details"]["output_error"] = whiten.output_error(
             matrix, transform.numpy_dense(initial[site.id], site.size), gram)
         entry["details"]["output_error_plain"] = whiten.output_error(
-            matrix, transform.numpy_dense(plain, site.size), gram)
+            matrix, transform.numpy_dense(alone, site.size), gram)
 
 
 def input_specs(model: LoadedModel, signature: str) -> list[InputSpec]:
@@ -412,8 +424,8 @@ def _rows_function(fir: FunctionIR, model: LoadedModel, uses: Sequence[Use], dty
         loop_outputs.update({(name, pos): (Edge(name, g, False), Edge(name, r, False)) for pos, (g, r) in indices.items()})
     activations = [loop_outputs[(u.op, u.operand)][0] if (u.op, u.operand) in loop_outputs else
                    graph[u.op].data_inputs[ADAPTERS[graph[u.op].op].activation_position(u.operand)] for u in uses]
-    counts = {(u.op, u.operand): loop_outputs[(u.op, u.operand)][1] for u in uses if (u.op, u.operand) in loop_outputs}
-    pruned = replay.Pruned(fir, model, sorted({e.tensor for e in activations} | {e.tensor for e in counts.values()}),
+    pruned = replay.Pruned(fir, model, sorted({e.tensor for e in activations}
+                                              | {rows.tensor for _, rows in loop_outputs.values()}),
                            rewritten, functions)
     specs = [tf.TensorSpec([], tf.int32)] + [tf.TensorSpec([None, *shape[1:]], dtype)
                                              for shape, dtype in zip(shapes, dtypes)]
@@ -423,8 +435,8 @@ def _rows_function(fir: FunctionIR, model: LoadedModel, uses: Sequence[Use], dty
         feeds = pruned.feeds(inputs)
         tensors = pruned.run(feeds, name="calib")
         if replaced is None:
-            out = [(tensors[edge.tensor], tf.cast(tf.round(tensors[counts[(use.op, use.operand)].tensor]), tf.int64),
-                    False) if (use.op, use.operand) in counts else
+            out = [(tensors[edge.tensor], tf.cast(tf.round(tensors[loop_outputs[(use.op, use.operand)][1].tensor]),
+                                                  tf.int64), False) if (use.op, use.operand) in loop_outputs else
                    _statistic(fir, model, use, tensors[edge.tensor], cap, tf.stack([number, i]), examples)
                    for i, (use, edge, cap) in enumerate(zip(uses, activations, caps))]
         else:
@@ -520,5 +532,5 @@ def _rows(fir: FunctionIR, model: LoadedModel, use: Use, x: Any, cap: int, seed:
 
 
 
-__all__ = ["DEFAULT_BATCH", "Statistics", "calibrate", "check_method", "collect", "input_specs", "mark_plan",
-           "record_errors", "spectrum"]
+__all__ = ["DEFAULT_BATCH", "HOLD_OUT_EVERY", "Statistics", "calibrate", "check_method", "collect", "held_out",
+           "input_specs", "mark_plan", "plain_factors", "record_errors", "spectrum", "without"]
