@@ -183,13 +183,18 @@ def cli(verbose: bool) -> None:
 @click.option("--calibration-passes", "calibration_passes", type=click.IntRange(min=0), default=None, metavar="N",
               hidden=True, help="at most N error-feedback passes after the first: weights after other weights "
                                 "refitted to their inputs in the compressed model (default 4; 0: none)")
+@click.option("--distill-steps", "distill_steps", type=click.IntRange(min=0), default=0, metavar="N",
+              help="with --calibration: then N gradient steps on the factors so the compressed model's outputs "
+                   "match the original's on the examples (no labels) [default: 0]")
+@click.option("--distill-loss", "distill_loss", type=click.Choice(["mse", "softmax"]), default="mse",
+              show_default=True, help="what distillation minimises; softmax: outputs are logits (classifiers)")
 def compress(in_model: str, out_model: str, compression_hparams: str | None, method: str | None,
              tag_set: str, allow_unsafe_ops: bool, fast: bool, overwrite: bool, dry_run: bool,
              allow_empty: bool, allow_larger: bool, schedule_steps: int | None, schedule_start: int,
              as_json: bool, quiet: bool, show_progress: bool, energy: float | None, max_error: float | None,
              target_ratio: float | None, min_params: int, include: str | None, exclude: str | None,
              calibration: str | None, calibration_signature: str, calibration_passes: int | None,
-             **values: Any) -> None:
+             distill_steps: int, distill_loss: str, **values: Any) -> None:
     """Rewrite IN_MODEL into OUT_MODEL with compressed, alpha-gated weights.
 
     \b
@@ -204,10 +209,12 @@ def compress(in_model: str, out_model: str, compression_hparams: str | None, met
     from graphrewrite.reporting import report
     from graphrewrite.rewriting import pipeline
 
-    if calibration_passes is not None and calibration is None:
-        from graphrewrite.errors import UsageError
+    for name, given in (("--calibration-passes", calibration_passes is not None), ("--distill-steps", distill_steps),
+                        ("--distill-loss", distill_loss != "mse")):
+        if given and calibration is None:
+            from graphrewrite.errors import UsageError
 
-        raise UsageError("--calibration-passes needs --calibration")
+            raise UsageError(f"{name} needs --calibration")
     hp = _resolve(compression_hparams, method, values, (schedule_steps, schedule_start))
     selection = _selection(energy, max_error, target_ratio, min_params, include, exclude)
     _check_paths(in_model, None if dry_run else out_model, overwrite)
@@ -218,7 +225,7 @@ def compress(in_model: str, out_model: str, compression_hparams: str | None, met
         in_model, out_model, hp, tags=_tags(tag_set), verify=not fast, overwrite=overwrite,
         allow_unsafe_ops=allow_unsafe_ops, dry_run=dry_run, allow_larger=allow_larger, selection=selection,
         progress=progress, warn=_warning, allow_empty=allow_empty, calibration=calibration,
-        calibration_signature=calibration_signature,
+        calibration_signature=calibration_signature, distill_steps=distill_steps, distill_loss=distill_loss,
         **({} if calibration_passes is None else {"calibration_passes": calibration_passes}))
     if as_json:
         click.echo(json.dumps(report.compress_json(result), indent=1))

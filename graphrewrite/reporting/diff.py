@@ -52,6 +52,7 @@ the models' order unless noted::
         "method": str, "option": int, "hparams": {...}, "totals": {...},
         "sites": [SITE], "skipped": [{"op": str, "op_type": str, "variable": str, "reason": str}],
         "model_check": null | {...}      # with --calibration: options.calibration.model_check
+        "distill": null | {...}          # with --distill-steps: options.calibration.distill
       }
     }
     TENSOR   = {"dtype": str, "shape": [int | null] | null}          # null dim: unknown; null: unknown rank
@@ -75,7 +76,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, final
 
 from graphrewrite.errors import InputModelError
-from graphrewrite.reporting.report import model_check_text, table
+from graphrewrite.reporting.report import distill_text, model_check_text, table
 from graphrewrite.rewriting import manifest as manifest_lib
 from graphrewrite.rewriting.graph import shape_dims
 from graphrewrite.rewriting.loader import tf1_trainable_names
@@ -348,6 +349,7 @@ def _manifest_part(data: dict[str, Any], variables: list[dict[str, Any]]) -> dic
         "skipped": [{key: str(skip.get(key, "")) for key in ("op", "op_type", "variable", "reason")}
                     for skip in data["skipped"] if isinstance(skip, dict)],
         "model_check": ((data.get("options") or {}).get("calibration") or {}).get("model_check"),
+        "distill": ((data.get("options") or {}).get("calibration") or {}).get("distill"),
     }
 
 
@@ -492,4 +494,6 @@ def _manifest_lines(manifest: Mapping[str, Any]) -> list[str]:
                  f"the rewritten weights {params_text(*site_params(manifest['sites']))}")
     if manifest.get("model_check"):
         lines.append(model_check_text(manifest["model_check"]))
+    if "run" in (manifest.get("distill") or {}):
+        lines.append(distill_text(manifest["distill"]))
     return lines

@@ -30,7 +30,7 @@ from graphrewrite.reporting.diff import (
     variable_text,
     variables_text,
 )
-from graphrewrite.reporting.report import calibration_text, model_check_text
+from graphrewrite.reporting.report import calibration_text, distill_text, model_check_text
 
 _CHAR_W = 7.3  # advance of one 12px monospace character
 _LINE_H = 15
@@ -129,6 +129,8 @@ def _summary(result: Mapping[str, Any]) -> str:
                  ["parameters of the rewritten weights", params_text(*site_params(manifest["sites"]))]]
         if manifest.get("model_check"):
             rows.append(["model check (--calibration)", model_check_text(manifest["model_check"])])
+        if "run" in (manifest.get("distill") or {}):
+            rows.append(["distillation (--distill-steps)", distill_text(manifest["distill"])])
     return _table(None, rows, "summary")
 
 

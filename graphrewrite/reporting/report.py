@@ -129,6 +129,8 @@ def inspect_text(data: dict[str, Any]) -> str:
                    for s in data["sites"] if "feedback" in s.get("details", {}))
         if "model_check" in calibrated_with:
             out.append(model_check_text(calibrated_with["model_check"]))
+        if "run" in calibrated_with.get("distill", {}):
+            out.append(distill_text(calibrated_with["distill"]))
     if data["skipped"]:
         out.append("skipped:")
         out.extend(f"  {s['op']} ({s.get('variable')}): {s['reason']}" for s in data["skipped"])
@@ -152,6 +154,19 @@ def model_check_text(check: dict[str, Any]) -> str:
             f"needs z < -2 against the one standing; z: {z})")
 
 
+def distill_text(record: dict[str, Any]) -> str:
+    """One line on distillation (graphrewrite.rewriting.distill) as a manifest records it."""
+    if not record.get("run"):
+        return f"distillation: not run ({record.get('why', 'no reason recorded')})"
+    held = record["held_out"]
+    what = (f"kept the factors of step {record['best_step']} of {record['steps']}" if record["kept"] else
+            "not kept (no step lowered the held-out loss beyond noise): the factors before it stand")
+    return (f"distillation ({record['loss']} loss against the original model's outputs, {record['examples']} "
+            f"calibration examples, Adam {record['rate']:g}): held-out loss {held['before']:.4f} -> "
+            f"{held['after']:.4f} (z {record['z']:+.1f}); {what}; sites trained: {len(record['trained'])}"
+            + (f", without gradient: {', '.join(record['untouched'])}" if record["untouched"] else ""))
+
+
 def calibration_text(details: dict[str, Any]) -> str:
     """``plain -> calibrated`` output errors of a site, or why it has none."""
     if "output_error" in details:
@@ -159,6 +174,7 @@ def calibration_text(details: dict[str, Any]) -> str:
         if "feedback_level" in details:
             fed = (f" (level {details['feedback_level']}: refit not kept)" if "feedback" in details else
                    f" (fed back, level {details['feedback_level']}; first pass {details['output_error_first_pass']:.4f})")
+        fed += " (distilled)" if details.get("distilled") else ""
         return f"{details['output_error_plain']:.4f} -> {details['output_error']:.4f}{fed}"
     return f"- ({details['calibration']})" if "calibration" in details else "-"
 
@@ -279,8 +295,11 @@ def compress_text(result: Any, source: str) -> str:
         if fed := sum("feedback_level" in e and "refit not kept" not in e.get("feedback", "") for e in errors):
             lines.append(f"error feedback: {fed} of them refitted to their inputs in the compressed model "
                          "(their errors are those given the compressed weights before them)")
-    if check := (((result.manifest or {}).get("options") or {}).get("calibration") or {}).get("model_check"):
+    calibrated_with = ((result.manifest or {}).get("options") or {}).get("calibration") or {}
+    if check := calibrated_with.get("model_check"):
         lines.append(model_check_text(check))
+    if "run" in calibrated_with.get("distill", {}):
+        lines.append(distill_text(calibrated_with["distill"]))
     for skip in plan.skipped:
         lines.append(f"skipped {skip.op} ({skip.variable}): {skip.reason}")
     return "\n".join(printable(line) for line in lines)  # each one line, whatever the names hold

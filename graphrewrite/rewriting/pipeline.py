@@ -91,7 +91,8 @@ def plan_model(input_dir: str, hparams: Mapping[str, Any], tags: Sequence[str] =
                warn: Progress = _python_warning,
                probe: Callable[[], None] | None = None, calibration: Calibration | None = None,
                calibration_signature: str = "serving_default",
-               calibration_passes: int = DEFAULT_PASSES) -> tuple[Any, RewritePlan, Any]:
+               calibration_passes: int = DEFAULT_PASSES, distill_steps: int = 0,
+               distill_loss: str = "mse") -> tuple[Any, RewritePlan, Any]:
     """Scans, loads, calibrates (with ``calibration`` data: graphrewrite.rewriting.statistics) and plans;
     returns (loaded model, plan, transform).
 
@@ -139,7 +140,7 @@ def plan_model(input_dir: str, hparams: Mapping[str, Any], tags: Sequence[str] =
 
     plan = make_plan(model.functions.values(), model.infos, transform, selection, spectrum)
     if model.calibration is not None:
-        plan = statistics.mark_plan(plan, model.calibration, calibration_passes)
+        plan = statistics.mark_plan(plan, model.calibration, calibration_passes, distill_steps, distill_loss)
     return model, plan, transform
 
 
@@ -150,7 +151,8 @@ def compress(input_dir: str, output_dir: str, hparams: Mapping[str, Any], *,
              warn: Progress = _python_warning, allow_empty: bool = False,
              calibration: Calibration | None = None,
              calibration_signature: str = "serving_default",
-             calibration_passes: int = DEFAULT_PASSES) -> CompressResult:
+             calibration_passes: int = DEFAULT_PASSES, distill_steps: int = 0,
+             distill_loss: str = "mse") -> CompressResult:
     """Rewrites ``input_dir`` into ``output_dir`` (see the module docstring).
 
     Args:
@@ -175,9 +177,22 @@ def compress(input_dir: str, output_dir: str, hparams: Mapping[str, Any], *,
       calibration_passes: at most this many error-feedback passes after the first
         (graphrewrite.rewriting.feedback: sites after other sites refitted to their inputs in the
         compressed model); 0 fits every site to the original model's inputs only.
+      distill_steps: after the factorisation, this many gradient steps on every site's factors so
+        that the compressed model's outputs match the original's on the calibration examples
+        (graphrewrite.rewriting.distill); needs ``calibration``; 0: none.
+      distill_loss: what distillation minimises: ``mse`` (relative mean-square error of the
+        outputs) or ``softmax`` (outputs read as logits: cross-entropy against the original's).
     """
+    from graphrewrite.rewriting.distill import LOSSES
+
     if calibration_passes < 0:
         raise UsageError(f"--calibration-passes {calibration_passes}: must be 0 or more")
+    if distill_steps < 0:
+        raise UsageError(f"--distill-steps {distill_steps}: must be 0 or more")
+    if distill_steps and calibration is None:
+        raise UsageError("--distill-steps: needs --calibration (the examples it trains on)")
+    if distill_loss not in LOSSES:
+        raise UsageError(f"--distill-loss {distill_loss!r}: one of {', '.join(LOSSES)}")
     if not dry_run:
         check_output(input_dir, output_dir, overwrite)
     reference: dict[str, Any] = {}
@@ -194,7 +209,7 @@ def compress(input_dir: str, output_dir: str, hparams: Mapping[str, Any], *,
 
     model, plan, transform = plan_model(input_dir, hparams, tags, allow_unsafe_ops, progress, allow_larger,
                                         selection, warn, probe, calibration, calibration_signature,
-                                        calibration_passes)
+                                        calibration_passes, distill_steps, distill_loss)
     if dry_run:
         return CompressResult(None, plan, None, None)
     if not plan.sites and transform.option != 0 and not allow_empty:
@@ -258,16 +273,22 @@ def _save_rewrite(model: Any, plan: RewritePlan, transform: Any, hparams: Mappin
 
     initial = build_lib.factorize_all(model, plan, transform, progress)
     if model.calibration is not None:
-        from graphrewrite.rewriting import feedback, modelcheck, statistics
+        from graphrewrite.rewriting import distill, feedback, modelcheck, statistics
 
+        options = plan.options["calibration"]
         first_pass, plain = dict(initial), statistics.plain_factors(model, plan, transform)
-        chained, trials = feedback.refine(model, plan, transform, initial, plan.options["calibration"]["passes"],
-                                          progress, plain)
+        chained, trials = feedback.refine(model, plan, transform, initial, options["passes"], progress, plain)
         check = modelcheck.choose(model, plan, transform, initial, first_pass, trials, progress, plain)
-        statistics.record_errors(data["sites"], model, plan, transform, initial, modelcheck.notes(check, chained, plan),
-                                 plain)
+        notes = modelcheck.notes(check, chained, plan)
+        distilled = distill.distill(model, plan, transform, initial, options.get("distill", {}).get("steps", 0),
+                                    options.get("distill", {}).get("loss", "mse"), progress)
+        for sid in (distilled or {}).get("trained", []) if (distilled or {}).get("kept") else []:
+            notes[sid] = {**notes.get(sid, {}), "distilled": True}
+        statistics.record_errors(data["sites"], model, plan, transform, initial, notes, plain)
         if check is not None:
             data["options"]["calibration"] = {**data["options"]["calibration"], "model_check": check}
+        if distilled is not None:
+            data["options"]["calibration"]["distill"] = {**data["options"]["calibration"]["distill"], **distilled}
     schedule = schedule_lib.Schedule.from_hparams(hparams)
 
     def update_factory(root: Any, plan_: RewritePlan, transform_: Any) -> Any:

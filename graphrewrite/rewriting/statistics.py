@@ -64,12 +64,13 @@ ROWS_PER_FEATURE = 16
 HOLD_OUT_EVERY = 4
 
 
-def held_out(data: Mapping[str, np.ndarray], batch: int) -> dict[str, np.ndarray]:
+def held_out(data: Mapping[str, np.ndarray], batch: int, held: bool = True) -> dict[str, np.ndarray]:
     """The examples of the held-out batches (every HOLD_OUT_EVERY-th of ``batch`` examples, as
-    ``collect`` cuts them)."""
+    ``collect`` cuts them); with ``held`` False, those of the other batches."""
     examples = len(next(iter(data.values())))
     index = np.concatenate([np.arange(start, min(start + batch, examples)) for number, start in
-                            enumerate(range(0, examples, batch)) if number % HOLD_OUT_EVERY == HOLD_OUT_EVERY - 1]
+                            enumerate(range(0, examples, batch))
+                            if (number % HOLD_OUT_EVERY == HOLD_OUT_EVERY - 1) == held]
                            or [np.zeros(0, np.int64)])
     return {name: values[index] for name, values in data.items()}
 
@@ -108,6 +109,9 @@ class Statistics:
     check: Callable[[Mapping[str, np.ndarray], Sequence[Mapping[str, np.ndarray]]], list[dict[str, Any]]] | None = (
         dataclasses.field(default=None, repr=False, compare=False))
     held_examples: int = 0
+    # (transform, sites, factors, steps, loss, rate, seed) -> graphrewrite.rewriting.distill's
+    # result: the factors trained on the examples not held out (set by ``calibrate``)
+    distill: Callable[..., dict[str, Any]] | None = dataclasses.field(default=None, repr=False, compare=False)
     # (replaced, only) -> Statistics: an error-feedback pass over the same data (set by ``calibrate``)
     rerun: Callable[[Mapping[str, np.ndarray], Sequence[str]], Statistics] | None = dataclasses.field(
         default=None, repr=False, compare=False)
@@ -162,7 +166,15 @@ def calibrate(model: LoadedModel, source: calibration.Calibration, signature: st
                            held, signature, batch, dict(common), [dict(v) for v in variants],
                            what=f"{input_dir}: the model check on held-out calibration examples", limits=limits)
 
+    def distill(transform: Transform, sites: Sequence[Any], factors: Mapping[str, Mapping[str, np.ndarray]],
+                steps: int, loss: str, rate: float, seed: int) -> dict[str, Any]:
+        return sandbox.run("graphrewrite.rewriting.distill:distill_job", input_dir, list(tags), object_based,
+                           held_out(data, batch, held=False), held, signature, batch, transform, list(sites),
+                           dict(factors), steps, loss, rate, seed,
+                           what=f"{input_dir}: distilling the factors on the calibration examples", limits=limits)
+
     stats.rerun, stats.check, stats.held_examples = rerun, check, len(next(iter(held.values())))
+    stats.distill = distill
     return stats
 
 
@@ -188,10 +200,12 @@ def spectrum(matrix: np.ndarray, stats: Statistics | None, key: str) -> np.ndarr
     return None if gram is None else whiten.whitened_spectrum(matrix, gram)
 
 
-def mark_plan(plan: RewritePlan, stats: Statistics, passes: int) -> RewritePlan:
+def mark_plan(plan: RewritePlan, stats: Statistics, passes: int, distill_steps: int = 0,
+              distill_loss: str = "mse") -> RewritePlan:
     """The plan with each site whose weight has statistics marked ``factors: calibrated`` (and why
     the others are not), and the calibration (with at most ``passes`` error-feedback passes:
-    graphrewrite.rewriting.feedback) recorded in its options."""
+    graphrewrite.rewriting.feedback) and distillation (graphrewrite.rewriting.distill, where
+    ``distill_steps``) recorded in its options."""
     sites = []
     for site in plan.sites:
         key = site.variable.key
@@ -203,6 +217,8 @@ def mark_plan(plan: RewritePlan, stats: Statistics, passes: int) -> RewritePlan:
             site.size, details={**site.size.details, **extra})))
     options = {**plan.options, "calibration": {"signature": stats.signature, "examples": stats.examples,
                                                "damping": whiten.DAMPING, "passes": passes}}
+    if distill_steps:
+        options["calibration"]["distill"] = {"steps": distill_steps, "loss": distill_loss}
     return dataclasses.replace(plan, sites=tuple(sites), options=options)
 
 
@@ -225,12 +241,16 @@ def record_errors(sites: Sequence[dict[str, Any]], model: LoadedModel, plan: Rew
     error on the calibration rows, ``||X (A - W_c)|| / ||X A||``) and ``output_error_plain`` (the
     same for the factors computed from the weight alone). Sites refitted by error feedback
     (``chained``, from graphrewrite.rewriting.feedback.refine) get the errors given the compressed
-    sites before them instead, ``||X A - X~ W_c|| / ||X A||``, and their ``feedback_level``."""
+    sites before them instead, ``||X A - X~ W_c|| / ||X A||``, and their ``feedback_level``, unless
+    distillation (``distilled`` in ``chained``) trained their factors after: its errors are then
+    those of the distilled factors on the original rows."""
     stats = model.calibration
     for entry, site in zip(sites, plan.sites):
         if site.size.details.get("factors") != "calibrated":
             continue
-        extra = (chained or {}).get(site.id, {})
+        extra = dict((chained or {}).get(site.id, {}))
+        if extra.get("distilled"):  # error feedback's figures describe the factors before it
+            extra = {k: v for k, v in extra.items() if not k.startswith(("feedback_", "output_error"))}
         if "feedback_level" in extra:
             entry["details"].update(extra)
             continue
