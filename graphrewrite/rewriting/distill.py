@@ -23,8 +23,10 @@ alpha = 1 is the original model still.
   argmax and the softmax ignore what all logits of a row share; the mean-square error counts it,
   and at the CNN's 19% that is most of it (README): mse distillation leaves the CNN where it was,
   softmax takes it to 94%.
-- Optimiser: Adam (``DEFAULT_RATE``), batches of the calibration pass's size in a seeded order,
-  ``steps`` steps (epochs over the training examples as needed).
+- Optimiser: Adam with relative steps (``Adam``: each factor's step ``DEFAULT_RATE`` times its
+  initial root mean square), batches of the calibration pass's size in a seeded order, ``steps``
+  steps (epochs over the training examples as needed). Measured: 0.1 is the best of 0.03 / 0.1 /
+  0.3 on the digits CNN at 19% (89-92%, 94-95%, 83-85%) and on the encoder of the README's zoo.
 - Where it cannot run (a site's weight read inside a loop, whose gradient through the imported
   While the replay does not give; a site the signature does not reach keeps its factors) the
   manifest says why.
@@ -49,7 +51,7 @@ from graphrewrite.transforms import Transform
 LOSSES = ("mse", "softmax")
 # functional control flow: imported by the replay without the forward graphs its gradients need
 CONTROL_FLOW = frozenset({"While", "StatelessWhile", "If", "StatelessIf", "Case", "StatelessCase"})
-DEFAULT_RATE = 1e-2
+DEFAULT_RATE = 0.1
 BEFORE, AFTER = "before", "after"
 
 
@@ -98,11 +100,13 @@ def distill_job(input_dir: str, tags: Sequence[str], object_based: bool, train: 
 def train_factors(model: LoadedModel, train: Mapping[str, np.ndarray], held: Mapping[str, np.ndarray],
                   signature: str, batch: int, transform: Transform, sites: Sequence[tuple[str, str, Any, Any]],
                   factors: Mapping[str, Mapping[str, np.ndarray]], steps: int, loss: str, rate: float,
-                  seed: int) -> dict[str, Any]:
+                  seed: int, early_stopping: bool = True) -> dict[str, Any]:
     """``steps`` Adam steps on the factors of ``sites`` ((id, variable key, view as JSON, size
     plan)) from ``factors`` on the examples ``train``; returns the trained factors (``factors``),
     per held-out example the loss before and after (``scores``), how many examples trained, and
-    which sites got gradients (``trained``; the others, ``untouched``, keep theirs)."""
+    which sites got gradients (``trained``; the others, ``untouched``, keep theirs). With
+    ``early_stopping`` the factors returned are those after the epoch with the lowest held-out
+    loss (``best_step``; 0: the factors given), else those after the last step."""
     import tensorflow as tf
 
     if loss not in LOSSES:
@@ -197,7 +201,7 @@ def train_factors(model: LoadedModel, train: Mapping[str, np.ndarray], held: Map
         reached |= np.asarray([bool(r) for r in step(train_batches[index], targets[index])])
         if not queue or number == steps:  # an epoch's end: the held-out loss picks the step kept
             now = scores()
-            if float(np.mean(now)) < best[0]:
+            if float(np.mean(now)) < best[0] or (number == steps and not early_stopping):
                 best = (float(np.mean(now)), number, now, [v.numpy() for v in variables])
     for variable, value in zip(variables, best[3]):
         variable.assign(value)
@@ -213,13 +217,18 @@ def train_factors(model: LoadedModel, train: Mapping[str, np.ndarray], held: Map
 
 class Adam:
     """Adam (Kingma and Ba, the defaults beta 0.9 / 0.999, epsilon 1e-7 as Keras has them) on
-    ``variables``; written out so the sandbox needs TensorFlow alone."""
+    ``variables``, each step scaled by the variable's initial root mean square: Adam moves every
+    entry by about ``rate`` whatever its size, and the factors of a ResNet50's 53 weights are
+    smaller than a digits CNN's (0.01 absolute helped the CNN and made no step of ResNet50's
+    better); relative, one rate serves both. Written out so the sandbox needs TensorFlow alone."""
 
     def __init__(self, variables: Sequence[Any], rate: float, beta1: float = 0.9, beta2: float = 0.999,
                  epsilon: float = 1e-7) -> None:
         import tensorflow as tf
 
         self.variables, self.rate, self.beta1, self.beta2, self.epsilon = variables, rate, beta1, beta2, epsilon
+        # relative steps: each variable's step is ``rate`` times its initial root mean square
+        self.scales = [float(np.sqrt(np.mean(np.square(v.numpy(), dtype=np.float64)))) or 1.0 for v in variables]
         self.m = [tf.Variable(tf.zeros_like(v)) for v in variables]
         self.v = [tf.Variable(tf.zeros_like(v)) for v in variables]
         self.t = tf.Variable(0.0)
@@ -230,12 +239,12 @@ class Adam:
 
         t = self.t.assign_add(1.0)
         scale = self.rate * tf.sqrt(1.0 - self.beta2 ** t) / (1.0 - self.beta1 ** t)
-        for g, var, m, v in zip(grads, self.variables, self.m, self.v):
+        for g, var, m, v, size in zip(grads, self.variables, self.m, self.v, self.scales):
             if g is None:
                 continue
             m.assign(self.beta1 * m + (1.0 - self.beta1) * g)
             v.assign(self.beta2 * v + (1.0 - self.beta2) * tf.square(g))
-            var.assign_sub(scale * m / (tf.sqrt(v) + self.epsilon))
+            var.assign_sub(size * scale * m / (tf.sqrt(v) + self.epsilon))
 
 
 __all__ = ["Adam", "DEFAULT_RATE", "LOSSES", "distill", "distill_job", "train_factors"]
