@@ -16,7 +16,8 @@ Four parts (``--only`` runs one):
   (``keras.applications``, random weights, 64 x 64 inputs, no softmax): the relative output error
   ``||y_c - y||_F / ||y||_F`` at alpha = 0 on 128 held-out random inputs, calibrated on 512 others,
   at the same budget (the reference's rule, rank=200: the same k everywhere), first pass only and
-  with error feedback; the factor is calibrated (with feedback) / plain; compress's wall time.
+  with error feedback; the factor is calibrated (with feedback) / plain; compress's wall time; and
+  with distillation (the default then ``--distill-steps`` ZOO_DISTILL, mse loss).
 * ``cost`` (about two minutes alone): the calibration pass of 512 examples against the forward pass
   of the same examples, for the digits MLP and CNN and the test zoo's ResNet50 (32 x 32 inputs).
 
@@ -53,6 +54,7 @@ CURVE = (1, 2, 3, 5, 10, 20, 45)
 EXAMPLES = 512
 FEEDBACK = 4  # error-feedback passes (graphrewrite.rewriting.feedback.DEFAULT_PASSES)
 DISTILL = {"distill_steps": 1000, "distill_loss": "softmax"}  # the one-shot table's distilled column
+ZOO_DISTILL = {"encoder": 1000, "lstm": 1000, "resnet50_64": 200}  # --distill-steps (mse) in the zoo table
 
 
 def compress(src: str, out: str, hp: dict, ratio: float | None, calibration, passes: int | None = None,
@@ -231,19 +233,32 @@ def zoo(args, work: str, targets: common.Targets) -> None:
             if data is not None:
                 check = result.manifest["options"]["calibration"]["model_check"]
                 kept[label] = check.get("kept", "not checked")
+        out = os.path.join(work, f"{name}_distilled")
+        start = time.perf_counter()
+        done = compress(src, out, {"rank": 200}, None, calibration, None, distill_steps=ZOO_DISTILL[name],
+                        distill_loss="mse")
+        seconds["distilled"] = time.perf_counter() - start
+        record = done.manifest["options"]["calibration"]["distill"]
+        got = np.asarray(next(iter(at_alpha0(out).signatures["serving_default"](
+            **{k: tf.constant(v) for k, v in held_out.items()}).values())))
+        errors["distilled"] = float(np.linalg.norm(got - reference) / np.linalg.norm(reference))
+        distilled = (f"{errors['distilled']:.4f} ({ZOO_DISTILL[name]} steps, kept step {record['best_step']})"
+                     if record.get("kept") else
+                     f"{errors['distilled']:.4f} (not kept)" if record["run"] else f"not run: {record['why'][:40]}")
         factor = errors["calibrated"] / errors["plain"]
         ok = targets.check(factor < 1.0, f"{name}: calibrated/plain output error {factor:.3f}")
         rows.append([name, str(len(result.plan.sites)), f"{result.plan.params_after / result.plan.params_before:.0%}",
                      f"{errors['plain']:.4f}", f"{errors['first']:.4f}", f"{errors['calibrated']:.4f}",
                      f"{factor:.3f}", f"{kept['first']} / {kept['calibrated']}",
-                     *(f"{seconds[k]:.0f} s" for k in ("plain", "first", "calibrated")), ok])
+                     *(f"{seconds[k]:.0f} s" for k in ("plain", "first", "calibrated")), distilled,
+                     f"{seconds['distilled']:.0f} s", ok])
     print(f"# relative output error at alpha = 0 on 128 held-out random inputs, rank=200, calibrated on "
           f"{EXAMPLES} others (first pass only, and with at most {FEEDBACK} error-feedback passes); "
           f"compress's wall time (verify off); {common.machine()}")
     print(common.table(["model", "sites", "params kept", "plain SVD", "calibrated, first pass",
                         "calibrated, error feedback", "factor (feedback / plain)",
                         "model check kept (first pass / feedback runs)", "time plain", "first pass",
-                        "feedback", "target"], rows))
+                        "feedback", "distilled (mse)", "time distilled", "target"], rows))
 
 
 def cost_models(work: str) -> list[tuple[str, str, dict]]:

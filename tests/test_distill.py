@@ -67,6 +67,11 @@ def test_distillation_figures_are_the_written_models(distilled_cnn):
         expected = float(np.mean(_softmax_cross_entropy(y, y_c)))
         assert record["held_out"][figure] == pytest.approx(expected, rel=1e-3), name
     assert record["held_out"]["after"] < 0.7 * record["held_out"]["before"]
+    from graphrewrite.reporting import report
+
+    text = report.compress_text(results["distilled"], CNN)
+    assert "distilled factors serve the model's outputs" in text and "kept the factors of step" in text
+    assert "distilled factors serve" not in report.compress_text(results["calibrated"], CNN)
     # alpha = 1 is the original still: compress verified the written model
     assert all(v["checked"] and v["max_rel_diff_alpha1"] == 0.0
                for v in results["distilled"].verification["signatures"].values())
@@ -143,21 +148,30 @@ def test_mse_loss_against_an_independent_count(tmp_path, digits):  # noqa: F811
         assert record["held_out"][which] == pytest.approx(expected, rel=1e-3), name
 
 
-def test_control_flow_is_refused_in_the_manifest(model_factory, tmp_path):
-    """A Keras 3 LSTM reads its weights inside a While: distillation says why it did not run, and
-    compress writes the calibrated model all the same."""
+def test_a_keras3_lstm_is_distilled_through_its_loop(model_factory, tmp_path):
+    """compress --distill-steps on a Keras 3 LSTM (kernels read inside a While): every site is
+    trained, and the held-out figure after is the written model's mse at alpha = 0."""
+    import tensorflow as tf
     from test_calibration import random_calibration
 
-    path, _ = model_factory("keras3_lstm")
-    _, data = random_calibration(model_factory, "keras3_lstm", examples=128)
     import graphrewrite
     from graphrewrite import hparams
 
+    path, _ = model_factory("keras3_lstm")
+    _, data = random_calibration(model_factory, "keras3_lstm", examples=128)
     result = graphrewrite.compress(path, str(tmp_path / "out"), hparams.resolve(None, {"rank": 400}),
-                                   calibration=data, distill_steps=10)
+                                   calibration=data, distill_steps=40)
     record = result.manifest["options"]["calibration"]["distill"]
-    assert record["run"] is False and "control flow (While)" in record["why"], record
-    assert os.path.isfile(tmp_path / "out" / "saved_model.pb")
+    assert record["run"] and len(record["trained"]) == 3 and not record["untouched"], record
+    assert all(v["checked"] for v in result.verification["signatures"].values())
+    held = statistics.held_out(data, statistics.DEFAULT_BATCH)
+    train = statistics.held_out(data, statistics.DEFAULT_BATCH, held=False)
+    original = tf.saved_model.load(path).signatures["serving_default"]
+    model = at_alpha0(str(tmp_path / "out"))
+    y, y_train, y_c = (next(iter(f(**{k: tf.constant(v) for k, v in x.items()}).values())).numpy().astype(np.float64)
+                       for f, x in ((original, held), (original, train), (model.signatures["serving_default"], held)))
+    expected = float(np.mean(np.sum(np.square(y_c - y), axis=1) / (np.sum(np.square(y_train)) / len(y_train))))
+    assert record["held_out"]["after" if record["kept"] else "before"] == pytest.approx(expected, rel=1e-3)
 
 
 def test_cli_options_and_reports(capsys, tmp_path, digits):  # noqa: F811
@@ -261,3 +275,73 @@ def test_distillation_runs_on_other_model_kinds(model_factory, tmp_path, name):
     assert np.isfinite(list(record["held_out"].values())).all()
     assert record["held_out"]["after"] <= record["held_out"]["before"]
     assert all(v["checked"] for v in result.verification["signatures"].values())
+
+
+def test_gradients_reach_the_weights_a_loop_reads(model_factory):
+    """A Keras 3 LSTM reads its kernels inside a While through their handles: distillation swaps
+    them for variables holding the compressed values and carries their gradients on to the
+    factors. One Adam step moves an entry against the sign of the loss's slope, which central
+    differences of the forward loss (the held-out figure, itself checked against the written
+    models above) give independently."""
+    from graphrewrite import hparams, views
+    from graphrewrite.rewriting import build, distill, loader, pipeline
+
+    path, _ = model_factory("keras3_lstm")
+    model, plan, transform = pipeline.plan_model(path, hparams.resolve(None, {"rank": 400}))
+    fir = model.functions["signature:serving_default"]
+    sites = [(s.id, s.variable.key, views.to_json(s.view), s.size) for s in plan.sites]
+    names = {s.id: model.infos[s.variable.key].name for s in plan.sites}
+    loop_read = distill.loop_handles(replay_of(model, fir), fir, {s[1] for s in sites})
+    assert sorted(model.infos[k].name for k in loop_read) == ["lstm/lstm_cell/kernel", "lstm/lstm_cell/recurrent_kernel"]
+    initial = build.factorize_all(model, plan, transform, lambda _: None)
+    specs = statistics.input_specs(model, "serving_default")
+    data = {s.name: np.random.default_rng(0).standard_normal((32, *s.shape[1:])).astype(s.dtype) for s in specs}
+    fresh = loader.load(path, ["serve"], True)
+
+    def loss(factors):
+        got = distill.train_factors(fresh, data, data, "serving_default", 32, transform, sites, factors, 0, "mse",
+                                    0.1, 0)
+        return float(np.mean(got["scores"]["before"]))
+
+    moved = distill.train_factors(fresh, data, data, "serving_default", 32, transform, sites, initial, 1, "mse",
+                                  0.1, 0, early_stopping=False)
+    assert sorted(names[sid] for sid in moved["trained"]) == sorted(names.values())
+    rng = np.random.default_rng(1)
+    checked = 0
+    for sid in (s.id for s in plan.sites if s.variable.key in loop_read):
+        for factor in ("b", "c"):
+            start = initial[sid][factor]
+            for index in map(tuple, rng.integers(0, start.shape, (2, start.ndim))):
+                eps = 1e-2 * np.sqrt(np.mean(np.square(start)))
+                up, down = ({**initial, sid: {**initial[sid], factor: _nudged(start, index, d)}} for d in (eps, -eps))
+                slope = (loss(up) - loss(down)) / (2 * eps)
+                step = moved["factors"][sid][factor][index] - start[index]
+                if abs(slope) > 1e-4:
+                    assert np.sign(step) == -np.sign(slope), (names[sid], factor, index, slope, step)
+                    checked += 1
+    assert checked >= 4
+
+
+def replay_of(model, fir):
+    from graphrewrite.rewriting import replay
+
+    return replay.Pruned(fir, model, fir.outputs)
+
+
+def _nudged(array, index, delta):
+    out = array.copy()
+    out[index] += delta
+    return out
+
+
+def test_distillation_stops_itself_before_the_sandbox_limit(tmp_path, digits, monkeypatch):  # noqa: F811
+    """Far more steps than GRAPHREWRITE_RUN_TIMEOUT allows: the job stops at an epoch's end past
+    80% of it and compress writes what it had, saying so, instead of failing on a timeout."""
+    from graphrewrite.reporting import report
+
+    monkeypatch.setenv("GRAPHREWRITE_RUN_TIMEOUT", "15")
+    result = _compress(CNN, str(tmp_path / "out"), {"image": digits[0].reshape(-1, 8, 8, 1)}, 0.2,
+                       distill_steps=10**6, distill_loss="softmax")
+    record = result.manifest["options"]["calibration"]["distill"]
+    assert record["run"] and 0 < record["steps_run"] < 10**6 and record["steps_run"] % 6 == 0, record
+    assert f"stopped after {record['steps_run']} of 1000000 steps" in report.compress_text(result, CNN)

@@ -159,11 +159,14 @@ def distill_text(record: dict[str, Any]) -> str:
     if not record.get("run"):
         return f"distillation: not run ({record.get('why', 'no reason recorded')})"
     held = record["held_out"]
+    ran = record.get("steps_run", record["steps"])
+    stopped = (f"; stopped after {ran} of {record['steps']} steps at 80% of the sandbox's time "
+               "(GRAPHREWRITE_RUN_TIMEOUT)" if ran < record["steps"] else "")
     what = (f"kept the factors of step {record['best_step']} of {record['steps']}" if record["kept"] else
             "not kept (no step lowered the held-out loss beyond noise): the factors before it stand")
     return (f"distillation ({record['loss']} loss against the original model's outputs, {record['examples']} "
             f"calibration examples, Adam {record['rate']:g}): held-out loss {held['before']:.4f} -> "
-            f"{held['after']:.4f} (z {record['z']:+.1f}); {what}; sites trained: {len(record['trained'])}"
+            f"{held['after']:.4f} (z {record['z']:+.1f}); {what}{stopped}; sites trained: {len(record['trained'])}"
             + (f", without gradient: {', '.join(record['untouched'])}" if record["untouched"] else ""))
 
 
@@ -291,7 +294,9 @@ def compress_text(result: Any, source: str) -> str:
     if errors:
         lines.append(f"calibrated {len(errors)} site(s): relative output error of each weight on the calibration "
                      f"examples, mean {np.mean([e['output_error'] for e in errors]):.2%} (factors from the weight "
-                     f"alone: {np.mean([e['output_error_plain'] for e in errors]):.2%}); per site in inspect")
+                     f"alone: {np.mean([e['output_error_plain'] for e in errors]):.2%}); per site in inspect"
+                     + ("; distilled factors serve the model's outputs, not their weight's: the distillation "
+                        "line below has the model's figure" if any(e.get("distilled") for e in errors) else ""))
         if fed := sum("feedback_level" in e and "refit not kept" not in e.get("feedback", "") for e in errors):
             lines.append(f"error feedback: {fed} of them refitted to their inputs in the compressed model "
                          "(their errors are those given the compressed weights before them)")

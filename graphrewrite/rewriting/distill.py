@@ -27,9 +27,12 @@ alpha = 1 is the original model still.
   initial root mean square), batches of the calibration pass's size in a seeded order, ``steps``
   steps (epochs over the training examples as needed). Measured: 0.1 is the best of 0.03 / 0.1 /
   0.3 on the digits CNN at 19% (89-92%, 94-95%, 83-85%) and on the encoder of the README's zoo.
-- Where it cannot run (a site's weight read inside a loop, whose gradient through the imported
-  While the replay does not give; a site the signature does not reach keeps its factors) the
-  manifest says why.
+- Gradients: ``tf.gradients`` (a GradientTape does not see the ops ``import_graph_def`` makes),
+  through the imported graph's own ops, While loops included. A weight a loop reads through its
+  handle (Keras 3's RNNs) is swapped for a variable holding its compressed value, loaded before
+  each step; the loop's gradient for that variable is carried on to the factors by a second
+  ``tf.gradients`` (``grad_ys``). A site the signature does not reach keeps its factors
+  (``untouched``); an op without a gradient stops distillation, and the manifest says why.
 
 Cost: ``steps`` forward and backward passes of one batch through the signature, in the sandbox.
 """
@@ -42,15 +45,15 @@ from typing import Any
 import numpy as np
 
 from graphrewrite import views
-from graphrewrite.rewriting import replay
-from graphrewrite.rewriting.model import LoadedModel
+from graphrewrite.errors import first_line
+from graphrewrite.rewriting import loops, replay
+from graphrewrite.rewriting.graph import Edge
+from graphrewrite.rewriting.model import FunctionIR, LoadedModel
 from graphrewrite.rewriting.plan import RewritePlan
 from graphrewrite.rewriting.statistics import HOLD_OUT_EVERY
 from graphrewrite.transforms import Transform
 
 LOSSES = ("mse", "softmax")
-# functional control flow: imported by the replay without the forward graphs its gradients need
-CONTROL_FLOW = frozenset({"While", "StatelessWhile", "If", "StatelessIf", "Case", "StatelessCase"})
 DEFAULT_RATE = 0.1
 BEFORE, AFTER = "before", "after"
 
@@ -82,45 +85,52 @@ def distill(model: LoadedModel, plan: RewritePlan, transform: Transform, initial
             initial[sid] = factors
     return {"run": True, "steps": steps, "loss": loss, "rate": rate, "examples": result["examples"],
             "held_out": {name: float(np.mean(s)) for name, s in result["scores"].items()},
-            "z": z[BEFORE], "kept": kept == AFTER, "best_step": result["best_step"], "trained": result["trained"],
+            "z": z[BEFORE], "kept": kept == AFTER, "best_step": result["best_step"], "steps_run": result["steps_run"],
+            "trained": result["trained"],
             "untouched": result["untouched"]}
 
 
 def distill_job(input_dir: str, tags: Sequence[str], object_based: bool, train: Mapping[str, np.ndarray],
                 held: Mapping[str, np.ndarray], signature: str, batch: int, transform: Transform,
                 sites: Sequence[tuple[str, str, Any, Any]], factors: Mapping[str, Mapping[str, np.ndarray]],
-                steps: int, loss: str, rate: float, seed: int) -> dict[str, Any]:
-    """Sandbox job: loads the model and runs ``train_factors``."""
+                steps: int, loss: str, rate: float, seed: int, seconds: float | None = None) -> dict[str, Any]:
+    """Sandbox job: loads the model and runs ``train_factors`` (for at most about ``seconds``)."""
     from graphrewrite.rewriting import loader
 
     return train_factors(loader.load(input_dir, tags, object_based), train, held, signature, batch, transform,
-                         sites, factors, steps, loss, rate, seed)
+                         sites, factors, steps, loss, rate, seed, seconds=seconds)
 
 
 def train_factors(model: LoadedModel, train: Mapping[str, np.ndarray], held: Mapping[str, np.ndarray],
                   signature: str, batch: int, transform: Transform, sites: Sequence[tuple[str, str, Any, Any]],
                   factors: Mapping[str, Mapping[str, np.ndarray]], steps: int, loss: str, rate: float,
-                  seed: int, early_stopping: bool = True) -> dict[str, Any]:
+                  seed: int, early_stopping: bool = True, seconds: float | None = None) -> dict[str, Any]:
     """``steps`` Adam steps on the factors of ``sites`` ((id, variable key, view as JSON, size
     plan)) from ``factors`` on the examples ``train``; returns the trained factors (``factors``),
     per held-out example the loss before and after (``scores``), how many examples trained, and
     which sites got gradients (``trained``; the others, ``untouched``, keep theirs). With
     ``early_stopping`` the factors returned are those after the epoch with the lowest held-out
-    loss (``best_step``; 0: the factors given), else those after the last step."""
+    loss (``best_step``; 0: the factors given), else those after the last step. With ``seconds``,
+    training stops at the first epoch's end past that many seconds (``steps_run`` says where)."""
+    import time
+
     import tensorflow as tf
+
+    deadline = None if seconds is None else time.monotonic() + seconds
 
     if loss not in LOSSES:
         raise ValueError(f"distillation loss {loss!r}: one of {LOSSES}")
     fir = model.functions[f"signature:{signature}"]
     pruned = replay.Pruned(fir, model, fir.outputs)
-    flow = sorted({node.op for node in pruned.stage.node if node.op in CONTROL_FLOW})
-    if flow:
-        return {"why": f"the signature has control flow ({', '.join(flow)}): the replayed graph does not give "
-                       "gradients through it"}
     names = sorted(train)
     specs = [tf.TensorSpec([None, *train[n].shape[1:]], tf.as_dtype(train[n].dtype)) for n in names]
     holders = {sid: {name: tf.Variable(np.asarray(value, np.float32), name=f"{sid}_{name}")
                      for name, value in factors[sid].items()} for sid, _, _, _ in sites}
+    # weights a loop reads through their handle (Keras 3 RNNs) are swapped for a variable that
+    # holds the compressed value: loaded before each step, its gradient taken, then carried on
+    # to the factors (the loop's own gradient gives a read variable's, not a swapped tensor's)
+    looped = {k: tf.Variable(tf.zeros(model.infos[k].shape, model.variables[k].dtype), trainable=False)
+              for k in loop_handles(pruned, fir, {key for _, key, _, _ in sites})}
 
     def weights() -> dict[str, Any]:
         out = {}
@@ -130,13 +140,19 @@ def train_factors(model: LoadedModel, train: Mapping[str, np.ndarray], held: Map
             out[key] = tf.cast(value, model.variables[key].dtype)
         return out
 
+    @tf.function(autograph=False)
+    def load() -> None:
+        values = weights()
+        for key, holder in looped.items():
+            holder.assign(values[key])
+
     @tf.function(input_signature=specs, autograph=False)
     def original(*values: Any) -> Any:
         outputs = pruned.run(pruned.feeds(values), None, name="original")
         return [outputs[t] for t in pruned.wanted]
 
-    def compressed(values: Sequence[Any]) -> list[Any]:
-        outputs = pruned.run(pruned.feeds(values), weights(), name="compressed")
+    def compressed(values: Sequence[Any], current: Mapping[str, Any]) -> list[Any]:
+        outputs = pruned.run(pruned.feeds(values), {**current, **looped}, name="compressed")
         return [outputs[t] for t in pruned.wanted]
 
     def data_batches(data: Mapping[str, np.ndarray]) -> list[list[np.ndarray]]:
@@ -174,18 +190,25 @@ def train_factors(model: LoadedModel, train: Mapping[str, np.ndarray], held: Map
     @tf.function(input_signature=[specs, target_specs],
                  autograph=False)
     def step(values: Any, ys: Any) -> Any:
-        value = tf.reduce_mean(per_example(ys, compressed(values)))
+        current = weights()
+        value = tf.reduce_mean(per_example(ys, compressed(values, current)))
         # symbolic: a GradientTape does not see the ops import_graph_def makes
-        grads = tf.gradients(value, variables)
+        grads = tf.gradients(value, variables + list(looped.values()))
+        through = [(current[k], g) for k, g in zip(looped, grads[len(variables):]) if g is not None]
+        if through:  # the loops' weights: on to their factors
+            more = tf.gradients([w for w, _ in through], variables, grad_ys=[g for _, g in through])
+            grads = [a if b is None else b if a is None else a + b for a, b in zip(grads[:len(variables)], more)]
+        grads = grads[:len(variables)]
         adam.apply(grads)
         return [g is not None for g in grads]
 
     @tf.function(input_signature=[specs, target_specs],
                  autograph=False)
     def evaluate(values: Any, ys: Any) -> Any:
-        return per_example(ys, compressed(values))
+        return per_example(ys, compressed(values, weights()))
 
     def scores() -> np.ndarray:
+        load()
         return np.concatenate([np.asarray(evaluate(values, ys), np.float64)
                                for values, ys in zip(held_batches, held_targets)])
 
@@ -194,17 +217,26 @@ def train_factors(model: LoadedModel, train: Mapping[str, np.ndarray], held: Map
     order = np.random.default_rng(seed)
     queue: list[int] = []
     reached = np.zeros(len(variables), bool)
+    number = 0
     for number in range(1, steps + 1):
         if not queue:
             queue = list(order.permutation(len(train_batches)))
         index = queue.pop()
-        reached |= np.asarray([bool(r) for r in step(train_batches[index], targets[index])])
+        load()
+        try:
+            done = step(train_batches[index], targets[index])
+        except (LookupError, ValueError, TypeError, NotImplementedError) as exc:  # no gradient for an op
+            return {"why": f"no gradient through the model's graph: {type(exc).__name__}: {first_line(exc)}"}
+        reached |= np.asarray([bool(r) for r in done])
         if not queue or number == steps:  # an epoch's end: the held-out loss picks the step kept
             now = scores()
             if float(np.mean(now)) < best[0] or (number == steps and not early_stopping):
                 best = (float(np.mean(now)), number, now, [v.numpy() for v in variables])
+            if deadline is not None and time.monotonic() > deadline:
+                break
     for variable, value in zip(variables, best[3]):
         variable.assign(value)
+    load()
     after = best[2]
     trained, untouched, position = [], [], 0
     for sid, values in holders.items():
@@ -212,7 +244,19 @@ def train_factors(model: LoadedModel, train: Mapping[str, np.ndarray], held: Map
         position += len(values)
     return {"factors": {sid: {name: v.numpy() for name, v in holders[sid].items()} for sid in trained},
             "scores": {BEFORE: before, AFTER: after}, "examples": count, "trained": trained, "untouched": untouched,
-            "best_step": best[1]}
+            "best_step": best[1], "steps_run": number}
+
+
+def loop_handles(pruned: replay.Pruned, fir: FunctionIR, keys: set[str]) -> list[str]:
+    """The variable keys among ``keys`` whose handle a loop of the pruned graph takes."""
+    out = set()
+    for node in pruned.stage.node:
+        if node.op in loops.LOOP_OPS:
+            for name in node.input:
+                edge = Edge.parse(name)
+                if not edge.control and edge.node in fir.handles and fir.handles[edge.node] in keys:
+                    out.add(fir.handles[edge.node])
+    return sorted(out)
 
 
 class Adam:

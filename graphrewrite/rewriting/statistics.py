@@ -168,9 +168,11 @@ def calibrate(model: LoadedModel, source: calibration.Calibration, signature: st
 
     def distill(transform: Transform, sites: Sequence[Any], factors: Mapping[str, Mapping[str, np.ndarray]],
                 steps: int, loss: str, rate: float, seed: int) -> dict[str, Any]:
+        # the job stops itself at an epoch's end past 80% of the sandbox's time (what it had is kept)
+        seconds = 0.8 * (limits or sandbox.Limits.from_env()).seconds
         return sandbox.run("graphrewrite.rewriting.distill:distill_job", input_dir, list(tags), object_based,
                            held_out(data, batch, held=False), held, signature, batch, transform, list(sites),
-                           dict(factors), steps, loss, rate, seed,
+                           dict(factors), steps, loss, rate, seed, seconds,
                            what=f"{input_dir}: distilling the factors on the calibration examples", limits=limits)
 
     stats.rerun, stats.check, stats.held_examples = rerun, check, len(next(iter(held.values())))
