@@ -258,15 +258,13 @@ def test_distillation_runs_on_other_model_kinds(model_factory, tmp_path, name):
     """Two inputs and two outputs, TF1 VariableV2 weights, float16 compute, Einsum/BatchMatMul
     attention: the loss sums every float output, the held-out loss does not rise where the
     factors are kept, and the written model is the original at alpha = 1 (compress verifies)."""
+    from test_calibration import random_calibration
+
     import graphrewrite
     from graphrewrite import hparams
-    from graphrewrite.rewriting import loader
 
     path, _ = model_factory(name)
-    model = loader.load(path, ["serve"], name != "tf1_builder")
-    specs = statistics.input_specs(model, "serving_default")
-    rng = np.random.default_rng(0)
-    data = {s.name: rng.standard_normal((128, *s.shape[1:])).astype(s.dtype) for s in specs}
+    _, data = random_calibration(model_factory, name, examples=128)
     result = graphrewrite.compress(path, str(tmp_path / "out"), hparams.resolve(None, {"rank": 200}),
                                    calibration=data, distill_steps=30)
     record = result.manifest["options"]["calibration"]["distill"]
