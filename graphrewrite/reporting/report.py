@@ -163,10 +163,11 @@ def distill_text(record: dict[str, Any]) -> str:
     stopped = (f"; stopped after {ran} of {record['steps']} steps at 80% of the sandbox's time "
                "(GRAPHREWRITE_RUN_TIMEOUT)" if ran < record["steps"] else "")
     what = (f"kept the factors of step {record['best_step']} of {record['steps']}" if record["kept"] else
-            "not kept (no step lowered the held-out loss beyond noise): the factors before it stand")
+            "not kept (no epoch lowered the held-out loss beyond noise): the factors before it stand")
     return (f"distillation ({record['loss']} loss against the original model's outputs, {record['examples']} "
             f"calibration examples, Adam {record['rate']:g}): held-out loss {held['before']:.4f} -> "
-            f"{held['after']:.4f} (z {record['z']:+.1f}); {what}{stopped}; sites trained: {len(record['trained'])}"
+            f"{held['after']:.4f} (z {record['z']:+.1f}, kept below -2); {what}{stopped}; sites trained: "
+            f"{len(record['trained'])}"
             + (f", without gradient: {', '.join(record['untouched'])}" if record["untouched"] else ""))
 
 
