@@ -184,9 +184,9 @@ def cli(verbose: bool) -> None:
               hidden=True, help="at most N error-feedback passes after the first: weights after other weights "
                                 "refitted to their inputs in the compressed model (default 4; 0: none)")
 @click.option("--distill-steps", "distill_steps", type=click.IntRange(min=0), default=0, metavar="N",
-              help="with --calibration: then N gradient steps on the factors so the compressed model's outputs "
-                   "match the original's on the examples (no labels) [default: 0]")
-@click.option("--distill-loss", "distill_loss", type=click.Choice(["mse", "softmax"]), default="mse",
+              help="with --calibration: then train the factors N steps to give the original's outputs "
+                   "(--distill-loss softmax for logits)")
+@click.option("--distill-loss", "distill_loss", type=click.Choice(["mse", "softmax"]), default="mse", hidden=True,
               show_default=True, help="what distillation minimises; softmax: outputs are logits (classifiers)")
 def compress(in_model: str, out_model: str, compression_hparams: str | None, method: str | None,
              tag_set: str, allow_unsafe_ops: bool, fast: bool, overwrite: bool, dry_run: bool,

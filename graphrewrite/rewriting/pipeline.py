@@ -282,13 +282,16 @@ def _save_rewrite(model: Any, plan: RewritePlan, transform: Any, hparams: Mappin
         notes = modelcheck.notes(check, chained, plan)
         distilled = distill.distill(model, plan, transform, initial, options.get("distill", {}).get("steps", 0),
                                     options.get("distill", {}).get("loss", "mse"), progress)
-        for sid in (distilled or {}).get("trained", []) if (distilled or {}).get("kept") else []:
-            notes[sid] = {**notes.get(sid, {}), "distilled": True}
+        if distilled is not None and distilled.get("kept"):
+            for sid in distilled["trained"]:
+                notes[sid] = {**notes.get(sid, {}), "distilled": True}
         statistics.record_errors(data["sites"], model, plan, transform, initial, notes, plain)
+        recorded = dict(data["options"]["calibration"])  # plan.options stays as it was
         if check is not None:
-            data["options"]["calibration"] = {**data["options"]["calibration"], "model_check": check}
+            recorded["model_check"] = check
         if distilled is not None:
-            data["options"]["calibration"]["distill"] = {**data["options"]["calibration"]["distill"], **distilled}
+            recorded["distill"] = {**recorded["distill"], **distilled}
+        data["options"]["calibration"] = recorded
     schedule = schedule_lib.Schedule.from_hparams(hparams)
 
     def update_factory(root: Any, plan_: RewritePlan, transform_: Any) -> Any:
