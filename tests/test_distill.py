@@ -343,3 +343,31 @@ def test_distillation_stops_itself_before_the_sandbox_limit(tmp_path, digits, mo
     record = result.manifest["options"]["calibration"]["distill"]
     assert record["run"] and 0 < record["steps_run"] < 10**6 and record["steps_run"] % 6 == 0, record
     assert f"stopped after {record['steps_run']} of 1000000 steps" in report.compress_text(result, CNN)
+
+
+def test_a_signature_without_float_outputs_is_not_distilled(tmp_path):
+    """Only class ids come out (argmax): nothing to match, the manifest says so, compress writes
+    the calibrated model."""
+    import tensorflow as tf
+
+    import graphrewrite
+    from graphrewrite import hparams
+
+    class Classifier(tf.Module):
+        def __init__(self):
+            super().__init__()
+            self.kernel = tf.Variable(np.random.default_rng(0).standard_normal((64, 48)).astype(np.float32))
+
+        @tf.function(input_signature=[tf.TensorSpec([None, 64], tf.float32)])
+        def serve(self, x):
+            return {"label": tf.argmax(tf.matmul(x, self.kernel), axis=1)}
+
+    model = Classifier()
+    path = str(tmp_path / "ids")
+    tf.saved_model.save(model, path, signatures={"serving_default": model.serve})
+    data = {"x": np.random.default_rng(1).standard_normal((128, 64)).astype(np.float32)}
+    result = graphrewrite.compress(path, str(tmp_path / "out"), hparams.resolve(None, {"rank": 400}),
+                                   calibration=data, distill_steps=10)
+    record = result.manifest["options"]["calibration"]["distill"]
+    assert record["run"] is False and "no float outputs" in record["why"], record
+    assert os.path.isfile(tmp_path / "out" / "saved_model.pb")

@@ -166,6 +166,8 @@ def train_factors(model: LoadedModel, train: Mapping[str, np.ndarray], held: Map
     targets = [[y.numpy() for y in original(*values)] for values in train_batches]
     held_targets = [[y.numpy() for y in original(*values)] for values in held_batches]
     floating = [np.issubdtype(y.dtype, np.floating) for y in targets[0]] if targets else []
+    if not any(floating):
+        return {"why": f"signature {signature!r} has no float outputs to match (integer outputs are not compared)"}
     # the mse terms' scale: each output's mean square over the training examples
     count = len(train[names[0]])
     scale = [max(sum(float(np.sum(np.square(ys[i].astype(np.float64)))) for ys in targets) / count, 1e-30)
