@@ -321,14 +321,17 @@ def inspect(model: str, compression_hparams: str | None, method: str | None, tag
 def diff(in_model: str, out_model: str, tag_set: str, as_json: bool, html_file: str | None) -> None:
     """Show what the rewrite changed between IN_MODEL and OUT_MODEL (read as protobufs, never run)."""
     from graphrewrite.reporting import diff as diff_lib
+    from graphrewrite.rewriting import manifest
 
     result = diff_lib.diff_models(in_model, out_model, tags=_tags(tag_set))
-    if html_file:
-        from graphrewrite.reporting import htmlreport
+    with manifest.damage_guard(out_model):  # a hand-edited manifest's records: one line
+        if html_file:
+            from graphrewrite.reporting import htmlreport
 
-        htmlreport.write_html(result, html_file)
-        click.echo(f"wrote {html_file}", err=True)
-    click.echo(json.dumps(result, indent=1) if as_json else diff_lib.diff_text(result))
+            htmlreport.write_html(result, html_file)
+            click.echo(f"wrote {html_file}", err=True)
+        text = json.dumps(result, indent=1) if as_json else diff_lib.diff_text(result)
+    click.echo(text)
 
 
 @cli.command(context_settings=CONTEXT)

@@ -371,3 +371,24 @@ def test_a_signature_without_float_outputs_is_not_distilled(tmp_path):
     record = result.manifest["options"]["calibration"]["distill"]
     assert record["run"] is False and "no float outputs" in record["why"], record
     assert os.path.isfile(tmp_path / "out" / "saved_model.pb")
+
+
+@pytest.mark.parametrize("record", [{"run": True, "held_out": "x"}, {"run": True, "steps": "many"}, ["run"]])
+def test_a_hand_edited_distill_record_is_one_line(capsys, distilled_cnn, tmp_path, record):
+    """inspect and diff (text and --html) read the record from the model's manifest: a damaged
+    one is one line and exit status 3, never a traceback or an internal error."""
+    import glob
+    import shutil
+
+    root, _, _ = distilled_cnn
+    model = str(tmp_path / "edited")
+    shutil.copytree(root / "distilled", model)
+    (path,) = glob.glob(os.path.join(model, "assets", "*manifest*"))
+    with open(path, encoding="utf-8") as f:
+        data = json.load(f)
+    data["options"]["calibration"]["distill"] = record
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(data, f)
+    for argv in (["inspect", model], ["diff", CNN, model], ["diff", CNN, model, "--html", str(tmp_path / "d.html")]):
+        code, _, err = run(capsys, *argv)
+        assert code == 3 and err.count("\n") == 1 and "damaged graphrewrite manifest" in err, (argv, err)
