@@ -51,6 +51,7 @@ from graphrewrite.errors import first_line
 from graphrewrite.rewriting import loops, replay
 from graphrewrite.rewriting.graph import Edge
 from graphrewrite.rewriting.model import FunctionIR, LoadedModel
+from graphrewrite.rewriting.modelcheck import decide
 from graphrewrite.rewriting.plan import RewritePlan
 from graphrewrite.rewriting.statistics import HOLD_OUT_EVERY
 from graphrewrite.transforms import Transform
@@ -78,8 +79,6 @@ def distill(model: LoadedModel, plan: RewritePlan, transform: Transform, initial
     result = stats.distill(transform, sites, {sid: dict(f) for sid, f in initial.items()}, steps, loss, rate, seed)
     if "why" in result:
         return {"run": False, "why": result["why"]}
-    from graphrewrite.rewriting.modelcheck import decide
-
     # the factors before stand unless the distilled ones are better on the held-out examples beyond
     # their noise (with early stopping their mean is lower whenever a step was kept)
     kept, z = decide({BEFORE: result["scores"][BEFORE], AFTER: result["scores"][AFTER]})
@@ -135,19 +134,26 @@ def train_factors(model: LoadedModel, train: Mapping[str, np.ndarray], held: Map
     looped = {k: tf.Variable(tf.zeros(model.infos[k].shape, model.variables[k].dtype), trainable=False)
               for k in loop_handles(pruned, fir, {key for _, key, _, _ in sites})}
 
-    def weights() -> dict[str, Any]:
+    def weights(keys: Any = None) -> dict[str, Any]:
+        """Variable key -> the compressed weight its trainable factors give (of ``keys``; None: all)."""
         out = {}
         for sid, key, view, size in sites:
+            if keys is not None and key not in keys:
+                continue
             dense = transform.dense(holders[sid], size)
             value = views.invert_tf(dense, views.from_json(view), model.infos[key].shape)
             out[key] = tf.cast(value, model.variables[key].dtype)
         return out
 
     @tf.function(autograph=False)
-    def load() -> None:
-        values = weights()
+    def fill() -> None:
+        values = weights(looped)
         for key, holder in looped.items():
             holder.assign(values[key])
+
+    def load() -> None:  # the loops' holders, from the factors now held
+        if looped:
+            fill()
 
     @tf.function(input_signature=specs, autograph=False)
     def original(*values: Any) -> Any:
@@ -241,7 +247,6 @@ def train_factors(model: LoadedModel, train: Mapping[str, np.ndarray], held: Map
                 break
     for variable, value in zip(variables, best[3]):
         variable.assign(value)
-    load()
     after = best[2]
     trained, untouched, position = [], [], 0
     for sid, values in holders.items():

@@ -280,8 +280,9 @@ def _save_rewrite(model: Any, plan: RewritePlan, transform: Any, hparams: Mappin
         chained, trials = feedback.refine(model, plan, transform, initial, options["passes"], progress, plain)
         check = modelcheck.choose(model, plan, transform, initial, first_pass, trials, progress, plain)
         notes = modelcheck.notes(check, chained, plan)
-        distilled = distill.distill(model, plan, transform, initial, options.get("distill", {}).get("steps", 0),
-                                    options.get("distill", {}).get("loss", "mse"), progress)
+        asked = options.get("distill", {})  # statistics.mark_plan records it where --distill-steps
+        distilled = distill.distill(model, plan, transform, initial, asked.get("steps", 0), asked.get("loss", "mse"),
+                                    progress)
         if distilled is not None and distilled.get("kept"):
             for sid in distilled["trained"]:
                 notes[sid] = {**notes.get(sid, {}), "distilled": True}
