@@ -164,8 +164,12 @@ def distill_text(record: dict[str, Any]) -> str:
                "(GRAPHREWRITE_RUN_TIMEOUT)" if ran < record["steps"] else "")
     what = (f"kept the factors of step {record['best_step']} of {record['steps']}" if record["kept"] else
             "not kept (no epoch lowered the held-out loss beyond noise): the factors before it stand")
+    mixup = record.get("mixup")  # absent from records before mixup: those trained on the examples only
+    mixed = (" and mixed pairs of them (mixup)" if mixup is True else
+             f" (no mixup: {mixup})" if isinstance(mixup, str) else "")
+    schedule = ", cosine decay" if record.get("schedule") == "cosine" else ""
     return (f"distillation ({record['loss']} loss against the original model's outputs, {record['examples']} "
-            f"calibration examples, Adam {record['rate']:g}): held-out loss {held['before']:.4f} -> "
+            f"calibration examples{mixed}, Adam {record['rate']:g}{schedule}): held-out loss {held['before']:.4f} -> "
             f"{held['after']:.4f} (z {record['z']:+.1f}, kept below -2); {what}{stopped}; sites trained: "
             f"{len(record['trained'])}"
             + (f", without gradient: {', '.join(record['untouched'])}" if record["untouched"] else ""))

@@ -92,7 +92,7 @@ def plan_model(input_dir: str, hparams: Mapping[str, Any], tags: Sequence[str] =
                probe: Callable[[], None] | None = None, calibration: Calibration | None = None,
                calibration_signature: str = "serving_default",
                calibration_passes: int = DEFAULT_PASSES, distill_steps: int = 0,
-               distill_loss: str = "mse") -> tuple[Any, RewritePlan, Any]:
+               distill_loss: str = "mse", distill_mixup: bool = True) -> tuple[Any, RewritePlan, Any]:
     """Scans, loads, calibrates (with ``calibration`` data: graphrewrite.rewriting.statistics) and plans;
     returns (loaded model, plan, transform).
 
@@ -140,7 +140,8 @@ def plan_model(input_dir: str, hparams: Mapping[str, Any], tags: Sequence[str] =
 
     plan = make_plan(model.functions.values(), model.infos, transform, selection, spectrum)
     if model.calibration is not None:
-        plan = statistics.mark_plan(plan, model.calibration, calibration_passes, distill_steps, distill_loss)
+        plan = statistics.mark_plan(plan, model.calibration, calibration_passes, distill_steps, distill_loss,
+                                    distill_mixup)
     return model, plan, transform
 
 
@@ -152,7 +153,7 @@ def compress(input_dir: str, output_dir: str, hparams: Mapping[str, Any], *,
              calibration: Calibration | None = None,
              calibration_signature: str = "serving_default",
              calibration_passes: int = DEFAULT_PASSES, distill_steps: int = 0,
-             distill_loss: str = "mse") -> CompressResult:
+             distill_loss: str = "mse", distill_mixup: bool = True) -> CompressResult:
     """Rewrites ``input_dir`` into ``output_dir`` (see the module docstring).
 
     Args:
@@ -182,6 +183,8 @@ def compress(input_dir: str, output_dir: str, hparams: Mapping[str, Any], *,
         (graphrewrite.rewriting.distill); needs ``calibration``; 0: none.
       distill_loss: what distillation minimises: ``mse`` (relative mean-square error of the
         outputs) or ``softmax`` (outputs read as logits: cross-entropy against the original's).
+      distill_mixup: distillation trains on mixed pairs of examples (mixup, with the original's
+        outputs for them) where every input of the signature is float; False: on the examples only.
     """
     from graphrewrite.rewriting.distill import LOSSES
 
@@ -209,7 +212,7 @@ def compress(input_dir: str, output_dir: str, hparams: Mapping[str, Any], *,
 
     model, plan, transform = plan_model(input_dir, hparams, tags, allow_unsafe_ops, progress, allow_larger,
                                         selection, warn, probe, calibration, calibration_signature,
-                                        calibration_passes, distill_steps, distill_loss)
+                                        calibration_passes, distill_steps, distill_loss, distill_mixup)
     if dry_run:
         return CompressResult(None, plan, None, None)
     if not plan.sites and transform.option != 0 and not allow_empty:
@@ -282,7 +285,7 @@ def _save_rewrite(model: Any, plan: RewritePlan, transform: Any, hparams: Mappin
         notes = modelcheck.notes(check, chained, plan)
         asked = options.get("distill", {})  # statistics.mark_plan records it where --distill-steps
         distilled = distill.distill(model, plan, transform, initial, asked.get("steps", 0), asked.get("loss", "mse"),
-                                    progress)
+                                    progress, mixup=asked.get("mixup", True))
         if distilled is not None and distilled.get("kept"):
             for sid in distilled["trained"]:
                 notes[sid] = {**notes.get(sid, {}), "distilled": True}

@@ -167,12 +167,12 @@ def calibrate(model: LoadedModel, source: calibration.Calibration, signature: st
                            what=f"{input_dir}: the model check on held-out calibration examples", limits=limits)
 
     def distill(transform: Transform, sites: Sequence[Any], factors: Mapping[str, Mapping[str, np.ndarray]],
-                steps: int, loss: str, rate: float, seed: int) -> dict[str, Any]:
+                steps: int, loss: str, rate: float, seed: int, mixup: bool = True) -> dict[str, Any]:
         # the job stops itself at an epoch's end past 80% of the sandbox's time (what it had is kept)
         seconds = 0.8 * (limits or sandbox.Limits.from_env()).seconds
         return sandbox.run("graphrewrite.rewriting.distill:distill_job", input_dir, list(tags), object_based,
                            held_out(data, batch, held=False), held, signature, batch, transform, list(sites),
-                           dict(factors), steps, loss, rate, seed, seconds,
+                           dict(factors), steps, loss, rate, seed, seconds, mixup,
                            what=f"{input_dir}: distilling the factors on the calibration examples", limits=limits)
 
     stats.rerun, stats.check, stats.held_examples = rerun, check, len(next(iter(held.values())))
@@ -203,7 +203,7 @@ def spectrum(matrix: np.ndarray, stats: Statistics | None, key: str) -> np.ndarr
 
 
 def mark_plan(plan: RewritePlan, stats: Statistics, passes: int, distill_steps: int = 0,
-              distill_loss: str = "mse") -> RewritePlan:
+              distill_loss: str = "mse", distill_mixup: bool = True) -> RewritePlan:
     """The plan with each site whose weight has statistics marked ``factors: calibrated`` (and why
     the others are not), and the calibration (with at most ``passes`` error-feedback passes:
     graphrewrite.rewriting.feedback) and distillation (graphrewrite.rewriting.distill, where
@@ -220,7 +220,7 @@ def mark_plan(plan: RewritePlan, stats: Statistics, passes: int, distill_steps: 
     options = {**plan.options, "calibration": {"signature": stats.signature, "examples": stats.examples,
                                                "damping": whiten.DAMPING, "passes": passes}}
     if distill_steps:
-        options["calibration"]["distill"] = {"steps": distill_steps, "loss": distill_loss}
+        options["calibration"]["distill"] = {"steps": distill_steps, "loss": distill_loss, "mixup": distill_mixup}
     return dataclasses.replace(plan, sites=tuple(sites), options=options)
 
 
