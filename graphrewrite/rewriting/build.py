@@ -21,7 +21,6 @@ from typing import Any
 
 import numpy as np
 
-from graphrewrite import views
 from graphrewrite.rewriting import loops, recurrent
 from graphrewrite.rewriting.graph import Edge, Graph, Node
 from graphrewrite.rewriting.model import NO_DEFAULT, Entry, FunctionIR, LoadedModel, Variant
@@ -524,13 +523,12 @@ def factorize_all(model: LoadedModel, plan: RewritePlan, transform: Transform,
     out = {}
     for i, site in enumerate(plan.sites, 1):
         progress(f"factorizing {i}/{len(plan.sites)}: {site.variable.name} {site.size.m}x{site.size.n}")
-        value = model.variables[site.variable.key].numpy()
-        matrix = views.apply_numpy(value, site.view).astype(np.float32, copy=False)
+        matrix = model.matrix(site.variable.key, site.view)
         if site.size.details.get("factors") == "calibrated":
             out[site.id] = transform.factorize_calibrated(matrix, site.size, grams[site.variable.key])
         else:
             out[site.id] = transform.factorize(matrix, site.size)
-        del value, matrix
+        del matrix
     return out
 
 

@@ -176,7 +176,7 @@ def refine(model: LoadedModel, plan: RewritePlan, transform: Transform, initial:
             if key not in result.tilde:
                 continue
             site = by_key[key]
-            matrix = views.apply_numpy(model.variables[key].numpy(), site.view).astype(np.float32)
+            matrix = model.matrix(key, site.view)
             gram, tilde, cross = result.grams[key], result.tilde[key], result.cross[key]
             refitted = transform.factorize_calibrated(whiten.feedback_target(matrix, tilde, cross), site.size, tilde)
 

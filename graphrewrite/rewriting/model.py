@@ -86,3 +86,12 @@ class LoadedModel:
     source: Any  # the loaded object (kept alive, used to compute reference outputs)
     signature_functions: dict[str, Any]  # signature key -> callable of the original model
     calibration: Any = None  # graphrewrite.rewriting.statistics.Statistics when compress was given calibration data
+
+    def matrix(self, key: str, view: Any) -> Any:
+        """The float32 matrix that the site reading variable ``key`` through ``view``
+        (graphrewrite.views) multiplies: what every factorisation and error starts from."""
+        import numpy as np
+
+        from graphrewrite import views
+
+        return views.apply_numpy(self.variables[key].numpy(), view).astype(np.float32, copy=False)

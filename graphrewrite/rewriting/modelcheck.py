@@ -43,7 +43,6 @@ from typing import Any
 
 import numpy as np
 
-from graphrewrite import views
 from graphrewrite.rewriting import replay
 from graphrewrite.rewriting.feedback import compressed_value
 from graphrewrite.rewriting.model import LoadedModel
@@ -74,7 +73,7 @@ def choose(model: LoadedModel, plan: RewritePlan, transform: Transform, initial:
     plain = dict(plain) if plain is not None else plain_factors(model, plan, transform)
     first_trial = {}
     for site in sites:
-        matrix = views.apply_numpy(model.variables[site.variable.key].numpy(), site.view).astype(np.float32)
+        matrix = model.matrix(site.variable.key, site.view)
         first_trial[site.id] = transform.factorize_calibrated(matrix, site.size, fitted[site.id])
     sets = {FIRST_PASS: first_trial, PLAIN: plain}
     refitted = [sid for sid in initial if initial[sid] is not first_pass.get(sid)]  # refine replaced them

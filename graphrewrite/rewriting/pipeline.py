@@ -134,7 +134,7 @@ def plan_model(input_dir: str, hparams: Mapping[str, Any], tags: Sequence[str] =
         import scipy.linalg
 
         progress(f"singular values of {model.infos[key].name}")
-        matrix = views.apply_numpy(model.variables[key].numpy(), view).astype(np.float32, copy=False)
+        matrix = model.matrix(key, view)
         whitened = statistics.spectrum(matrix, model.calibration, key)
         return scipy.linalg.svdvals(matrix, check_finite=False) if whitened is None else whitened
 

@@ -230,7 +230,7 @@ def plain_factors(model: LoadedModel, plan: RewritePlan, transform: Transform) -
     out = {}
     for site in plan.sites:
         if site.size.details.get("factors") == "calibrated":
-            matrix = views.apply_numpy(model.variables[site.variable.key].numpy(), site.view).astype(np.float32)
+            matrix = model.matrix(site.variable.key, site.view)
             out[site.id] = transform.factorize(matrix, site.size)
     return out
 
@@ -258,7 +258,7 @@ def record_errors(sites: Sequence[dict[str, Any]], model: LoadedModel, plan: Rew
             continue
         entry["details"].update(extra)  # why error feedback left it as it was
         gram = stats.grams[site.variable.key]
-        matrix = views.apply_numpy(model.variables[site.variable.key].numpy(), site.view).astype(np.float32)
+        matrix = model.matrix(site.variable.key, site.view)
         alone = (plain or {}).get(site.id) or transform.factorize(matrix, site.size)
         entry["details"]["output_error"] = whiten.output_error(
             matrix, transform.numpy_dense(initial[site.id], site.size), gram)
