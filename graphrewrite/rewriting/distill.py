@@ -142,7 +142,7 @@ def train_factors(model: LoadedModel, train: Mapping[str, np.ndarray], held: Map
     fir = model.functions[f"signature:{signature}"]
     pruned = replay.Pruned(fir, model, fir.outputs)
     names = sorted(train)
-    specs = [tf.TensorSpec([None, *train[n].shape[1:]], tf.as_dtype(train[n].dtype)) for n in names]
+    specs = replay.input_specs(train, names)
     holders = {sid: {name: tf.Variable(np.asarray(value, np.float32), name=f"{sid}_{name}")
                      for name, value in factors[sid].items()} for sid, _, _, _ in sites}
     # weights a loop reads through their handle (Keras 3 RNNs) are swapped for a variable that
@@ -172,20 +172,13 @@ def train_factors(model: LoadedModel, train: Mapping[str, np.ndarray], held: Map
         if looped:
             fill()
 
-    @tf.function(input_signature=specs, autograph=False)
-    def original(*values: Any) -> Any:
-        outputs = pruned.run(pruned.feeds(values), None, name="original")
-        return [outputs[t] for t in pruned.wanted]
+    original = pruned.outputs(specs, name="original")
 
     def compressed(values: Sequence[Any], current: Mapping[str, Any]) -> list[Any]:
         outputs = pruned.run(pruned.feeds(values), {**current, **looped}, name="compressed")
         return [outputs[t] for t in pruned.wanted]
 
-    def data_batches(data: Mapping[str, np.ndarray]) -> list[list[np.ndarray]]:
-        count = len(data[names[0]])
-        return [[data[n][start:start + batch] for n in names] for start in range(0, count, batch)]
-
-    train_batches, held_batches = data_batches(train), data_batches(held)
+    train_batches, held_batches = replay.batches(train, names, batch), replay.batches(held, names, batch)
     targets = [[y.numpy() for y in original(*values)] for values in train_batches]
     held_targets = [[y.numpy() for y in original(*values)] for values in held_batches]
     floating = [np.issubdtype(y.dtype, np.floating) for y in targets[0]] if targets else []

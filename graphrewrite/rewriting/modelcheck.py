@@ -176,21 +176,13 @@ def errors(model: LoadedModel, data: Mapping[str, np.ndarray], signature: str, b
     keys = sorted({*common, *(k for v in variants for k in v)})
     holders = {k: tf.Variable(tf.zeros(model.infos[k].shape, model.variables[k].dtype), trainable=False) for k in keys}
     inputs = sorted(data)
-    specs = [tf.TensorSpec([None, *data[n].shape[1:]], tf.as_dtype(data[n].dtype)) for n in inputs]
-
-    def function(swap: Mapping[str, Any] | None) -> Any:
-        @tf.function(input_signature=specs, autograph=False)
-        def run(*values: Any) -> Any:
-            outputs = pruned.run(pruned.feeds(values), swap)
-            return [outputs[t] for t in pruned.wanted]
-        return run
-
+    specs = replay.input_specs(data, inputs)
     examples = len(data[inputs[0]])
-    batches = [[data[n][start:start + batch] for n in inputs] for start in range(0, examples, batch)]
-    run = function(None)
+    batches = replay.batches(data, inputs, batch)
+    run = pruned.outputs(specs)
     original = [[y.numpy() for y in run(*values)] for values in batches]
     floating = [np.issubdtype(y.dtype, np.floating) for y in original[0]] if original else []
-    run = function(holders)
+    run = pruned.outputs(specs, holders)
     energy = [sum(float(np.sum(np.square(ys[i].astype(np.float64)))) for ys in original) if f else 0.0
               for i, f in enumerate(floating)]
     out = []

@@ -104,4 +104,30 @@ class Pruned:
         return {t: out[t] for t in self.wanted}
 
 
-__all__ = ["Pruned"]
+    def outputs(self, specs: Sequence[Any], swap: Mapping[str, Any] | None = None,
+                name: str = "replay") -> Any:
+        """A tf.function of the graph's inputs (``specs``, in ``fir.inputs`` order) giving the
+        ``wanted`` tensors in order, ``swap`` as ``run`` takes it."""
+        import tensorflow as tf
+
+        @tf.function(input_signature=list(specs), autograph=False)
+        def function(*values: Any) -> Any:
+            outputs = self.run(self.feeds(values), swap, name=name)
+            return [outputs[t] for t in self.wanted]
+        return function
+
+
+def input_specs(data: Mapping[str, Any], names: Sequence[str]) -> list[Any]:
+    """TensorSpecs of the arrays ``data[name]`` (examples first, any count) in ``names``' order."""
+    import tensorflow as tf
+
+    return [tf.TensorSpec([None, *data[n].shape[1:]], tf.as_dtype(data[n].dtype)) for n in names]
+
+
+def batches(data: Mapping[str, Any], names: Sequence[str], batch: int) -> list[list[Any]]:
+    """The examples of ``data`` cut ``batch`` at a time, each a list of arrays in ``names``' order."""
+    count = len(data[names[0]]) if names else 0
+    return [[data[n][start:start + batch] for n in names] for start in range(0, count, batch)]
+
+
+__all__ = ["Pruned", "batches", "input_specs"]
