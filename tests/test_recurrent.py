@@ -190,7 +190,12 @@ def test_transposed_products_inside_a_loop(tmp_path):
     original, rewritten = tf.saved_model.load(src), tf.saved_model.load(out)
     want = zoo.call(original.signatures["serving_default"], feed)
     for k, value in zoo.call(rewritten.signatures["serving_default"], feed).items():
-        np.testing.assert_array_equal(value, want[k])
+        # within compress's verification tolerance, not bit for bit: the rewritten loop takes
+        # the weight as a loop value, the original reads it from its resource inside the body,
+        # and oneDNN (TF_ENABLE_ONEDNN_OPTS, on by default) rounds the two products differently
+        # on some CPUs (AMD EPYC with AVX-512, 2026-12-02: h off by up to 1.9e-6 at batch 1-8;
+        # bit-equal with oneDNN off). README: Limits.
+        np.testing.assert_allclose(value, want[k], rtol=0, atol=1e-5 * np.abs(want[k]).max())
     for site in rewritten.graphrewrite_sites:
         site.alpha.assign(0.0)
     at_zero = zoo.call(rewritten.signatures["serving_default"], feed)
