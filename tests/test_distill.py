@@ -71,7 +71,15 @@ def test_distillation_figures_are_the_written_models(distilled_cnn):
 
     text = report.compress_text(results["distilled"], CNN)
     assert "distilled factors serve the model's outputs" in text and "kept the factors of step" in text
-    assert "distilled factors serve" not in report.compress_text(results["calibrated"], CNN)
+    calibrated_text = report.compress_text(results["calibrated"], CNN)
+    assert "distilled factors serve" not in calibrated_text
+    # without distillation, a held-out output error of 10% or more suggests it, with the figure
+    check = results["calibrated"].manifest["options"]["calibration"]["model_check"]
+    error = check["errors"][check["kept"]]
+    assert error >= report.DISTILL_HINT
+    assert (f"hint: on the held-out calibration examples the compressed model's outputs are off by {error:.0%}"
+            in calibrated_text and "--distill-steps 3000" in calibrated_text)
+    assert "hint:" not in text
     # alpha = 1 is the original still: compress verified the written model
     assert all(v["checked"] and v["max_rel_diff_alpha1"] == 0.0
                for v in results["distilled"].verification["signatures"].values())
@@ -106,10 +114,14 @@ def test_only_the_factors_move(distilled_cnn):
 def test_a_distillation_that_does_not_help_is_not_kept(tmp_path, digits):  # noqa: F811
     """The MLP at 48% is as good as uncompressed: with a learning rate too large for any step to
     lower the held-out loss, the factors written are those of the calibrated compress, bit for bit."""
+    from graphrewrite.reporting import report
     from graphrewrite.rewriting import distill
 
     data = {"pixels": digits[0]}
-    _compress(MLP, str(tmp_path / "plain"), data, 0.48)
+    calibrated = _compress(MLP, str(tmp_path / "plain"), data, 0.48)
+    check = calibrated.manifest["options"]["calibration"]["model_check"]
+    assert check["errors"][check["kept"]] < report.DISTILL_HINT  # as good as uncompressed: no hint
+    assert "hint:" not in report.compress_text(calibrated, MLP)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(distill, "DEFAULT_RATE", 10.0)
         result = _compress(MLP, str(tmp_path / "distilled"), data, 0.48, distill_steps=24, distill_loss="mse")
