@@ -30,7 +30,7 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=5)
     args = parser.parse_args()
     from graphrewrite import compress, hparams
-    from graphrewrite.rewriting import pipeline, sandbox
+    from graphrewrite.rewriting import sandbox, verify
 
     start = time.perf_counter()
     sandbox.run("graphrewrite.rewriting.sandbox:interfaces")
@@ -42,13 +42,13 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "out")
         compress(MLP, out, hparams.resolve(None, {"rank": 200}))
-        expected = pipeline.reference_job(MLP, ["serve"])
+        expected = verify.reference_job(MLP, ["serve"])
         rows = []
         for name, job, job_args in (("reference outputs", "reference_job", (MLP, ["serve"])),
                                     ("verification", "verify_output", (expected, out, True))):
-            inside = common.median_time(lambda j=job, a=job_args: sandbox.run(f"graphrewrite.rewriting.pipeline:{j}", *a),
+            inside = common.median_time(lambda j=job, a=job_args: sandbox.run(f"graphrewrite.rewriting.verify:{j}", *a),
                                         args.repeat, warmup=0)
-            local = common.median_time(lambda j=job, a=job_args: getattr(pipeline, j)(*a), args.repeat, warmup=0)
+            local = common.median_time(lambda j=job, a=job_args: getattr(verify, j)(*a), args.repeat, warmup=0)
             rows.append([name, f"{local:.2f} s", f"{inside:.2f} s", f"{inside - local:+.2f} s"])
     print(common.machine())
     print(f"sandbox server start (once per process, overlapped with the scan and load): {server:.1f} s")

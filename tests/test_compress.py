@@ -285,3 +285,61 @@ def test_sites_of_one_kind_share_a_gated_function_but_keep_their_own_weights(tmp
             w_c = site.factors["b"].numpy() @ site.factors["c"].numpy()
             want = x @ (alpha * matrices[name] + (1 - alpha) * w_c)
             np.testing.assert_allclose(got[name].numpy(), want, rtol=1e-4, atol=1e-4)
+
+
+class _Noisy(tf.Module):
+    """A MatMul model whose signature adds noise from a stateful random op: always (``always``),
+    or only where the unknown dimension is sampled below 4 (as MobileNetV3 at 2 x 2 returns
+    whatever memory held)."""
+
+    def __init__(self, always: bool) -> None:
+        super().__init__()
+        self.kernel = tf.Variable(np.random.default_rng(0).standard_normal((16, 64)).astype(np.float32))
+        self.always = always
+
+    @tf.function(input_signature=[tf.TensorSpec([None, None, 16], tf.float32)])
+    def serve(self, x):
+        y = tf.reduce_mean(tf.matmul(x, self.kernel), axis=1)
+        if self.always:  # a Python bool: decided when the function is traced
+            return {"y": y + tf.random.uniform(tf.shape(y))}
+        return {"y": tf.cond(tf.shape(x)[1] < 4, lambda: y + tf.random.uniform(tf.shape(y)), lambda: y)}
+
+
+def _noisy_model(path, always: bool) -> str:
+    module = _Noisy(always)
+    tf.saved_model.save(module, str(path), signatures={"serving_default": module.serve})
+    return str(path)
+
+
+def test_reference_inputs_must_reproduce(tmp_path):
+    """verify.reproducible: a signature answering the same inputs differently at 2 is sampled at
+    32; one that never reproduces is not compared, and says why."""
+    from graphrewrite.rewriting import verify
+
+    small = tf.saved_model.load(_noisy_model(tmp_path / "small", False)).signatures["serving_default"]
+    inputs, outputs = verify.reproducible(small)
+    assert inputs["x"].shape == (32, 32, 16) and outputs["y"].shape == (32, 64)  # every unknown dimension at 32
+    always = tf.saved_model.load(_noisy_model(tmp_path / "always", True)).signatures["serving_default"]
+    why = verify.reproducible(always)
+    assert why == ("its outputs differ between two calls on the same inputs (random ops, or values the model "
+                   "leaves undefined at the sampled sizes, up to 32)")
+
+
+def test_a_signature_that_does_not_reproduce_is_reported_unchecked(tmp_path, capsys):
+    """compress and export write the model and name the signature they could not verify, with why,
+    instead of failing on noise (before: compress refused such a model as a wrong rewrite) or
+    passing by chance (MobileNetV3 at 2 x 2)."""
+    from test_cli import run
+
+    src = _noisy_model(tmp_path / "always", True)
+    out, final = str(tmp_path / "out"), str(tmp_path / "final")
+    for argv in (["compress", src, out, "--rank=400", "-q"], ["export", out, final, "--force"]):
+        code, text, err = run(capsys, *argv)
+        assert code == 0, err
+        assert "not verified: signature 'serving_default': its outputs differ between two calls" in text, text
+        assert "but those below" in text
+    assert manifest.read_dir(out)["verification"]["signatures"]["serving_default"]["checked"] is False
+    small = _noisy_model(tmp_path / "small", False)  # reproducible at 32: checked there
+    code, text, err = run(capsys, "compress", small, str(tmp_path / "small_out"), "--rank=400", "-q")
+    assert code == 0 and "not verified" not in text, err
+    assert manifest.read_dir(str(tmp_path / "small_out"))["verification"]["signatures"]["serving_default"]["checked"]

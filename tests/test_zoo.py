@@ -14,9 +14,10 @@ from graphrewrite.reporting import report
 from graphrewrite.rewriting import loader, scan
 from graphrewrite.rewriting.exporting import export
 from graphrewrite.rewriting.match import match_function
-from graphrewrite.rewriting.pipeline import _max_diff, plan_model
+from graphrewrite.rewriting.pipeline import plan_model
 from graphrewrite.rewriting.plan import Selection, make_plan
 from graphrewrite.rewriting.rankpolicy import Policy
+from graphrewrite.rewriting.verify import max_diff
 
 LIGHT = [name for name, model in zoo.ZOO.items() if not model.heavy]
 HEAVY = [name for name, model in zoo.ZOO.items() if model.heavy]
@@ -166,10 +167,10 @@ def test_language_models_are_covered_under_target_ratio(tmp_path, name):
 
 def test_nan_the_original_also_gives_is_not_a_difference():
     nan, inf = float("nan"), float("inf")
-    assert _max_diff([1.0, nan, inf], [1.0, nan, inf]) == (0.0, 0.0)
-    assert _max_diff([1.0, nan], [1.0, 2.0])[0] == inf
-    assert _max_diff([2.0, 1.0], [2.0, nan])[0] == inf
-    assert _max_diff([2.0, nan], [1.5, nan]) == (0.5, 0.25)
+    assert max_diff([1.0, nan, inf], [1.0, nan, inf]) == (0.0, 0.0)
+    assert max_diff([1.0, nan], [1.0, 2.0])[0] == inf
+    assert max_diff([2.0, 1.0], [2.0, nan])[0] == inf
+    assert max_diff([2.0, nan], [1.5, nan]) == (0.5, 0.25)
 
 
 @pytest.mark.parametrize("name", ALL)

@@ -65,7 +65,7 @@ def assert_export_equals_alpha_zero(out: str, final: str, inputs: dict, label: s
     """Every signature of the exported model ``final`` gives the rewritten ``out``'s outputs at alpha = 0."""
     import tensorflow as tf
 
-    from graphrewrite.rewriting.pipeline import _max_diff
+    from graphrewrite.rewriting.verify import max_diff
 
     rewritten, exported = tf.saved_model.load(out), tf.saved_model.load(final)
     for site in rewritten.graphrewrite_sites:
@@ -73,7 +73,7 @@ def assert_export_equals_alpha_zero(out: str, final: str, inputs: dict, label: s
     for key, feed in inputs.items():
         want, got = call(rewritten.signatures[key], feed), call(exported.signatures[key], feed)
         for k in want:
-            diff, rel = _max_diff(want[k], got[k])
+            diff, rel = max_diff(want[k], got[k])
             assert rel <= 1e-4 or diff <= 1e-5, (label, key, k, diff, rel)
 
 

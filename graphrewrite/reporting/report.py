@@ -294,10 +294,13 @@ def compress_text(result: Any, source: str) -> str:
     if plan.sites and target.startswith("target_ratio="):
         lines.append(overall_ratio_text(plan, float(target.partition("=")[2])))
     ver = result.verification
+    unchecked = {key: entry.get("why", "not compared") for key, entry in (ver or {}).get("signatures", {}).items()
+                 if not entry.get("checked")} if ver is not None and BY_NAME[plan.method].blended else {}
     if ver is not None and BY_NAME[plan.method].blended:
         lines.append(f"verified: at alpha = 1 the outputs equal the input model's; at alpha = 0 "
                      f"(one-shot) they move by {ver['max_rel_diff_alpha0']:.2%} (max |change| / max |output|, "
-                     "on seeded standard-normal inputs)")
+                     "on seeded standard-normal inputs)" + ("; every signature but those below" if unchecked else ""))
+        lines.extend(f"not verified: signature {key!r}: {why}" for key, why in sorted(unchecked.items()))
     elif ver is not None:
         lines.append(f"note: {plan.method} replaces each weight outright, as the reference does (no alpha): "
                      f"the outputs start {ver['max_rel_diff_alpha0']:.2%} (max relative) away from the input "
@@ -362,5 +365,7 @@ def export_text(result: Any, tuned: str) -> str:
         lines.append(f"warning: exported with alpha up to {result.max_alpha:.4g} (--force): outputs move by "
                      f"{shift} ({OUTPUT_SHIFT})")
     if result.max_rel_diff_alpha0 is not None:
-        lines.append("verified: outputs equal the rewritten model's at alpha = 0")
-    return "\n".join(lines)
+        lines.append("verified: outputs equal the rewritten model's at alpha = 0"
+                     + (" (every signature but those below)" if result.unchecked else ""))
+    lines.extend(f"not verified: signature {key!r}: {why}" for key, why in sorted(result.unchecked.items()))
+    return "\n".join(printable(line) for line in lines)

@@ -36,6 +36,7 @@ from graphrewrite.rewriting.calibration import Calibration
 from graphrewrite.rewriting.feedback import DEFAULT_PASSES
 from graphrewrite.rewriting.plan import RewritePlan, Selection, make_plan
 from graphrewrite.rewriting.scan import MANIFEST_ASSET, read_saved_model_proto, scan
+from graphrewrite.rewriting.verify import compare_outputs
 
 Progress = Callable[[str], None]
 DEFAULT_SELECTION = Selection()
@@ -207,7 +208,7 @@ def compress(input_dir: str, output_dir: str, hparams: Mapping[str, Any], *,
             sandbox_probe(input_dir, tags, progress, limits)
             return
         progress("computing the input model's reference outputs (in the sandbox)")
-        reference.update(sandbox.run("graphrewrite.rewriting.pipeline:reference_job", input_dir, list(tags),
+        reference.update(sandbox.run("graphrewrite.rewriting.verify:reference_job", input_dir, list(tags),
                                      what=f"{input_dir}: running the input model", limits=limits))
 
     model, plan, transform = plan_model(input_dir, hparams, tags, allow_unsafe_ops, progress, allow_larger,
@@ -238,7 +239,7 @@ def compress(input_dir: str, output_dir: str, hparams: Mapping[str, Any], *,
         gc.collect()  # the input model and the rewritten one in memory: release both
         if expected is not None and not in_memory:
             progress("verifying: reloading the output in the sandbox and comparing with the input at alpha = 1")
-            verification = sandbox.run("graphrewrite.rewriting.pipeline:verify_output", expected, tmp, transform.blended,
+            verification = sandbox.run("graphrewrite.rewriting.verify:verify_output", expected, tmp, transform.blended,
                                        what="verifying the rewritten model", limits=limits)
         if verification is not None:
             data["verification"] = verification
@@ -437,80 +438,6 @@ def save(root: Any, tmp: str, signatures: Mapping[str, Any], output_dir: str) ->
         raise OutputError(f"{output_dir}: cannot write the model ({first_line(exc)})") from None
 
 
-def sample_inputs(specs: Mapping[str, Any], seed: int = 0, unknown: int = 2) -> dict[str, Any] | None:
-    """Deterministic inputs for a signature (unknown dimensions become ``unknown``); None if not
-    sampleable."""
-    import tensorflow as tf
-
-    rng = np.random.default_rng(seed)
-    out = {}
-    for name in sorted(specs):
-        spec = specs[name]
-        if spec.shape.rank is None:
-            return None
-        shape = [unknown if d is None else d for d in spec.shape.as_list()]
-        if spec.dtype.is_floating:
-            out[name] = tf.constant(rng.standard_normal(shape).astype(spec.dtype.as_numpy_dtype))
-        elif spec.dtype.is_integer or spec.dtype == tf.bool:
-            out[name] = tf.zeros(shape, spec.dtype)
-        else:
-            return None
-    return out
-
-
-def _max_diff(a: Any, b: Any) -> tuple[float, float]:
-    """Max absolute and relative difference of ``b`` from ``a``; a NaN or infinity ``b`` has where
-    ``a`` has the same counts as equal, anywhere else as an infinite difference."""
-    a = np.asarray(a, dtype=np.float64)
-    b = np.asarray(b, dtype=np.float64)
-    if a.shape != b.shape:
-        return float("inf"), float("inf")
-    same = (a == b) | (np.isnan(a) & np.isnan(b))
-    with np.errstate(invalid="ignore"):
-        gaps = np.nan_to_num(np.where(same, 0.0, np.abs(a - b)), nan=np.inf)
-    finite = np.abs(a[np.isfinite(a)])
-    diff = float(gaps.max()) if a.size else 0.0
-    scale = float(finite.max()) if finite.size else 0.0
-    return diff, diff / max(scale, 1e-12)
-
-
-def reference_outputs(model: Any) -> dict[str, Any]:
-    """Per signature of the input model: (sample inputs, its outputs as numpy), or why not."""
-    import tensorflow as tf
-
-    out: dict[str, Any] = {}
-    for key, original in sorted(model.signature_functions.items()):
-        # Unknown dimensions are sampled small; where the original's outputs are then not finite (an
-        # image model pooling a 2 x 2 image to nothing: MobileNetV3), larger ones.
-        for unknown in (2, 32):
-            inputs = sample_inputs(original.structured_input_signature[1], unknown=unknown)
-            if inputs is None:
-                break
-            outputs = original(**inputs)
-            if all(np.isfinite(v.numpy()).all() for v in outputs.values() if v.dtype.is_floating):
-                break
-        if inputs is None:
-            out[key] = "inputs of a type that cannot be sampled"
-            continue
-        out[key] = ({k: v.numpy() for k, v in inputs.items()},
-                    {k: (np.asarray(v), v.dtype in (tf.float16, tf.bfloat16)) for k, v in outputs.items()})
-    return out
-
-
-def reference_job(input_dir: str, tags: Sequence[str]) -> dict[str, Any]:
-    """Sandbox job: loads the input model and returns its reference outputs (see reference_outputs)."""
-
-    loaded = sandbox.load_for_run(input_dir, tags)
-    return reference_outputs(_SignaturesOnly(getattr(loaded, "signatures", None) or {}))
-
-
-@dataclasses.dataclass
-class _SignaturesOnly:
-    """What reference_outputs reads of a LoadedModel: its signature functions."""
-
-    signature_functions: Mapping[str, Any]
-
-
 def sandbox_probe(input_dir: str, tags: Sequence[str], progress: Progress = _quiet,
                   limits: sandbox.Limits | None = None) -> None:
     progress("loading the model in the sandbox first")
@@ -540,66 +467,4 @@ def copy_model(source: str, destination: str) -> None:
     shutil.copytree(source, destination, dirs_exist_ok=True, copy_function=copy_file)
 
 
-def verify_output(expected: Mapping[str, Any], output_dir: str, blended: bool = True) -> dict[str, Any]:
-    """Reloads ``output_dir``; every signature must give the input model's outputs at alpha = 1.
-
-    Also measures how far the outputs move at alpha = 0 (the one-shot compression error). Methods
-    that replace the weight outright (``blended=False``) have no alpha = 1 state: for them only that
-    initial error is reported.
-    """
-    import tensorflow as tf
-
-    try:
-        rewritten = tf.saved_model.load(output_dir)
-    except Exception as exc:  # noqa: BLE001 - any failure to reload is a verification failure
-        raise VerificationError(f"the rewritten model does not reload ({first_line(exc)})") from None
-    missing = [key for key in expected if key not in rewritten.signatures]
-    if missing:
-        raise VerificationError(f"signature {missing[0]!r} is missing from the rewritten model")
-    report = compare_outputs(expected, lambda key, inputs: rewritten.signatures[key](**inputs),
-                             rewritten.graphrewrite_sites, blended)
-    report["mode"] = "reloaded"
-    return report
-
-
-def compare_outputs(expected: Mapping[str, Any], call: Callable[[str, Any], Any], sites: Sequence[Any],
-                    blended: bool) -> dict[str, Any]:
-    """Outputs of ``call(signature, inputs)`` against ``expected`` at alpha = 1 (blended methods
-    must match) and at alpha = 0 (the one-shot error, measured and reported)."""
-    report: dict[str, Any] = {"signatures": {}}
-    worst_alpha0 = 0.0
-    alphas = [float(site.alpha.numpy()) for site in sites]
-    for key, reference in sorted(expected.items()):
-        if isinstance(reference, str):
-            report["signatures"][key] = {"checked": False, "why": reference}
-            continue
-        inputs, want = reference
-        for site in sites:
-            site.alpha.assign(1.0)
-        got = call(key, inputs)
-        if set(want) != set(got):
-            raise VerificationError(f"signature {key!r}: output keys differ ({sorted(want)} vs {sorted(got)})")
-        worst = 0.0
-        for out_key, (value, half) in sorted(want.items()):
-            diff, rel = _max_diff(value, got[out_key])
-            tol = 1e-3 if half else 1e-5
-            if blended and not (rel <= tol or diff <= tol):
-                raise VerificationError(
-                    f"signature {key!r} output {out_key!r} differs from the input model at alpha = 1 "
-                    f"(max abs diff {diff:.3g}, relative {rel:.3g})")
-            worst = max(worst, rel)
-        for site in sites:
-            site.alpha.assign(0.0)
-        compressed = call(key, inputs)
-        rel0 = max((_max_diff(want[k][0], compressed[k])[1] for k in want), default=0.0)
-        worst_alpha0 = max(worst_alpha0, rel0)
-        report["signatures"][key] = {"checked": blended, "max_rel_diff_alpha1": worst,
-                                     "max_rel_diff_alpha0": rel0}
-    for site, alpha in zip(sites, alphas):
-        site.alpha.assign(alpha)
-    report["max_rel_diff_alpha0"] = worst_alpha0
-    return report
-
-
-__all__ = ["CompressResult", "check_output", "compress", "plan_model", "sample_inputs", "verify_output",
-           "views"]
+__all__ = ["CompressResult", "check_output", "compress", "plan_model"]
