@@ -324,7 +324,7 @@ def compress_text(result: Any, source: str) -> str:
                          f"{error:.0%} (the model check's figure above); --distill-steps 3000 would train the "
                          "factors to give the original's outputs there (with --distill-loss softmax where the "
                          "outputs are logits; each step is a forward and backward pass of one calibration batch "
-                         "plus the original's forward pass; README: Distillation)")
+                         "plus, with mixup (float inputs), the original's; README: Distillation)")
     if "run" in calibrated_with.get("distill", {}):
         lines.append(distill_text(calibrated_with["distill"]))
     for skip in plan.skipped:
