@@ -103,7 +103,6 @@ class Pruned:
         out = {**values, **dict(zip(self.computed, results))}
         return {t: out[t] for t in self.wanted}
 
-
     def outputs(self, specs: Sequence[Any], swap: Mapping[str, Any] | None = None,
                 name: str = "replay") -> Any:
         """A tf.function of the graph's inputs (``specs``, in ``fir.inputs`` order) giving the

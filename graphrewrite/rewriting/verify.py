@@ -19,6 +19,9 @@ import numpy as np
 from graphrewrite.errors import VerificationError, first_line
 from graphrewrite.rewriting import sandbox
 
+# the sizes an unknown input dimension is sampled at, in turn (see reproducible)
+UNKNOWN_SIZES = (2, 32)
+
 
 def sample_inputs(specs: Mapping[str, Any], seed: int = 0, unknown: int = 2) -> dict[str, Any] | None:
     """Deterministic inputs for a signature (unknown dimensions become ``unknown``); None if not
@@ -84,7 +87,8 @@ def reproducible(function: Any) -> tuple[dict[str, Any], dict[str, Any]] | str:
     verification fail or pass by chance; a signature with random ops never reproduces and is
     reported unchecked, with this reason, rather than failing compress. Unknown dimensions are
     sampled at each of UNKNOWN_SIZES in turn until the outputs reproduce and are finite (a
-    reproducible one that is not finite stands if no later one reproduces)."""
+    reproducible one that is not finite stands if no later one reproduces). Cost: one more call
+    of the signature per size tried."""
     found: tuple[dict[str, Any], dict[str, Any]] | str = "inputs of a type that cannot be sampled"
     for unknown in UNKNOWN_SIZES:
         inputs = sample_inputs(function.structured_input_signature[1], unknown=unknown)
@@ -103,15 +107,12 @@ def reproducible(function: Any) -> tuple[dict[str, Any], dict[str, Any]] | str:
     return found
 
 
-# the sizes an unknown input dimension is sampled at, in turn (see reference_outputs)
-UNKNOWN_SIZES = (2, 32)
-
-
 def _same(a: np.ndarray, b: np.ndarray) -> bool:
     """Bit for bit equal, NaN equal to NaN in floating arrays."""
     if a.shape != b.shape or a.dtype != b.dtype:
         return False
-    return bool(np.array_equal(a, b, equal_nan=np.issubdtype(a.dtype, np.floating) or np.issubdtype(a.dtype, np.complexfloating)))
+    nan = np.issubdtype(a.dtype, np.floating) or np.issubdtype(a.dtype, np.complexfloating)
+    return bool(np.array_equal(a, b, equal_nan=nan))
 
 
 def reference_job(input_dir: str, tags: Sequence[str]) -> dict[str, Any]:
