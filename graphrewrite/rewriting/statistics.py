@@ -109,7 +109,7 @@ class Statistics:
     check: Callable[[Mapping[str, np.ndarray], Sequence[Mapping[str, np.ndarray]]], list[dict[str, Any]]] | None = (
         dataclasses.field(default=None, repr=False, compare=False))
     held_examples: int = 0
-    # (transform, sites, factors, steps, loss, rate, seed) -> graphrewrite.rewriting.distill's
+    # (transform, sites, factors, steps, loss, rate, seed, mixup) -> graphrewrite.rewriting.distill's
     # result: the factors trained on the examples not held out (set by ``calibrate``)
     distill: Callable[..., dict[str, Any]] | None = dataclasses.field(default=None, repr=False, compare=False)
     # (replaced, only) -> Statistics: an error-feedback pass over the same data (set by ``calibrate``)
