@@ -221,6 +221,40 @@ def test_inlining_helper_flattens_nested_functions():
     assert graph[matmul.data_inputs[1].node].op == "ReadVariableOp"
 
 
+def test_inlining_keeps_how_control_flow_runs():
+    # The inlining helper marks every While/If "_lower_using_switch_merge: False" to keep them
+    # functional; that attribute also decides whether the runtime lowers them, so each gets back
+    # the value its tf.function gave it (True here; not set under XLA), not False.
+    from graphrewrite.rewriting.loader import _LOWERING, inline_function
+
+    w = tf.Variable(tf.ones([4, 4]))
+
+    @tf.function(jit_compile=True)
+    def compiled(x):
+        return tf.while_loop(lambda i, h: i < 2, lambda i, h: (i + 1, tf.matmul(h, w)), (0, x))[1]
+
+    @tf.function
+    def inner(x):
+        h = tf.while_loop(lambda i, h: i < 3, lambda i, h: (i + 1, tf.tanh(tf.matmul(h, w))), (0, x))[1]
+        return tf.cond(tf.reduce_sum(h) > 0, lambda: h * 2.0, lambda: h) + compiled(x)
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 4])])
+    def outer(x):
+        return inner(x) + 1.0
+
+    concrete = outer.get_concrete_function()
+
+    def flags(graph_def):
+        nodes = list(graph_def.node) + [n for f in graph_def.library.function for n in f.node_def]
+        return sorted((n.attr["body"].func.name or n.attr["then_branch"].func.name,
+                       n.attr[_LOWERING].b if _LOWERING in n.attr else None)
+                      for n in nodes if n.op in ("While", "StatelessWhile", "If", "StatelessIf"))
+
+    before, after = flags(concrete.graph.as_graph_def()), flags(inline_function(concrete))
+    assert after == before and {flag for _, flag in before} == {True, None}
+    assert sum(flag is True for _, flag in before) == 2  # the loop and the cond; the compiled loop: not set
+
+
 def test_big_models_are_verified_in_memory(monkeypatch, model_factory, tmp_path):
     # Above VERIFY_IN_MEMORY_ABOVE bytes of weights compress does not reload its output (that
     # would hold the weights twice): it checks the rebuilt model before saving, then the files.

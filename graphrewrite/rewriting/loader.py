@@ -46,12 +46,62 @@ def inline_function(concrete_function: Any) -> Any:
     Control flow (While/If) is kept functional (``lower_control_flow=False``) so that gradients and
     XLA keep working; its bodies stay in the GraphDef's function library. This wraps a private
     TensorFlow helper, so it is the one place to fix when TensorFlow moves it.
+
+    To keep it functional the helper marks every While and If ``_lower_using_switch_merge: False``;
+    that attribute also tells TensorFlow's runtime whether to lower the op to Switch/Merge when it
+    runs, which the model's own tf.function had set (True outside XLA). Left False, every loop and
+    conditional of the rewritten model ran its bodies as separate functions, which oneDNN rounds
+    differently: the rewritten LSTM/GRU loops were off by up to 2e-6 at alpha = 1. So each op gets
+    back the value it had before inlining (``_lowering``, ``_restore_lowering``).
     """
     from tensorflow.python.framework import convert_to_constants
 
-    return convert_to_constants._run_inline_graph_optimization(  # noqa: SLF001
+    before = _lowering(concrete_function.graph.as_graph_def())
+    graph_def = convert_to_constants._run_inline_graph_optimization(  # noqa: SLF001
         concrete_function, lower_control_flow=False, aggressive_inlining=False
     )
+    _restore_lowering(graph_def, before)
+    return graph_def
+
+
+_LOWERING = "_lower_using_switch_merge"
+_CONTROL_FLOW = frozenset({"While", "StatelessWhile", "If", "StatelessIf"})
+_BRANCHES = ("body", "cond", "then_branch", "else_branch")
+
+
+def _control_flow_nodes(graph_def: Any) -> Any:
+    for node in graph_def.node:
+        if node.op in _CONTROL_FLOW:
+            yield node
+    for function in graph_def.library.function:
+        for node in function.node_def:
+            if node.op in _CONTROL_FLOW:
+                yield node
+
+
+def _branches(node: Any) -> tuple[str, ...]:
+    """The functions a While or If runs: each traced loop or conditional has its own, and inlining
+    renames the op but not them, so they identify it before and after."""
+    return tuple(node.attr[name].func.name if name in node.attr else "" for name in _BRANCHES)
+
+
+def _lowering(graph_def: Any) -> dict[tuple[str, ...], bool | None]:
+    """Each control-flow op's ``_lower_using_switch_merge`` (None: not set), by ``_branches``."""
+    return {_branches(node): node.attr[_LOWERING].b if _LOWERING in node.attr else None
+            for node in _control_flow_nodes(graph_def)}
+
+
+def _restore_lowering(graph_def: Any, before: dict[tuple[str, ...], bool | None]) -> None:
+    """Gives every control-flow op of ``graph_def`` its ``_lower_using_switch_merge`` of ``before``
+    (an op not found there stays functional)."""
+    for node in _control_flow_nodes(graph_def):
+        key = _branches(node)
+        if key not in before:
+            continue
+        if before[key] is None:
+            del node.attr[_LOWERING]
+        else:
+            node.attr[_LOWERING].b = before[key]
 
 
 def load(path: str, tags: Sequence[str], object_based: bool) -> LoadedModel:
