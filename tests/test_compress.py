@@ -323,40 +323,54 @@ def test_sites_of_one_kind_share_a_gated_function_but_keep_their_own_weights(tmp
 
 class _Noisy(tf.Module):
     """A MatMul model whose signature adds noise from a stateful random op: always (``always``),
-    or only where the unknown dimension is sampled below 4 (as MobileNetV3 at 2 x 2 returns
-    whatever memory held)."""
+    or only where the unknown dimension is sampled at 4 or more (``always`` False); with
+    ``positions`` rows, it also adds a row of a table that long per position, which fails on
+    longer sequences (a position embedding)."""
 
-    def __init__(self, always: bool) -> None:
+    def __init__(self, always: bool, positions: int = 0) -> None:
         super().__init__()
         self.kernel = tf.Variable(np.random.default_rng(0).standard_normal((16, 64)).astype(np.float32))
-        self.always = always
+        self.table = tf.Variable(np.ones((max(positions, 1), 16), np.float32))
+        self.always, self.positions = always, positions
 
     @tf.function(input_signature=[tf.TensorSpec([None, None, 16], tf.float32)])
     def serve(self, x):
+        if self.positions:  # Python bools: decided when the function is traced
+            x = x + tf.gather(self.table, tf.range(tf.shape(x)[1]))
         y = tf.reduce_mean(tf.matmul(x, self.kernel), axis=1)
-        if self.always:  # a Python bool: decided when the function is traced
+        if self.always:
             return {"y": y + tf.random.uniform(tf.shape(y))}
-        return {"y": tf.cond(tf.shape(x)[1] < 4, lambda: y + tf.random.uniform(tf.shape(y)), lambda: y)}
+        return {"y": tf.cond(tf.shape(x)[1] >= 4, lambda: y + tf.random.uniform(tf.shape(y)), lambda: y)}
 
 
-def _noisy_model(path, always: bool) -> str:
-    module = _Noisy(always)
+def _noisy_model(path, always: bool, positions: int = 0) -> str:
+    module = _Noisy(always, positions)
     tf.saved_model.save(module, str(path), signatures={"serving_default": module.serve})
     return str(path)
 
 
 def test_reference_inputs_must_reproduce(tmp_path):
-    """verify.reproducible: a signature answering the same inputs differently at 2 is sampled at
-    32; one that never reproduces is not compared, and says why."""
+    """verify.reproducible: unknown dimensions at 32 first; a signature answering the same inputs
+    differently there, or failing there, is sampled at 8 and then 2; one that never reproduces
+    is not compared, and says why."""
     from graphrewrite.rewriting import verify
 
-    small = tf.saved_model.load(_noisy_model(tmp_path / "small", False)).signatures["serving_default"]
-    inputs, outputs = verify.reproducible(small)
-    assert inputs["x"].shape == (32, 32, 16) and outputs["y"].shape == (32, 64)  # every unknown dimension at 32
-    always = tf.saved_model.load(_noisy_model(tmp_path / "always", True)).signatures["serving_default"]
-    why = verify.reproducible(always)
+    def load(name, always, positions=0):
+        return tf.saved_model.load(_noisy_model(tmp_path / name, always, positions)).signatures["serving_default"]
+
+    large = load("large", False)  # noisy at 4 and more
+    assert verify.sample_sizes(large.structured_input_signature[1]) == [32, 8, 2]
+    inputs, outputs = verify.reproducible(large)
+    assert inputs["x"].shape == (2, 2, 16) and outputs["y"].shape == (2, 64)
+    inputs, _ = verify.reproducible(load("short", False, positions=4))  # fails at 32 and 8
+    assert inputs["x"].shape == (2, 2, 16)
+    why = verify.reproducible(load("always", True, positions=4))  # fails at 32 and 8, noisy at 2
     assert why == ("its outputs differ between two calls on the same inputs (random ops, or values the model "
-                   "leaves undefined at the sampled sizes, up to 32)")
+                   "leaves undefined at the sampled sizes: 32, 8, 2)")
+    with pytest.raises(tf.errors.InvalidArgumentError):  # fails at every size: the error stands
+        verify.reproducible(load("shorter", False, positions=1))
+    many = {"x": tf.TensorSpec([None] * 5, tf.float32)}  # 32^5 values: over SAMPLE_ELEMENTS
+    assert verify.sample_sizes(many) == [8, 2] and verify.sample_sizes({"x": tf.TensorSpec([4], tf.float32)}) == [2]
 
 
 def test_a_signature_that_does_not_reproduce_is_reported_unchecked(tmp_path, capsys):
@@ -373,7 +387,7 @@ def test_a_signature_that_does_not_reproduce_is_reported_unchecked(tmp_path, cap
         assert "not verified: signature 'serving_default': its outputs differ between two calls" in text, text
         assert "but those below" in text
     assert manifest.read_dir(out)["verification"]["signatures"]["serving_default"]["checked"] is False
-    small = _noisy_model(tmp_path / "small", False)  # reproducible at 32: checked there
+    small = _noisy_model(tmp_path / "small", False)  # noisy at 32 and 8, reproducible at 2: checked there
     code, text, err = run(capsys, "compress", small, str(tmp_path / "small_out"), "--rank=400", "-q")
     assert code == 0 and "not verified" not in text, err
     assert manifest.read_dir(str(tmp_path / "small_out"))["verification"]["signatures"]["serving_default"]["checked"]

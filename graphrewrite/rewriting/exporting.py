@@ -54,7 +54,7 @@ class ExportResult:
       output_shift: max relative change of the outputs between the tuned model as it is (its
         current alphas) and the final model (its alpha = 0 form): max |tuned - final| / max |tuned|
         over every signature and output, on deterministic standard-normal inputs (unknown
-        dimensions 2 or 32, verify.reproducible); None with ``verify=False``.
+        dimensions 32, 8 or 2, verify.reproducible); None with ``verify=False``.
       max_rel_diff_alpha0: the same measure between the tuned model at alpha = 0 and the final
         model (the verification: ~1e-6); None with ``verify=False``.
       unchecked: signature -> why the verification could not compare it (verify.reproducible:

@@ -19,8 +19,10 @@ import numpy as np
 from graphrewrite.errors import VerificationError, first_line
 from graphrewrite.rewriting import sandbox
 
-# the sizes an unknown input dimension is sampled at, in turn (see reproducible)
-UNKNOWN_SIZES = (2, 32)
+# the sizes an unknown input dimension is sampled at, largest first, and the most values a
+# sample's inputs may hold together (see reproducible)
+UNKNOWN_SIZES = (32, 8, 2)
+SAMPLE_ELEMENTS = 1 << 22
 
 
 def sample_inputs(specs: Mapping[str, Any], seed: int = 0, unknown: int = 2) -> dict[str, Any] | None:
@@ -82,29 +84,58 @@ def reproducible(function: Any) -> tuple[dict[str, Any], dict[str, Any]] | str:
     same way twice, or why there are none.
 
     A reference must reproduce itself: the signature runs twice on the same inputs and its
-    outputs must agree bit for bit (NaN with NaN). MobileNetV3 at 2 x 2 pools an image to nothing
-    and returns whatever memory held (0.9 apart between two calls, 2026-12-02), which made
-    verification fail or pass by chance; a signature with random ops never reproduces and is
-    reported unchecked, with this reason, rather than failing compress. Unknown dimensions are
-    sampled at each of UNKNOWN_SIZES in turn until the outputs reproduce and are finite (a
-    reproducible one that is not finite stands if no later one reproduces). Cost: one more call
-    of the signature per size tried."""
+    outputs must agree bit for bit (NaN with NaN); a signature with random ops never reproduces
+    and is reported unchecked, with this reason, rather than failing compress. Unknown dimensions
+    are sampled at the sizes ``sample_sizes`` gives, largest first, until the outputs reproduce
+    and are finite (a reproducible one that is not finite stands if no later one reproduces).
+    Largest first, because two calls agreeing does not prove the outputs defined: MobileNetV3
+    at 2 x 2 pools an image to nothing and returns whatever memory held, which can repeat between
+    two calls of one model and differ in another (the export check of the heavy zoo failed on
+    it, 0.9 apart, 2026-12-02); models are built for sizes like real inputs. A size the
+    signature fails at (a sequence longer than its position table) moves on to the next; where
+    every size fails, the last error stands. Cost: one more call of the signature per size tried."""
+    specs = function.structured_input_signature[1]
     found: tuple[dict[str, Any], dict[str, Any]] | str = "inputs of a type that cannot be sampled"
-    for unknown in UNKNOWN_SIZES:
-        inputs = sample_inputs(function.structured_input_signature[1], unknown=unknown)
+    tried: list[str] = []
+    failure: Exception | None = None
+    answered = False
+    for unknown in sample_sizes(specs):
+        inputs = sample_inputs(specs, unknown=unknown)
         if inputs is None:
             break
-        tensors = function(**inputs)
-        again = function(**inputs)
+        tried.append(str(unknown))
+        try:
+            tensors = function(**inputs)
+            again = function(**inputs)
+        except Exception as exc:  # noqa: BLE001 - re-raised below where no size works
+            failure = exc
+            continue
+        answered = True
         if not all(_same(tensors[k].numpy(), again[k].numpy()) for k in tensors):
             if not isinstance(found, tuple):
                 found = (f"its outputs differ between two calls on the same inputs (random ops, or values "
-                         f"the model leaves undefined at the sampled sizes, up to {unknown})")
+                         f"the model leaves undefined at the sampled sizes: {', '.join(tried)})")
             continue
         found = (inputs, tensors)
         if all(np.isfinite(v.numpy()).all() for v in tensors.values() if v.dtype.is_floating):
             break
+    if failure is not None and not answered:
+        raise failure
     return found
+
+
+def sample_sizes(specs: Mapping[str, Any]) -> list[int]:
+    """The sizes ``reproducible`` samples unknown dimensions at: those of UNKNOWN_SIZES at which the
+    inputs hold at most SAMPLE_ELEMENTS values together (the smallest where none does), largest
+    first; one size where no dimension is unknown."""
+    shapes = [spec.shape.as_list() for spec in specs.values() if spec.shape.rank is not None]
+    if not any(d is None for shape in shapes for d in shape):
+        return [UNKNOWN_SIZES[-1]]
+
+    def values(size: int) -> int:
+        return sum(int(np.prod([size if d is None else d for d in shape], dtype=np.int64)) for shape in shapes)
+
+    return [size for size in UNKNOWN_SIZES if values(size) <= SAMPLE_ELEMENTS] or [UNKNOWN_SIZES[-1]]
 
 
 def _same(a: np.ndarray, b: np.ndarray) -> bool:
