@@ -96,30 +96,31 @@ def reproducible(function: Any) -> tuple[dict[str, Any], dict[str, Any]] | str:
     every size fails, the last error stands. Cost: one more call of the signature per size tried."""
     specs = function.structured_input_signature[1]
     found: tuple[dict[str, Any], dict[str, Any]] | str = "inputs of a type that cannot be sampled"
-    tried: list[str] = []
+    tried: list[str] = []  # the sizes it answered at
+    failed: list[str] = []
     failure: Exception | None = None
-    answered = False
     for unknown in sample_sizes(specs):
         inputs = sample_inputs(specs, unknown=unknown)
         if inputs is None:
             break
-        tried.append(str(unknown))
         try:
             tensors = function(**inputs)
             again = function(**inputs)
         except Exception as exc:  # noqa: BLE001 - re-raised below where no size works
             failure = exc
+            failed.append(str(unknown))
             continue
-        answered = True
+        tried.append(str(unknown))
         if not all(_same(tensors[k].numpy(), again[k].numpy()) for k in tensors):
             if not isinstance(found, tuple):
+                fails = f"; it fails at {', '.join(failed)}" if failed else ""
                 found = (f"its outputs differ between two calls on the same inputs (random ops, or values "
-                         f"the model leaves undefined at the sampled sizes: {', '.join(tried)})")
+                         f"the model leaves undefined at the sampled sizes: {', '.join(tried)}{fails})")
             continue
         found = (inputs, tensors)
         if all(np.isfinite(v.numpy()).all() for v in tensors.values() if v.dtype.is_floating):
             break
-    if failure is not None and not answered:
+    if failure is not None and not tried:
         raise failure
     return found
 
