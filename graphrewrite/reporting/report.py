@@ -294,9 +294,9 @@ def compress_text(result: Any, source: str) -> str:
     if plan.sites and target.startswith("target_ratio="):
         lines.append(overall_ratio_text(plan, float(target.partition("=")[2])))
     ver = result.verification
-    unchecked = {key: entry.get("why", "not compared") for key, entry in (ver or {}).get("signatures", {}).items()
-                 if not entry.get("checked")} if ver is not None and BY_NAME[plan.method].blended else {}
     if ver is not None and BY_NAME[plan.method].blended:
+        unchecked = {key: entry.get("why", "not compared") for key, entry in ver.get("signatures", {}).items()
+                     if not entry.get("checked")}
         lines.append(f"verified: at alpha = 1 the outputs equal the input model's; at alpha = 0 "
                      f"(one-shot) they move by {ver['max_rel_diff_alpha0']:.2%} (max |change| / max |output|, "
                      "on seeded standard-normal inputs)" + ("; every signature but those below" if unchecked else ""))

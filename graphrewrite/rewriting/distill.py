@@ -208,8 +208,11 @@ def train_factors(model: LoadedModel, train: Mapping[str, np.ndarray], held: Map
     variables = [v for site in holders.values() for v in site.values()]
     adam = Adam(variables, rate)
     not_float = [f"{n} ({train[n].dtype})" for n in names if not np.issubdtype(train[n].dtype, np.floating)]
-    mixing: bool | str = (bool(mixup) and not not_float) or (
-        "not asked" if not mixup else f"inputs not float: {', '.join(not_float)}")
+    mixing: bool | str = True  # or why not
+    if not mixup:
+        mixing = "not asked"
+    elif not_float:
+        mixing = f"inputs not float: {', '.join(not_float)}"
 
     @tf.function(input_signature=[specs, target_specs],
                  autograph=False)

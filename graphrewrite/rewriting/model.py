@@ -10,6 +10,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import numpy as np
+
+from graphrewrite import views
 from graphrewrite.rewriting.graph import Graph
 
 
@@ -90,8 +93,4 @@ class LoadedModel:
     def matrix(self, key: str, view: Any) -> Any:
         """The float32 matrix that the site reading variable ``key`` through ``view``
         (graphrewrite.views) multiplies: what every factorisation and error starts from."""
-        import numpy as np
-
-        from graphrewrite import views
-
         return views.apply_numpy(self.variables[key].numpy(), view).astype(np.float32, copy=False)
