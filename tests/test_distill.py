@@ -24,31 +24,51 @@ def _softmax_cross_entropy(logits_original: np.ndarray, logits: np.ndarray) -> n
     return -np.sum(np.exp(log_softmax(logits_original)) * log_softmax(logits), axis=1)
 
 
-def _compress(src: str, out: str, data: dict, ratio: float, **extra):
+def _compress(src: str, out: str, data: dict, ratio: float, same_rank: bool = False, **extra):
     import graphrewrite
     from graphrewrite import hparams
     from graphrewrite.rewriting.plan import Selection
     from graphrewrite.rewriting.rankpolicy import Policy
 
     return graphrewrite.compress(src, out, hparams.resolve(None, {}), overwrite=True, calibration=data,
-                                 selection=Selection(policy=Policy(target_ratio=ratio)), **extra)
+                                 selection=Selection(policy=Policy(target_ratio=ratio, same_rank=same_rank)), **extra)
+
+
+def _calibrated_as_written(src: str, out: str, data: dict, ratio: float, distilled):
+    """The calibrated compress (no distillation) at the allocation a distilled one was written with."""
+    from graphrewrite.rewriting import fitting
+
+    allocation = distilled.manifest["options"]["calibration"]["distill"].get("allocation", {})
+    return _compress(src, out, data, ratio, same_rank=allocation.get("kept") == fitting.SAME_RANK)
+
+
+def _held_out_cross_entropy(path: str, data: dict) -> float:
+    """The mean softmax cross-entropy of the model at ``path`` (alpha = 0) against the digits CNN on
+    the held-out calibration examples."""
+    import tensorflow as tf
+
+    held = tf.constant(statistics.held_out(data, statistics.DEFAULT_BATCH)["image"])
+    y = next(iter(tf.saved_model.load(CNN).signatures["serving_default"](image=held).values())).numpy()
+    model = at_alpha0(path)
+    y_c = next(iter(model.signatures["serving_default"](image=held).values())).numpy()
+    return float(np.mean(_softmax_cross_entropy(y, y_c)))
 
 
 @pytest.fixture(scope="module")
 def distilled_cnn(tmp_path_factory, digits):  # noqa: F811
     """The digits CNN at --target-ratio 0.2, calibrated on 256 training images (a fourth held
-    out), without and with 300 steps of softmax distillation."""
+    out), with 300 steps of softmax distillation, and without at the allocation it was written with."""
     root = tmp_path_factory.mktemp("distill")
     data = {"image": digits[0].reshape(-1, 8, 8, 1)}
-    results = {name: _compress(CNN, str(root / name), data, 0.2, **extra) for name, extra in
-               (("calibrated", {}), ("distilled", {"distill_steps": 300, "distill_loss": "softmax"}))}
+    distilled = _compress(CNN, str(root / "distilled"), data, 0.2, distill_steps=300, distill_loss="softmax")
+    results = {"calibrated": _calibrated_as_written(CNN, str(root / "calibrated"), data, 0.2, distilled),
+               "distilled": distilled}
     return root, data, results
 
 
 def test_distillation_figures_are_the_written_models(distilled_cnn):
     """The held-out loss before and after, as the manifest records them, are the softmax cross-
     entropy of the written models at alpha = 0 against the original on the held-out examples."""
-    import tensorflow as tf
 
     root, data, results = distilled_cnn
     record = results["distilled"].manifest["options"]["calibration"]["distill"]
@@ -56,15 +76,9 @@ def test_distillation_figures_are_the_written_models(distilled_cnn):
     assert record["examples"] == 192 and 0 < record["best_step"] <= 300
     assert sorted(record["trained"]) == sorted(s["id"] for s in results["distilled"].manifest["sites"]
                                                if s["details"].get("distilled"))
-    held = statistics.held_out(data, statistics.DEFAULT_BATCH)["image"]
-    assert len(held) == 64
-    original = tf.saved_model.load(CNN)
-    y = original.signatures["serving_default"](image=tf.constant(held))
-    y = next(iter(y.values())).numpy()
+    assert len(statistics.held_out(data, statistics.DEFAULT_BATCH)["image"]) == 64
     for name, figure in (("calibrated", "before"), ("distilled", "after")):
-        model = at_alpha0(str(root / name))
-        y_c = next(iter(model.signatures["serving_default"](image=tf.constant(held)).values())).numpy()
-        expected = float(np.mean(_softmax_cross_entropy(y, y_c)))
+        expected = _held_out_cross_entropy(str(root / name), data)
         assert record["held_out"][figure] == pytest.approx(expected, rel=1e-3), name
     assert record["held_out"]["after"] < 0.7 * record["held_out"]["before"]
     from graphrewrite.reporting import report
@@ -85,6 +99,41 @@ def test_distillation_figures_are_the_written_models(distilled_cnn):
                for v in results["distilled"].verification["signatures"].values())
 
 
+def test_distillation_writes_the_allocation_with_the_lower_held_out_loss(distilled_cnn, tmp_path):
+    """At --target-ratio with distillation, one rank for every weight at the same budget is fitted
+    and distilled too (graphrewrite.rewriting.fitting); the written plan is the one with the lower
+    held-out loss. Its figure is the written model's (the test above); the other's is that of a
+    compress forced to the other allocation, distilled alone."""
+    from graphrewrite.reporting import report
+    from graphrewrite.rewriting import fitting
+
+    root, data, results = distilled_cnn
+    manifest = results["distilled"].manifest
+    record = manifest["options"]["calibration"]["distill"]
+    allocation = record["allocation"]
+    assert allocation["compared"], allocation
+    assert allocation["ranks"][fitting.SAME_RANK] == {"conv_1/kernel": 4, "conv_2/kernel": 4, "logits/kernel": 4}
+    assert allocation["params_after"][fitting.SAME_RANK] == 5708 <= 0.2 * 28960
+    assert allocation["params_after"][fitting.ALLOCATION] <= 0.2 * 28960
+    held = allocation["held_out"]
+    kept, other = allocation["kept"], next(name for name in held if name != allocation["kept"])
+    assert held[kept] < held[other] and held[kept] == record["held_out"]["after"]
+    written = {s["variable"].split(":")[0]: s["k"] for s in manifest["sites"]}
+    assert written == allocation["ranks"][kept]
+    assert manifest["totals"]["params_after"] == allocation["params_after"][kept] == sum(
+        s["params_after"] for s in manifest["sites"])
+    with pytest.MonkeyPatch.context() as patch:  # the other allocation alone, written
+        patch.setattr(fitting, "fit_best", lambda model, plan, transform, selection, spectrum, progress:
+                      fitting.fit(model, plan, transform, progress))
+        forced = _compress(CNN, str(tmp_path / "forced"), data, 0.2, same_rank=other == fitting.SAME_RANK,
+                           distill_steps=300, distill_loss="softmax")
+    assert {s["variable"].split(":")[0]: s["k"] for s in forced.manifest["sites"]} == allocation["ranks"][other]
+    assert held[other] == pytest.approx(_held_out_cross_entropy(str(tmp_path / "forced"), data), rel=1e-3)
+    text = report.compress_text(results["distilled"], CNN)
+    assert f"Allocation: held-out loss after distillation, {fitting.ALLOCATION} (" in text
+    assert f"written with the lower, {kept}" in text
+
+
 def test_distillation_lifts_the_held_out_digits(distilled_cnn, digits):  # noqa: F811
     """Measured: 0.56 calibrated, 0.92 distilled (300 steps, 192 images; 0.92 without mixup) at 20% of the
     kernel parameters; the 450 test images were not seen."""
@@ -99,7 +148,7 @@ def test_only_the_factors_move(distilled_cnn):
     """Distillation trains the sites' factors; every other variable and every A is the original's."""
     import tensorflow as tf
 
-    root, _, _ = distilled_cnn
+    root, _, results = distilled_cnn
     original = {v.name: v.numpy() for v in tf.saved_model.load(CNN).variables}
     values = {name: {v.name: v.numpy() for v in tf.saved_model.load(str(root / name)).variables}
               for name in ("calibrated", "distilled")}
@@ -107,8 +156,9 @@ def test_only_the_factors_move(distilled_cnn):
         np.testing.assert_array_equal(values["distilled"][name], value)
     moved = [n for n in values["distilled"] if n not in original
              and not np.array_equal(values["distilled"][n], values["calibrated"][n])]
-    assert sorted(moved) == ["conv_2/kernel/b_matrix:0", "conv_2/kernel/c_matrix:0",
-                             "logits/kernel/b_matrix:0", "logits/kernel/c_matrix:0"]
+    sites = [s["variable"].split(":")[0] for s in results["distilled"].manifest["sites"]]
+    assert sorted(moved) == sorted(f"{v}/{m}_matrix:0" for v in sites for m in "bc")
+    assert "conv_2/kernel" in sites and "logits/kernel" in sites
 
 
 def test_a_distillation_that_does_not_help_is_not_kept(tmp_path, digits):  # noqa: F811
@@ -128,6 +178,9 @@ def test_a_distillation_that_does_not_help_is_not_kept(tmp_path, digits):  # noq
     record = result.manifest["options"]["calibration"]["distill"]
     assert record["run"] and record["rate"] == 10.0 and not record["kept"] and record["best_step"] == 0, record
     assert record["held_out"]["after"] == record["held_out"]["before"]
+    # one rank for every weight was distilled too, not kept either: the --target-ratio allocation stands
+    assert record["allocation"] == {"compared": False, "why": "at one rank for every weight distillation was "
+                                    "not kept (no epoch lowered the held-out loss beyond noise)"}
     import tensorflow as tf
 
     written = [{v.name: v.numpy() for v in tf.saved_model.load(str(tmp_path / n)).variables}
@@ -144,8 +197,9 @@ def test_mse_loss_against_an_independent_count(tmp_path, digits):  # noqa: F811
     import tensorflow as tf
 
     data = {"pixels": digits[0]}
-    results = {name: _compress(MLP, str(tmp_path / name), data, 0.2, **extra) for name, extra in
-               (("calibrated", {}), ("distilled", {"distill_steps": 60, "distill_loss": "mse"}))}
+    distilled = _compress(MLP, str(tmp_path / "distilled"), data, 0.2, distill_steps=60, distill_loss="mse")
+    results = {"calibrated": _calibrated_as_written(MLP, str(tmp_path / "calibrated"), data, 0.2, distilled),
+               "distilled": distilled}
     record = results["distilled"].manifest["options"]["calibration"]["distill"]
     held = statistics.held_out(data, statistics.DEFAULT_BATCH)["pixels"]
     train = statistics.held_out(data, statistics.DEFAULT_BATCH, held=False)["pixels"]
@@ -175,6 +229,7 @@ def test_a_keras3_lstm_is_distilled_through_its_loop(model_factory, tmp_path):
                                    calibration=data, distill_steps=40)
     record = result.manifest["options"]["calibration"]["distill"]
     assert record["run"] and len(record["trained"]) == 3 and not record["untouched"], record
+    assert "allocation" not in record  # the reference's rule: one k per weight, no budget to share
     assert all(v["checked"] for v in result.verification["signatures"].values())
     held = statistics.held_out(data, statistics.DEFAULT_BATCH)
     train = statistics.held_out(data, statistics.DEFAULT_BATCH, held=False)

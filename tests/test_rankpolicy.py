@@ -73,6 +73,30 @@ def test_target_ratio_leaves_a_small_expensive_to_factor_weight_dense():
     assert ks[0] * 512 + 1280 <= 0.3 * (256 * 256 + 1280)
 
 
+def test_same_rank_is_the_largest_k_that_fits_the_budget():
+    """The digits CNN's shapes (conv_1 9 x 32, conv_2 288 x 64, head 1024 x 10; 28,960 kernel
+    parameters): k (9 + 32 + 288 + 64 + 1024 + 10) = 1,427 k, so 20% (5,792) is k = 4 (5,708) and
+    29% k = 5; past a weight's break-even (conv_1: 6) the weight stays whole and costs its m n."""
+    shapes = [(9, 32), (288, 64), (1024, 10)]
+    spectra = [np.geomspace(1.0, 0.01, min(m, n)) for m, n in shapes]  # the spectra do not matter
+    assert rankpolicy.same_rank_ks(spectra, shapes, 0.2) == [4, 4, 4]
+    assert rankpolicy.same_rank_ks(spectra[::-1], shapes[::-1], 0.2) == [4, 4, 4]
+    assert rankpolicy.same_rank_ks(spectra, shapes, 0.29) == [5, 5, 5]
+    # 48%: 13,900 parameters; k = 9 with conv_1 whole is 288 + 9 (352 + 1034) = 12,762, k = 10: 14,148
+    assert rankpolicy.same_rank_ks(spectra, shapes, 0.48) == [None, 9, 9]
+    for ratio in np.linspace(0.05, 1.0, 40):
+        ks = rankpolicy.same_rank_ks(spectra, shapes, ratio)
+        cost = sum(m * n if k is None else k * (m + n) for k, (m, n) in zip(ks, shapes))
+        assert cost <= ratio * 28960, ratio
+        bigger = [k + 1 if k is not None and k + 1 <= rankpolicy.break_even_k(m, n, min(m, n)) else None
+                  for k, (m, n) in zip(ks, shapes)]
+        more = sum(m * n if k is None else k * (m + n) for k, (m, n) in zip(bigger, shapes))
+        assert bigger == ks or more > ratio * 28960, ratio  # the next k does not fit
+    # below k = 1 for all, k = 1 for all (as target_ratio_ks starts)
+    assert rankpolicy.same_rank_ks(spectra, shapes, 0.01) == [1, 1, 1]
+    assert Policy(target_ratio=0.2, same_rank=True).describe(200) == "target_ratio=0.2, one rank for every weight"
+
+
 @pytest.mark.parametrize("kwargs, message", [
     (dict(include="("), "--include: '(' is not a regular expression"),
     (dict(min_params=-1), "--min-params must be >= 0"),

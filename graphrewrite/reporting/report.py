@@ -179,7 +179,25 @@ def distill_text(record: dict[str, Any]) -> str:
             f"calibration examples{mixed}, Adam {record['rate']:g}{schedule}): held-out loss {held['before']:.4f} -> "
             f"{held['after']:.4f} (z {record['z']:+.1f}, kept below -2); {what}{stopped}; sites trained: "
             f"{len(record['trained'])}"
-            + (f", without gradient: {', '.join(record['untouched'])}" if record["untouched"] else ""))
+            + (f", without gradient: {', '.join(record['untouched'])}" if record["untouched"] else "")
+            + (f". {allocation_text(record['allocation'])}" if isinstance(record.get("allocation"), dict) else ""))
+
+
+def allocation_text(allocation: dict[str, Any]) -> str:
+    """Which rank allocation distillation's factors were written with (graphrewrite.rewriting.fitting)."""
+    if not allocation.get("compared"):
+        return f"Allocation: --target-ratio's ({allocation.get('why', 'no other compared')})"
+    held, ranks, params = allocation["held_out"], allocation["ranks"], allocation["params_after"]
+
+    weights = list(dict.fromkeys(w for r in ranks.values() for w in r))
+
+    def one(name: str) -> str:
+        written = ", ".join(f"{w} {ranks[name].get(w, 'whole')}" for w in weights)
+        return f"{name} ({written}; {params[name]:,} parameters) {held[name]:.4f}"
+
+    names = list(held)
+    return (f"Allocation: held-out loss after distillation, {one(names[0])} against {one(names[1])} (paired z "
+            f"{allocation['z']:+.1f}): written with the lower, {allocation['kept']}")
 
 
 def calibration_text(details: dict[str, Any]) -> str:
@@ -292,7 +310,7 @@ def compress_text(result: Any, source: str) -> str:
         lines += [params] + ([stored_line] if stored_line else [])
     target = (plan.options or {}).get("policy") or ""
     if plan.sites and target.startswith("target_ratio="):
-        lines.append(overall_ratio_text(plan, float(target.partition("=")[2])))
+        lines.append(overall_ratio_text(plan, float(target.partition("=")[2].split(",")[0])))
     ver = result.verification
     if ver is not None and BY_NAME[plan.method].blended:
         unchecked = {key: entry.get("why", "not compared") for key, entry in ver.get("signatures", {}).items()

@@ -75,7 +75,9 @@ def distill(model: LoadedModel, plan: RewritePlan, transform: Transform, initial
             steps: int, loss: str, progress: Callable[[str], None], rate: float | None = None,
             seed: int = 0, mixup: bool = True) -> dict[str, Any] | None:
     """Trains ``initial`` (site id -> factors) in place as the module doc says, where kept; returns
-    what the manifest records (None for ``steps`` 0 or without calibration). ``rate``: Adam's
+    what the manifest records (None for ``steps`` 0 or without calibration), where run with
+    ``held_out_scores``, the held-out loss per example of the factors kept (an array: the caller
+    takes it out before the record is written). ``rate``: Adam's
     learning rate (None: DEFAULT_RATE); ``mixup``: train on mixed examples where every input is
     float (``mix``)."""
     stats = model.calibration
@@ -102,7 +104,7 @@ def distill(model: LoadedModel, plan: RewritePlan, transform: Transform, initial
             "held_out": {name: float(np.mean(s)) for name, s in result["scores"].items()},
             "z": z[AFTER], "kept": kept == AFTER, "best_step": result["best_step"], "steps_run": result["steps_run"],
             "trained": result["trained"],
-            "untouched": result["untouched"]}
+            "untouched": result["untouched"], "held_out_scores": result["scores"][kept]}
 
 
 def distill_job(input_dir: str, tags: Sequence[str], object_based: bool, train: Mapping[str, np.ndarray],

@@ -34,7 +34,7 @@ from graphrewrite.rewriting import sandbox
 from graphrewrite.rewriting.advice import nothing_to_rewrite
 from graphrewrite.rewriting.calibration import Calibration
 from graphrewrite.rewriting.feedback import DEFAULT_PASSES
-from graphrewrite.rewriting.plan import RewritePlan, Selection, make_plan
+from graphrewrite.rewriting.plan import RewritePlan, Selection, Spectrum, make_plan
 from graphrewrite.rewriting.scan import MANIFEST_ASSET, read_saved_model_proto, scan
 from graphrewrite.rewriting.verify import compare_outputs
 
@@ -131,19 +131,27 @@ def plan_model(input_dir: str, hparams: Mapping[str, Any], tags: Sequence[str] =
                                                  tags, meta.object_based,
                                                  sandbox.Limits.from_env(allow_io=allow_unsafe_ops))
 
+    plan = make_plan(model.functions.values(), model.infos, transform, selection, spectrum_of(model, progress))
+    if model.calibration is not None:
+        plan = statistics.mark_plan(plan, model.calibration, calibration_passes, distill_steps, distill_loss,
+                                    distill_mixup)
+    return model, plan, transform
+
+
+def spectrum_of(model: Any, progress: Progress) -> Spectrum:
+    """The rank policies' singular values of a weight: its matrix's, whitened by its input's
+    statistics where calibrated (graphrewrite.rewriting.statistics.spectrum)."""
     def spectrum(key: str, view: views.View) -> np.ndarray:
         import scipy.linalg
+
+        from graphrewrite.rewriting import statistics
 
         progress(f"singular values of {model.infos[key].name}")
         matrix = model.matrix(key, view)
         whitened = statistics.spectrum(matrix, model.calibration, key)
         return scipy.linalg.svdvals(matrix, check_finite=False) if whitened is None else whitened
 
-    plan = make_plan(model.functions.values(), model.infos, transform, selection, spectrum)
-    if model.calibration is not None:
-        plan = statistics.mark_plan(plan, model.calibration, calibration_passes, distill_steps, distill_loss,
-                                    distill_mixup)
-    return model, plan, transform
+    return spectrum
 
 
 def compress(input_dir: str, output_dir: str, hparams: Mapping[str, Any], *,
@@ -181,7 +189,9 @@ def compress(input_dir: str, output_dir: str, hparams: Mapping[str, Any], *,
         compressed model); 0 fits every site to the original model's inputs only.
       distill_steps: after the factorisation, this many gradient steps on every site's factors so
         that the compressed model's outputs match the original's on the calibration examples
-        (graphrewrite.rewriting.distill); needs ``calibration``; 0: none.
+        (graphrewrite.rewriting.distill); needs ``calibration``; 0: none. With a ``target_ratio``
+        policy, one rank for every weight at the same budget is distilled too, and the plan with
+        the lower held-out loss is written (graphrewrite.rewriting.fitting).
       distill_loss: what distillation minimises: ``mse`` (relative mean-square error of the
         outputs) or ``softmax`` (outputs read as logits: cross-entropy against the original's).
       distill_mixup: distillation trains on mixed pairs of examples (mixup, with the original's
@@ -223,19 +233,24 @@ def compress(input_dir: str, output_dir: str, hparams: Mapping[str, Any], *,
         _atomic_write(output_dir, overwrite, lambda tmp: copy_model(input_dir, tmp))
         return CompressResult(output_dir, plan, None, None)
 
+    from graphrewrite.rewriting import fitting
+
     expected = reference if verify else None
     in_memory = verify and weight_bytes(model) > VERIFY_IN_MEMORY_ABOVE
+    fitted = fitting.fit_best(model, plan, transform, selection, spectrum_of(model, progress), progress)
+    plan = fitted.plan  # with distillation, maybe another allocation at the same budget (fitting.py)
     signatures = sorted(e.name for e in model.entries if e.kind == "signature")
     data = manifest_lib.build(plan, input_dir, model.kind, __version__, signatures)
     data["source"].update(manifest_lib.source_sizes(input_dir, model.infos.values()))
-    holder = [model]
-    del model  # _save_rewrite owns it from here, so its memory is free before verification
+    fitting.record(data, model, fitted, transform)
+    holder = [model, fitted.factors]
+    del model, fitted  # _save_rewrite owns them from here, so their memory is free before verification
     verification: dict[str, Any] | None = None
 
     def write(tmp: str) -> None:
         nonlocal verification
-        verification = _save_rewrite(holder.pop(), plan, transform, hparams, data, tmp, output_dir, progress,
-                                     expected if in_memory else None)
+        verification = _save_rewrite(holder.pop(0), holder.pop(0), plan, transform, hparams, data, tmp, output_dir,
+                                     progress, expected if in_memory else None)
         gc.collect()  # the input model and the rewritten one in memory: release both
         if expected is not None and not in_memory:
             progress("verifying: reloading the output in the sandbox and comparing with the input at alpha = 1")
@@ -261,10 +276,11 @@ def weight_bytes(model: Any) -> int:
 VERIFY_IN_MEMORY_ABOVE = 1 << 30
 
 
-def _save_rewrite(model: Any, plan: RewritePlan, transform: Any, hparams: Mapping[str, Any],
-                  data: dict[str, Any], tmp: str, output_dir: str, progress: Progress,
+def _save_rewrite(model: Any, initial: dict[str, dict[str, np.ndarray]], plan: RewritePlan, transform: Any,
+                  hparams: Mapping[str, Any], data: dict[str, Any], tmp: str, output_dir: str, progress: Progress,
                   expected: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
-    """Factorises, builds and saves into ``tmp``; every large object dies with this call.
+    """Builds the model with the factors ``initial`` (graphrewrite.rewriting.fitting) and saves it into
+    ``tmp``; every large object dies with this call.
 
     With ``expected``, the rebuilt model is verified in memory before saving and the saved files
     are checked structurally; returns that verification report (else None).
@@ -275,28 +291,6 @@ def _save_rewrite(model: Any, plan: RewritePlan, transform: Any, hparams: Mappin
     from graphrewrite.rewriting import irstore
     from graphrewrite.rewriting import schedule as schedule_lib
 
-    initial = build_lib.factorize_all(model, plan, transform, progress)
-    if model.calibration is not None:
-        from graphrewrite.rewriting import distill, feedback, modelcheck, statistics
-
-        options = plan.options["calibration"]
-        first_pass, plain = dict(initial), statistics.plain_factors(model, plan, transform)
-        chained, trials = feedback.refine(model, plan, transform, initial, options["passes"], progress, plain)
-        check = modelcheck.choose(model, plan, transform, initial, first_pass, trials, progress, plain)
-        notes = modelcheck.notes(check, chained, plan)
-        asked = options.get("distill", {})  # statistics.mark_plan records it where --distill-steps
-        distilled = distill.distill(model, plan, transform, initial, asked.get("steps", 0), asked.get("loss", "mse"),
-                                    progress, mixup=asked.get("mixup", True))
-        if distilled is not None and distilled.get("kept"):
-            for sid in distilled["trained"]:
-                notes[sid] = {**notes.get(sid, {}), "distilled": True}
-        statistics.record_errors(data["sites"], model, plan, transform, initial, notes, plain)
-        recorded = dict(data["options"]["calibration"])  # plan.options stays as it was
-        if check is not None:
-            recorded["model_check"] = check
-        if distilled is not None:
-            recorded["distill"] = {**recorded["distill"], **distilled}
-        data["options"]["calibration"] = recorded
     schedule = schedule_lib.Schedule.from_hparams(hparams)
 
     def update_factory(root: Any, plan_: RewritePlan, transform_: Any) -> Any:

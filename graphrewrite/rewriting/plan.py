@@ -216,7 +216,8 @@ def _decide(ready: list[tuple], infos: Mapping[str, VariableInfo], transform: Tr
     shapes = [(m, n) for _, _, _, _, m, n, _ in ready]
     why = policy.describe(int(transform.hparams["rank"]))
     if policy.target_ratio is not None:
-        ks = rankpolicy.target_ratio_ks(spectra, shapes, policy.target_ratio)
+        allocate = rankpolicy.same_rank_ks if policy.same_rank else rankpolicy.target_ratio_ks
+        ks = allocate(spectra, shapes, policy.target_ratio)
     elif policy.energy is not None:
         ks = [rankpolicy.energy_k(s, policy.energy) for s in spectra]
     else:

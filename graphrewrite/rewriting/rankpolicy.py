@@ -39,6 +39,7 @@ class Policy:
     energy: float | None = None
     max_error: float | None = None
     target_ratio: float | None = None
+    same_rank: bool = False  # with target_ratio: one k for every weight (``same_rank_ks``)
 
     @property
     def uses_spectrum(self) -> bool:
@@ -50,7 +51,7 @@ class Policy:
         if self.max_error is not None:
             return f"max_error={self.max_error:g}"
         if self.target_ratio is not None:
-            return f"target_ratio={self.target_ratio:g}"
+            return f"target_ratio={self.target_ratio:g}" + (", one rank for every weight" if self.same_rank else "")
         return f"rank={rank}"
 
 
@@ -122,6 +123,25 @@ def _choices(tail: np.ndarray, m: int, n: int) -> list[tuple[int | None, int, fl
             hull.pop()
         hull.append(point)
     return hull
+
+
+def same_rank_ks(spectra: Sequence[np.ndarray], shapes: Sequence[tuple[int, int]],
+                 ratio: float) -> list[int | None]:
+    """The largest k given to every site (None: dense, where k passes its break-even or its
+    singular values) that keeps ``sum(params) <= ratio * sum(m * n)``; k = 1 everywhere where none
+    fits. Blind to the spectra: the allocation distillation does best with on the digits CNN
+    (graphrewrite.rewriting.fitting), where the errors of the weights alone say little."""
+    def ks_at(k: int) -> list[int | None]:
+        return [k if k <= break_even_k(m, n, len(s)) else None for s, (m, n) in zip(spectra, shapes)]
+
+    def params(ks: Sequence[int | None]) -> int:
+        return sum(m * n if k is None else k * (m + n) for k, (m, n) in zip(ks, shapes))
+
+    budget = ratio * sum(m * n for m, n in shapes)
+    k = 1
+    while ks_at(k + 1) != ks_at(k) and params(ks_at(k + 1)) <= budget:  # params grow with k
+        k += 1
+    return ks_at(k) if params(ks_at(k)) <= budget else [1] * len(shapes)
 
 
 def target_ratio_ks(spectra: Sequence[np.ndarray], shapes: Sequence[tuple[int, int]],
