@@ -255,7 +255,7 @@ def test_cli_options_and_reports(capsys, tmp_path, digits):  # noqa: F811
     assert ("distillation (softmax loss against the original model's outputs, 192 calibration examples and "
             "mixed pairs of them (mixup), Adam 0.1, cosine decay)") in stdout
     code, text, _ = run(capsys, "inspect", out)
-    assert "distillation (softmax loss" in text
+    assert "distillation (softmax loss" in text and ". Allocation: " in text
     code, stdout, _ = run(capsys, "diff", MLP, out, "--json")
     record = json.loads(stdout)["manifest"]["distill"]
     assert record["steps"] == 24 and record["loss"] == "softmax" and record["run"]
