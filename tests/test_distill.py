@@ -367,6 +367,36 @@ def test_distillation_runs_on_other_model_kinds(model_factory, tmp_path, name):
     assert all(v["checked"] for v in result.verification["signatures"].values())
 
 
+@pytest.mark.parametrize("name", ["keras3_lstm", pytest.param("keras3_attention", marks=pytest.mark.heavy),
+                                  pytest.param("tf1_builder", marks=pytest.mark.heavy)])
+def test_the_second_allocation_on_other_model_kinds(model_factory, tmp_path, name):
+    """At --target-ratio with distillation, the plan with one rank for every weight is made, fitted
+    and distilled on models whose weights a loop reads (Keras 3 LSTM), that Einsum reads (attention)
+    and TF1 VariableV2 weights; the written plan is the one the record says, within the budget,
+    and compress verifies it at alpha = 1."""
+    from test_calibration import random_calibration
+
+    from graphrewrite.rewriting import fitting
+
+    path, _ = model_factory(name)
+    _, data = random_calibration(model_factory, name, examples=128)
+    result = _compress(path, str(tmp_path / "out"), data, 0.3, distill_steps=40)
+    record = result.manifest["options"]["calibration"]["distill"]
+    allocation = record["allocation"]
+    assert record["run"] and "compared" in allocation, record
+    sites = {s["variable"].split(":")[0]: s["k"] for s in result.manifest["sites"]}
+    kept = allocation.get("kept", fitting.ALLOCATION)
+    if allocation["compared"]:
+        assert sites == allocation["ranks"][kept]
+        assert min(allocation["held_out"].values()) == allocation["held_out"][kept]
+        assert len(set(allocation["ranks"][fitting.SAME_RANK].values())) == 1
+    whole = [int(np.prod(s["shape"])) for s in result.manifest["skipped"] if "leaves it dense" in s["reason"]]
+    before = sum(s["params_before"] for s in result.manifest["sites"]) + sum(whole)
+    assert sum(s["params_after"] for s in result.manifest["sites"]) + sum(whole) <= 0.3 * before
+    assert kept == fitting.ALLOCATION or result.plan.options["policy"].endswith("one rank for every weight")
+    assert all(v["checked"] for v in result.verification["signatures"].values())
+
+
 def test_gradients_reach_the_weights_a_loop_reads(model_factory):
     """A Keras 3 LSTM reads its kernels inside a While through their handles: distillation swaps
     them for variables holding the compressed values and carries their gradients on to the
