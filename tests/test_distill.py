@@ -495,10 +495,14 @@ def test_a_signature_without_float_outputs_is_not_distilled(tmp_path):
     assert os.path.isfile(tmp_path / "out" / "saved_model.pb")
 
 
-@pytest.mark.parametrize("record", [{"run": True, "held_out": "x"}, {"run": True, "steps": "many"}, ["run"]])
+@pytest.mark.parametrize("record", [{"run": True, "held_out": "x"}, {"run": True, "steps": "many"}, ["run"],
+                                    {"allocation": {"compared": True, "held_out": 1}},
+                                    {"allocation": {"compared": True, "held_out": {"a": 1.0}, "ranks": [],
+                                                    "params_after": {}, "z": "?"}}])
 def test_a_hand_edited_distill_record_is_one_line(capsys, distilled_cnn, tmp_path, record):
     """inspect and diff (text and --html) read the record from the model's manifest: a damaged
-    one is one line and exit status 3, never a traceback or an internal error."""
+    one (or a damaged allocation in it) is one line and exit status 3, never a traceback or an
+    internal error."""
     import glob
     import shutil
 
@@ -508,6 +512,8 @@ def test_a_hand_edited_distill_record_is_one_line(capsys, distilled_cnn, tmp_pat
     (path,) = glob.glob(os.path.join(model, "assets", "*manifest*"))
     with open(path, encoding="utf-8") as f:
         data = json.load(f)
+    if isinstance(record, dict) and list(record) == ["allocation"]:  # the written record, its allocation damaged
+        record = {**data["options"]["calibration"]["distill"], **record}
     data["options"]["calibration"]["distill"] = record
     with open(path, "w", encoding="utf-8") as f:
         json.dump(data, f)

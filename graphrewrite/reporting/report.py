@@ -188,7 +188,6 @@ def allocation_text(allocation: dict[str, Any]) -> str:
     if not allocation.get("compared"):
         return f"Allocation: --target-ratio's ({allocation.get('why', 'no other compared')})"
     held, ranks, params = allocation["held_out"], allocation["ranks"], allocation["params_after"]
-
     weights = list(dict.fromkeys(w for r in ranks.values() for w in r))
 
     def one(name: str) -> str:
