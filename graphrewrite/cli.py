@@ -190,13 +190,17 @@ def cli(verbose: bool) -> None:
               show_default=True, help="what distillation minimises; softmax: outputs are logits (classifiers)")
 @click.option("--distill-mixup/--no-distill-mixup", "distill_mixup", default=True, hidden=True, show_default=True,
               help="distillation also trains on mixed pairs of examples where every input is float")
+@click.option("--compare-allocations/--no-compare-allocations", "compare_allocations", default=True, hidden=True,
+              show_default=True, help="with distillation at --target-ratio, also distil one rank for every weight "
+                                      "and write the plan with the lower held-out loss")
 def compress(in_model: str, out_model: str, compression_hparams: str | None, method: str | None,
              tag_set: str, allow_unsafe_ops: bool, fast: bool, overwrite: bool, dry_run: bool,
              allow_empty: bool, allow_larger: bool, schedule_steps: int | None, schedule_start: int,
              as_json: bool, quiet: bool, show_progress: bool, energy: float | None, max_error: float | None,
              target_ratio: float | None, min_params: int, include: str | None, exclude: str | None,
              calibration: str | None, calibration_signature: str, calibration_passes: int | None,
-             distill_steps: int, distill_loss: str, distill_mixup: bool, **values: Any) -> None:
+             distill_steps: int, distill_loss: str, distill_mixup: bool, compare_allocations: bool,
+             **values: Any) -> None:
     """Rewrite IN_MODEL into OUT_MODEL with compressed, alpha-gated weights.
 
     \b
@@ -212,7 +216,8 @@ def compress(in_model: str, out_model: str, compression_hparams: str | None, met
     from graphrewrite.rewriting import pipeline
 
     for name, given in (("--calibration-passes", calibration_passes is not None), ("--distill-steps", distill_steps),
-                        ("--distill-loss", distill_loss != "mse"), ("--no-distill-mixup", not distill_mixup)):
+                        ("--distill-loss", distill_loss != "mse"), ("--no-distill-mixup", not distill_mixup),
+                        ("--no-compare-allocations", not compare_allocations)):
         if given and calibration is None:
             from graphrewrite.errors import UsageError
 
@@ -228,7 +233,7 @@ def compress(in_model: str, out_model: str, compression_hparams: str | None, met
         allow_unsafe_ops=allow_unsafe_ops, dry_run=dry_run, allow_larger=allow_larger, selection=selection,
         progress=progress, warn=_warning, allow_empty=allow_empty, calibration=calibration,
         calibration_signature=calibration_signature, distill_steps=distill_steps, distill_loss=distill_loss,
-        distill_mixup=distill_mixup,
+        distill_mixup=distill_mixup, compare_allocations=compare_allocations,
         **({} if calibration_passes is None else {"calibration_passes": calibration_passes}))
     if as_json:
         click.echo(json.dumps(report.compress_json(result), indent=1))

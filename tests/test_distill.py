@@ -270,6 +270,39 @@ def test_cli_options_and_reports(capsys, tmp_path, digits):  # noqa: F811
     assert code == 0, err
     assert json.loads(stdout)["options"]["calibration"]["distill"]["mixup"] == "not asked"
     assert "(no mixup: not asked)" in run(capsys, "inspect", out)[1]
+    code, _, err = run(capsys, "compress", MLP, out, "--no-compare-allocations", "--overwrite")
+    assert code == 2 and err.strip().endswith("--no-compare-allocations needs --calibration")
+    code, stdout, err = run(capsys, "compress", MLP, out, "--calibration", str(tmp_path / "cal.npz"), "--overwrite",
+                            "--target-ratio", "0.2", "--distill-steps", "8", "--no-compare-allocations", "--json",
+                            "-q")
+    assert code == 0, err
+    assert json.loads(stdout)["options"]["calibration"]["distill"]["allocation"] == {
+        "compared": False, "why": "not asked (--no-compare-allocations)"}
+
+
+def test_a_second_plan_that_fails_leaves_the_first(tmp_path, digits, monkeypatch):  # noqa: F811
+    """Where fitting the one-rank plan fails (its distillation out of time or memory in the
+    sandbox), compress writes the --target-ratio plan, as without the comparison, and says why."""
+    from graphrewrite.errors import ModelRunError
+    from graphrewrite.reporting import report
+    from graphrewrite.rewriting import fitting
+
+    fit = fitting.fit
+
+    def failing(model, plan, transform, progress):
+        if plan.options["policy"].endswith("one rank for every weight"):
+            raise ModelRunError("distilling the factors on the calibration examples: did not finish within 1 s")
+        return fit(model, plan, transform, progress)
+
+    monkeypatch.setattr(fitting, "fit", failing)
+    data = {"pixels": digits[0]}
+    result = _compress(MLP, str(tmp_path / "out"), data, 0.2, distill_steps=8)
+    record = result.manifest["options"]["calibration"]["distill"]
+    assert record["run"] and record["allocation"] == {
+        "compared": False, "why": "one rank for every weight failed: distilling the factors on the calibration "
+                                  "examples: did not finish within 1 s"}
+    assert result.plan.options["policy"] == "target_ratio=0.2"
+    assert "Allocation: --target-ratio's (one rank for every weight failed:" in report.compress_text(result, MLP)
 
 
 def test_python_api_refuses_bad_values(tmp_path, digits):  # noqa: F811

@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from graphrewrite.errors import GraphrewriteError, first_line
 from graphrewrite.rewriting import build as build_lib
 from graphrewrite.rewriting import distill, feedback, modelcheck, statistics
 from graphrewrite.rewriting.model import LoadedModel
@@ -79,12 +80,17 @@ def fit(model: LoadedModel, plan: RewritePlan, transform: Transform, progress: P
 
 
 def fit_best(model: LoadedModel, plan: RewritePlan, transform: Transform, selection: Selection,
-             spectrum: Spectrum, progress: Progress) -> Fitted:
-    """``fit``; where distillation ran on a ``--target-ratio`` plan, also the same budget at one rank
-    for every weight, and the better of the two as the module doc says."""
+             spectrum: Spectrum, progress: Progress, compare: bool = True) -> Fitted:
+    """``fit``; where distillation ran on a ``--target-ratio`` plan (and ``compare``), also the same
+    budget at one rank for every weight, and the better of the two as the module doc says. Where
+    the second plan's fitting fails (its distillation ran out of time or memory in the sandbox),
+    the first stands and the record says why."""
     first = fit(model, plan, transform, progress)
     policy = selection.policy
     if first.held_out is None or policy.target_ratio is None or policy.same_rank:
+        return first
+    if not compare:
+        first.distilled["allocation"] = {"compared": False, "why": "not asked (--no-compare-allocations)"}
         return first
     other = make_plan(model.functions.values(), model.infos, transform,
                       dataclasses.replace(selection, policy=dataclasses.replace(policy, same_rank=True)), spectrum)
@@ -95,7 +101,12 @@ def fit_best(model: LoadedModel, plan: RewritePlan, transform: Transform, select
     other = statistics.mark_plan(other, model.calibration, asked["passes"], **_distill_args(asked))
     progress(f"calibration: fitting and distilling one rank for every weight at the same budget "
              f"({', '.join(str(k) for k in sorted(set(_ranks(other).values())))})")
-    second = fit(model, other, transform, progress)
+    try:
+        second = fit(model, other, transform, progress)
+    except GraphrewriteError as exc:  # the plan written is then the first, as without the comparison
+        first.distilled["allocation"] = {"compared": False, "why": f"one rank for every weight failed: "
+                                                                   f"{first_line(exc)}"}
+        return first
     if not (second.distilled or {}).get("kept") or len(second.held_out) != len(first.held_out):
         first.distilled["allocation"] = {"compared": False, "why": "at one rank for every weight distillation "
                                          + _why_not(second.distilled)}

@@ -162,7 +162,8 @@ def compress(input_dir: str, output_dir: str, hparams: Mapping[str, Any], *,
              calibration: Calibration | None = None,
              calibration_signature: str = "serving_default",
              calibration_passes: int = DEFAULT_PASSES, distill_steps: int = 0,
-             distill_loss: str = "mse", distill_mixup: bool = True) -> CompressResult:
+             distill_loss: str = "mse", distill_mixup: bool = True,
+             compare_allocations: bool = True) -> CompressResult:
     """Rewrites ``input_dir`` into ``output_dir`` (see the module docstring).
 
     Args:
@@ -196,6 +197,9 @@ def compress(input_dir: str, output_dir: str, hparams: Mapping[str, Any], *,
         outputs) or ``softmax`` (outputs read as logits: cross-entropy against the original's).
       distill_mixup: distillation trains on mixed pairs of examples (mixup, with the original's
         outputs for them) where every input of the signature is float; False: on the examples only.
+      compare_allocations: with distillation at a ``target_ratio`` policy, also distil one rank for
+        every weight and write the plan with the lower held-out loss (graphrewrite.rewriting.fitting);
+        False: the policy's plan only (half the distillation time).
     """
     from graphrewrite.rewriting.distill import LOSSES
 
@@ -237,7 +241,8 @@ def compress(input_dir: str, output_dir: str, hparams: Mapping[str, Any], *,
 
     expected = reference if verify else None
     in_memory = verify and weight_bytes(model) > VERIFY_IN_MEMORY_ABOVE
-    fitted = fitting.fit_best(model, plan, transform, selection, spectrum_of(model, progress), progress)
+    fitted = fitting.fit_best(model, plan, transform, selection, spectrum_of(model, progress), progress,
+                              compare_allocations)
     plan = fitted.plan  # with distillation, maybe another allocation at the same budget (fitting.py)
     signatures = sorted(e.name for e in model.entries if e.kind == "signature")
     data = manifest_lib.build(plan, input_dir, model.kind, __version__, signatures)
