@@ -277,7 +277,7 @@ def test_cli_options_and_reports(capsys, tmp_path, digits):  # noqa: F811
                             "-q")
     assert code == 0, err
     assert json.loads(stdout)["options"]["calibration"]["distill"]["allocation"] == {
-        "compared": False, "why": "not asked (--no-compare-allocations)"}
+        "compared": False, "why": "not asked: --no-compare-allocations"}
 
 
 def test_a_second_plan_that_fails_leaves_the_first(tmp_path, digits, monkeypatch):  # noqa: F811

@@ -22,7 +22,9 @@ stands), the one written is the one whose mean held-out distillation loss
 standing, the same budget, both distilled; the paired z (modelcheck.decide's) is recorded to say
 how clear the choice was (on the CNN's first two draws -0.7 and -2.9, both for one rank). The manifest's
 ``options.calibration.distill.allocation`` has both figures. Cost: a second fitting and
-distillation (about twice distillation's time).
+distillation (about twice distillation's time; ``compare_allocations=False``,
+``--no-compare-allocations``, skips it). Where the second fitting fails (its distillation out of
+time or memory in the sandbox), the first plan is written, as without it, and the record says why.
 """
 
 from __future__ import annotations
@@ -90,7 +92,7 @@ def fit_best(model: LoadedModel, plan: RewritePlan, transform: Transform, select
     if first.held_out is None or policy.target_ratio is None or policy.same_rank:
         return first
     if not compare:
-        first.distilled["allocation"] = {"compared": False, "why": "not asked (--no-compare-allocations)"}
+        first.distilled["allocation"] = {"compared": False, "why": "not asked: --no-compare-allocations"}
         return first
     other = make_plan(model.functions.values(), model.infos, transform,
                       dataclasses.replace(selection, policy=dataclasses.replace(policy, same_rank=True)), spectrum)
