@@ -120,7 +120,7 @@ def oneshot(args, work: str, targets: common.Targets) -> None:
                     compress(src, out, GRADUAL, ratio, draw(xtr, key, seed), passes)
                     runs.append(accuracy(at_alpha0(out), xte, y_test))
             distilled, kept = distill_draws(src, out, ratio, key, xtr, xte, y_test, args.seeds, EXAMPLES)
-            whole = ("", [])
+            whole: tuple[list[float], list[str]] = ([], [])
             if ratio == 0.20:  # the whole training split as calibration examples
                 whole = distill_draws(src, out, ratio, key, xtr, xte, y_test, args.seeds, len(xtr))
             first, calibrated = (float(np.mean(runs)) for runs in accuracies.values())
