@@ -122,11 +122,9 @@ def test_distillation_writes_the_allocation_with_the_lower_held_out_loss(distill
     assert written == allocation["ranks"][kept]
     assert manifest["totals"]["params_after"] == allocation["params_after"][kept] == sum(
         s["params_after"] for s in manifest["sites"])
-    with pytest.MonkeyPatch.context() as patch:  # the other allocation alone, written
-        patch.setattr(fitting, "fit_best", lambda model, plan, transform, selection, spectrum, progress:
-                      fitting.fit(model, plan, transform, progress))
-        forced = _compress(CNN, str(tmp_path / "forced"), data, 0.2, same_rank=other == fitting.SAME_RANK,
-                           distill_steps=300, distill_loss="softmax")
+    # the other allocation alone, written
+    forced = _compress(CNN, str(tmp_path / "forced"), data, 0.2, same_rank=other == fitting.SAME_RANK,
+                       distill_steps=300, distill_loss="softmax", compare_allocations=False)
     assert {s["variable"].split(":")[0]: s["k"] for s in forced.manifest["sites"]} == allocation["ranks"][other]
     assert held[other] == pytest.approx(_held_out_cross_entropy(str(tmp_path / "forced"), data), rel=1e-3)
     text = report.compress_text(results["distilled"], CNN)
@@ -494,7 +492,7 @@ def test_distillation_stops_itself_before_the_sandbox_limit(tmp_path, digits, mo
 
     monkeypatch.setenv("GRAPHREWRITE_RUN_TIMEOUT", "15")
     result = _compress(CNN, str(tmp_path / "out"), {"image": digits[0].reshape(-1, 8, 8, 1)}, 0.2,
-                       distill_steps=10**6, distill_loss="softmax")
+                       distill_steps=10**6, distill_loss="softmax", compare_allocations=False)  # one job
     record = result.manifest["options"]["calibration"]["distill"]
     assert record["run"] and 0 < record["steps_run"] < 10**6 and record["steps_run"] % 6 == 0, record
     assert f"stopped after {record['steps_run']} of 1000000 steps" in report.compress_text(result, CNN)
