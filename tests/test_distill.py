@@ -69,7 +69,6 @@ def distilled_cnn(tmp_path_factory, digits):  # noqa: F811
 def test_distillation_figures_are_the_written_models(distilled_cnn):
     """The held-out loss before and after, as the manifest records them, are the softmax cross-
     entropy of the written models at alpha = 0 against the original on the held-out examples."""
-
     root, data, results = distilled_cnn
     record = results["distilled"].manifest["options"]["calibration"]["distill"]
     assert record["run"] and record["kept"] and record["steps"] == 300 and record["loss"] == "softmax"
