@@ -73,26 +73,25 @@ BEFORE, AFTER = "before", "after"
 
 def distill(model: LoadedModel, plan: RewritePlan, transform: Transform, initial: dict[str, dict[str, np.ndarray]],
             steps: int, loss: str, progress: Callable[[str], None], rate: float | None = None,
-            seed: int = 0, mixup: bool = True) -> dict[str, Any] | None:
+            seed: int = 0, mixup: bool = True) -> tuple[dict[str, Any] | None, np.ndarray | None]:
     """Trains ``initial`` (site id -> factors) in place as the module doc says, where kept; returns
-    what the manifest records (None for ``steps`` 0 or without calibration), where run with
-    ``held_out_scores``, the held-out loss per example of the factors kept (an array: the caller
-    takes it out before the record is written). ``rate``: Adam's
+    what the manifest records (None for ``steps`` 0 or without calibration) and, where it ran, the
+    held-out loss per example of the factors kept (else None). ``rate``: Adam's
     learning rate (None: DEFAULT_RATE); ``mixup``: train on mixed examples where every input is
     float (``mix``)."""
     stats = model.calibration
     rate = DEFAULT_RATE if rate is None else rate
     if not steps or stats is None or stats.distill is None:
-        return None
+        return None, None
     if not stats.held_examples:
         return {"run": False, "why": "no held-out calibration examples to check it on (fewer than "
-                                     f"{HOLD_OUT_EVERY} batches)"}
+                                     f"{HOLD_OUT_EVERY} batches)"}, None
     progress(f"calibration: distilling the factors of {len(plan.sites)} sites, {steps} steps ({loss} loss)")
     sites = [(s.id, s.variable.key, views.to_json(s.view), s.size) for s in plan.sites]
     result = stats.distill(transform, sites, {sid: dict(f) for sid, f in initial.items()}, steps, loss, rate, seed,
                            mixup)
     if "why" in result:
-        return {"run": False, "why": result["why"]}
+        return {"run": False, "why": result["why"]}, None
     # the factors before stand unless the distilled ones are better on the held-out examples beyond
     # their noise (with early stopping their mean is lower whenever a step was kept)
     kept, z = decide({BEFORE: result["scores"][BEFORE], AFTER: result["scores"][AFTER]})
@@ -104,7 +103,7 @@ def distill(model: LoadedModel, plan: RewritePlan, transform: Transform, initial
             "held_out": {name: float(np.mean(s)) for name, s in result["scores"].items()},
             "z": z[AFTER], "kept": kept == AFTER, "best_step": result["best_step"], "steps_run": result["steps_run"],
             "trained": result["trained"],
-            "untouched": result["untouched"], "held_out_scores": result["scores"][kept]}
+            "untouched": result["untouched"]}, result["scores"][kept]
 
 
 def distill_job(input_dir: str, tags: Sequence[str], object_based: bool, train: Mapping[str, np.ndarray],

@@ -70,14 +70,11 @@ def fit(model: LoadedModel, plan: RewritePlan, transform: Transform, progress: P
     check = modelcheck.choose(model, plan, transform, initial, first_pass, trials, progress, plain)
     notes = modelcheck.notes(check, chained, plan)
     asked = options.get("distill", {})  # statistics.mark_plan records it where --distill-steps
-    distilled = distill.distill(model, plan, transform, initial, asked.get("steps", 0), asked.get("loss", "mse"),
-                                progress, mixup=asked.get("mixup", True))
-    held_out = None
-    if distilled is not None:
-        held_out = distilled.pop("held_out_scores", None)
-        if distilled.get("kept"):
-            for sid in distilled["trained"]:
-                notes[sid] = {**notes.get(sid, {}), "distilled": True}
+    distilled, held_out = distill.distill(model, plan, transform, initial, asked.get("steps", 0),
+                                          asked.get("loss", "mse"), progress, mixup=asked.get("mixup", True))
+    if distilled is not None and distilled.get("kept"):
+        for sid in distilled["trained"]:
+            notes[sid] = {**notes.get(sid, {}), "distilled": True}
     return Fitted(plan, initial, notes, check, distilled, plain, held_out)
 
 
@@ -99,8 +96,9 @@ def fit_best(model: LoadedModel, plan: RewritePlan, transform: Transform, select
     if _ranks(other) == _ranks(plan):
         first.distilled["allocation"] = {"compared": False, "why": "one rank for every weight is the same plan"}
         return first
-    asked = plan.options["calibration"]
-    other = statistics.mark_plan(other, model.calibration, asked["passes"], **_distill_args(asked))
+    other = statistics.mark_plan(other, model.calibration, plan.options["calibration"]["passes"])
+    # the same calibration, passes and distillation as the first plan's
+    other = dataclasses.replace(other, options={**other.options, "calibration": plan.options["calibration"]})
     progress(f"calibration: fitting and distilling one rank for every weight at the same budget "
              f"({', '.join(str(k) for k in sorted(set(_ranks(other).values())))})")
     try:
@@ -109,7 +107,7 @@ def fit_best(model: LoadedModel, plan: RewritePlan, transform: Transform, select
         first.distilled["allocation"] = {"compared": False, "why": f"one rank for every weight failed: "
                                                                    f"{first_line(exc)}"}
         return first
-    if not (second.distilled or {}).get("kept") or len(second.held_out) != len(first.held_out):
+    if not (second.distilled or {}).get("kept"):
         first.distilled["allocation"] = {"compared": False, "why": "at one rank for every weight distillation "
                                          + _why_not(second.distilled)}
         return first
@@ -134,12 +132,6 @@ def _why_not(record: Mapping[str, Any] | None) -> str:
 def _ranks(plan: RewritePlan) -> dict[str, int]:
     """Variable name -> k of the plan's sites (a weight absent: left whole)."""
     return {s.variable.name: int(s.size.k) for s in plan.sites}
-
-
-def _distill_args(options: Mapping[str, Any]) -> dict[str, Any]:
-    asked = options.get("distill", {})
-    return {"distill_steps": asked.get("steps", 0), "distill_loss": asked.get("loss", "mse"),
-            "distill_mixup": asked.get("mixup", True)}
 
 
 def record(data: dict[str, Any], model: LoadedModel, fitted: Fitted, transform: Transform) -> None:
