@@ -26,6 +26,17 @@ lookups) and is passed as that vector: ``S`` is then ``diag(sqrt(g + lambda))``,
 factorisation is an SVD of the table with each row weighted by its damped lookup frequency. There
 the damping is LOOKUP_DAMPING: a few hundred examples see a small part of a large vocabulary,
 and the rows they miss keep that share of the mean weight (see LOOKUP_DAMPING).
+
+A weight with fewer outputs than inputs (n < m) can be calibrated from its outputs instead
+(``OutputGram``): the damped optimum above is ``M = A V_k V_k^T``, ``V_k`` the leading eigenvectors
+of ``(S A)^T (S A) = A^T G_d A = A^T G A + lambda A^T A``, where ``A^T G A = Y^T Y / rows`` is the
+Gram of the op's own outputs ``Y = X A`` (computed by the model anyway) and ``lambda`` needs only
+``tr(G)``, the mean squared norm of the input rows. The same factors (``B = A V_k s_k^-1/2``,
+``C = s_k^1/2 V_k^T`` is exactly ``S^-1 U_k s_k^1/2``) and the same spectrum then cost an n x n
+product per row instead of m x m; the output error of any replacement ``M = A P`` (plain SVD's and
+the whitened factors are both of that form) is ``tr((I - P)^T A^T G A (I - P))``. What needs the
+input Gram itself (input/output's block Grams, error feedback's ``X~``, a replacement outside A's
+column space such as distilled factors) does not take this form.
 """
 
 from __future__ import annotations
@@ -61,11 +72,24 @@ class RowGram:
     rows: np.ndarray
 
 
-Gram = np.ndarray | RowGram  # m x m, a diagonal (m,), or rows
+@dataclasses.dataclass(frozen=True)
+class OutputGram:
+    """An input Gram ``G`` known through the weight's outputs: ``h = A^T G A`` (n x n, float64, the
+    Gram of ``Y = X A``), ``trace = tr(G)`` and ``m``, G's size; see the module docstring. Valid
+    only with the matrix ``A`` it was measured through."""
+
+    h: np.ndarray
+    trace: float
+    m: int
+
+
+Gram = np.ndarray | RowGram | OutputGram  # m x m, a diagonal (m,), rows, or outputs
 
 
 def dense(gram: Gram) -> np.ndarray:
-    """The m x m float64 matrix of any form of Gram."""
+    """The m x m float64 matrix of any form of Gram but outputs (which do not determine it)."""
+    if isinstance(gram, OutputGram):
+        raise TypeError("an OutputGram does not determine the input Gram")
     if isinstance(gram, RowGram):
         r = np.asarray(gram.rows, np.float64)
         return r.T @ r
@@ -74,14 +98,16 @@ def dense(gram: Gram) -> np.ndarray:
 
 
 def _diagonal(gram: Gram) -> bool:
-    return not isinstance(gram, RowGram) and np.ndim(gram) == 1
+    return not isinstance(gram, (RowGram, OutputGram)) and np.ndim(gram) == 1
 
 
 def _lambda(gram: Gram, damping: float | None) -> float:
     """``damping * tr(G) / m`` (1 where G is zero); damping defaults by the Gram's form."""
     if damping is None:
         damping = LOOKUP_DAMPING if _diagonal(gram) else DAMPING
-    if isinstance(gram, RowGram):
+    if isinstance(gram, OutputGram):
+        trace, m = float(gram.trace), gram.m
+    elif isinstance(gram, RowGram):
         trace, m = float(np.sum(np.square(gram.rows, dtype=np.float64))), gram.rows.shape[1]
     else:
         g = np.asarray(gram, np.float64)
@@ -149,8 +175,21 @@ def whitened_svd(matrix: np.ndarray, gram: Gram, damping: float | None = None
     return root, u, s, vt
 
 
+def _outputs_eigh(matrix: np.ndarray, gram: OutputGram, damping: float | None) -> tuple[np.ndarray, np.ndarray]:
+    """``(s, V)``: the singular values (descending) and right singular vectors of ``S A``, from the
+    eigendecomposition of ``A^T G_d A = h + lambda A^T A``."""
+    a = np.asarray(matrix, np.float64)
+    if gram.h.shape != (a.shape[1],) * 2 or gram.m != a.shape[0]:
+        raise ValueError(f"an OutputGram of {gram.m} x {gram.h.shape[0]} does not fit a {a.shape} matrix")
+    w, v = scipy.linalg.eigh(np.asarray(gram.h, np.float64) + _lambda(gram, damping) * (a.T @ a), check_finite=False)
+    return np.sqrt(np.maximum(w[::-1], 0.0)), v[:, ::-1]
+
+
 def whitened_spectrum(matrix: np.ndarray, gram: Gram, damping: float | None = None) -> np.ndarray:
     """Singular values of ``S A``: their tails are the damped output-space errors of each rank."""
+    if isinstance(gram, OutputGram):
+        s, _ = _outputs_eigh(matrix, gram, damping)
+        return s[:min(np.shape(matrix))]
     return scipy.linalg.svdvals(_root(gram, damping).apply(np.asarray(matrix, np.float64)), check_finite=False)
 
 
@@ -159,18 +198,43 @@ def low_rank(matrix: np.ndarray, gram: Gram, k: int, damping: float | None = Non
     """``(B, C)``, m x k and k x n, minimising ``tr((A - BC)^T G_d (A - BC))``.
 
     ``B = S^-1 U_k sqrt(s_k)`` and ``C = sqrt(s_k) V_k^T``: the singular values are split evenly in
-    the whitened space, as plain low rank splits them in weight space.
+    the whitened space, as plain low rank splits them in weight space. With an OutputGram, the same
+    factors as ``B = A V_k s_k^-1/2`` (directions of zero whitened energy get zero columns). Each
+    pair's sign is fixed (``_signed``), so both forms give the same factors, not only the same product.
     """
+    if isinstance(gram, OutputGram):
+        s, v = _outputs_eigh(matrix, gram, damping)
+        s, v = s[:k], v[:, :k]
+        inverse = np.divide(1.0, np.sqrt(s), out=np.zeros_like(s), where=s > s[:1] * 1e-12) if k else s
+        b = np.asarray(matrix, np.float64) @ (v * inverse[None, :])
+        return _signed(b, np.sqrt(s)[:, None] * v.T)
     root, u, s, vt = whitened_svd(matrix, gram, damping)
     half = np.sqrt(s[:k])
-    b = root.solve(u[:, :k] * half[None, :])
-    return b.astype(np.float32), (half[:, None] * vt[:k]).astype(np.float32)
+    return _signed(root.solve(u[:, :k] * half[None, :]), half[:, None] * vt[:k])
+
+
+def _signed(b: np.ndarray, c: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(B, C)`` in float32 with each pair (column of B, row of C) flipped so that the row of C's
+    entry of largest magnitude is positive: a singular vector's sign is the solver's choice."""
+    rows = np.arange(c.shape[0])
+    flip = np.where(c[rows, np.argmax(np.abs(c), axis=1)] < 0, -1.0, 1.0) if c.size else np.ones(c.shape[0])
+    return (b * flip[None, :]).astype(np.float32), (c * flip[:, None]).astype(np.float32)
 
 
 def output_error(matrix: np.ndarray, approx: np.ndarray, gram: Gram) -> float:
-    """``||X (A - M)||_F / ||X A||_F`` from the (undamped) Gram: the relative output error."""
+    """``||X (A - M)||_F / ||X A||_F`` from the (undamped) Gram: the relative output error (with an
+    OutputGram, for ``M = A P`` only: a ValueError otherwise)."""
     a = np.asarray(matrix, np.float64)
     e = a - np.asarray(approx, np.float64)
+    if isinstance(gram, OutputGram):  # E = A (I - P) for the P with M = A P
+        p, *_ = scipy.linalg.lstsq(a, np.asarray(approx, np.float64), check_finite=False)
+        scale = max(float(np.linalg.norm(approx)), float(np.linalg.norm(a)) * 1e-6, 1e-30)
+        if float(np.linalg.norm(a @ p - approx)) > 1e-3 * scale:
+            raise ValueError("the replacement is not A P: its output error needs the input Gram")
+        q = np.eye(a.shape[1]) - p
+        h = np.asarray(gram.h, np.float64)
+        total, error = float(np.trace(h)), float(np.sum(q * (h @ q)))
+        return float(np.sqrt(max(error, 0.0) / total)) if total > 0 else 0.0
     total, error = _energy(a, gram), _energy(e, gram)
     return float(np.sqrt(max(error, 0.0) / total)) if total > 0 else 0.0
 

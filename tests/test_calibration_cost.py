@@ -193,3 +193,134 @@ def test_rows_of_unknown_length_are_reduced_to_a_gram(tmp_path):
     rows = x.reshape(-1, 128).astype(np.float64)
     assert isinstance(gram, np.ndarray) and gram.shape == (128, 128)
     np.testing.assert_allclose(gram, rows.T @ rows / 120, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("rows,m,n,dead", [(200, 40, 12, 0), (20, 40, 12, 0), (200, 30, 8, 7)])
+def test_output_gram_whitening_equals_the_input_one(rows, m, n, dead):
+    """A weight with fewer outputs than inputs can be calibrated from ``A^T G A`` and ``tr(G)``
+    alone (whiten.OutputGram): the same damped factors, spectrum and output errors as ``G``."""
+    rng = np.random.default_rng(rows + dead)
+    x, a = rng.standard_normal((rows, m)) @ rng.standard_normal((m, m)), rng.standard_normal((m, n))
+    x[:, :dead] = 0.0
+    gram = x.T @ x / rows
+    outputs = whiten.OutputGram(a.T @ gram @ a, float(np.trace(gram)), m)
+    np.testing.assert_allclose(whiten.whitened_spectrum(a, outputs), whiten.whitened_spectrum(a, gram),
+                               rtol=1e-6, atol=1e-9 * whiten.whitened_spectrum(a, gram)[0])
+    u, s, vt = np.linalg.svd(a, full_matrices=False)
+    for k in (1, 4, n - 1):
+        b, c = whiten.low_rank(a, outputs, k)
+        dense_b, dense_c = whiten.low_rank(a, gram, k)
+        np.testing.assert_allclose(b @ c, dense_b @ dense_c, atol=1e-5 * np.abs(a).max())
+        # the factors themselves, not only their product: the same split and signs
+        np.testing.assert_allclose(b, dense_b, atol=1e-4 * np.abs(dense_b).max())
+        np.testing.assert_allclose(c, dense_c, atol=1e-4 * np.abs(dense_c).max())
+        plain = (u[:, :k] * s[:k]) @ vt[:k]
+        for approx in (b @ c, plain):
+            assert whiten.output_error(a, approx, outputs) == pytest.approx(whiten.output_error(a, approx, gram),
+                                                                            rel=1e-5, abs=1e-7)
+    with pytest.raises(ValueError, match="input Gram"):  # a replacement outside A's column space
+        whiten.output_error(a, rng.standard_normal((m, n)), outputs)
+    with pytest.raises(TypeError):
+        whiten.dense(outputs)
+
+
+@pytest.fixture(scope="module")
+def conv_zoo_model(tmp_path_factory):
+    """Convolutions of every layout the output Grams must line up with (strided 3 x 3 'same',
+    dilated 5 x 5 'valid', strided pointwise, Conv1D), a Dense on a sequence and a head."""
+    import keras
+
+    keras.utils.set_random_seed(4)
+    image = keras.Input((12, 12, 6), name="image")
+    sequence = keras.Input((10, 8), name="sequence")
+    parts = [keras.layers.Conv2D(4, 3, strides=2, padding="same", name="strided")(image),
+             keras.layers.Conv2D(3, 5, dilation_rate=2, name="dilated")(image),
+             keras.layers.Conv2D(2, 1, strides=2, name="point")(image),
+             keras.layers.Conv1D(3, 3, padding="same", name="temporal")(sequence),
+             keras.layers.Dense(5, name="tokens")(sequence),
+             keras.layers.Conv2D(9, 1, name="wide")(image)]  # more outputs than inputs: input Gram
+    flat = keras.layers.Concatenate()([keras.layers.Flatten()(p) for p in parts])
+    path = os.path.join(str(tmp_path_factory.mktemp("convs")), "model")
+    keras.Model([image, sequence], keras.layers.Dense(3, name="head")(flat)).export(path, verbose=False)
+    return path
+
+
+def test_output_grams_are_the_input_grams_seen_through_the_weight(conv_zoo_model):
+    """collect(outputs=True) keeps, for each narrow weight, ``A^T G A`` and ``tr(G)`` of the very
+    rows (the same seeded sample of patches) the input Gram ``G`` comes from; the others are unchanged."""
+    from graphrewrite.rewriting import calibration, loader, statistics
+    from graphrewrite.rewriting.match import match_function
+
+    model = loader.load(conv_zoo_model, ["serve"], True)
+    rng = np.random.default_rng(0)
+    raw = {"image": rng.standard_normal((40, 12, 12, 6)).astype(np.float32),
+           "sequence": rng.standard_normal((40, 10, 8)).astype(np.float32)}
+    data = calibration.read(raw, statistics.input_specs(model, "serving_default"))
+    inputs = statistics.collect(model, data, "serving_default", batch_size=8)
+    outputs = statistics.collect(model, data, "serving_default", batch_size=8, outputs=True)
+    uses, _ = match_function(model.functions["signature:serving_default"], dict(model.infos))
+    views = {u.variable: u.view for u in uses}
+    names = {model.infos[k].name.split("/")[-2]: k for k in views}
+    assert not inputs.missing and not outputs.missing
+    assert inputs.rows == outputs.rows and inputs.held_rows == outputs.held_rows
+    narrow = {name for name, key in names.items() if isinstance(outputs.grams.get(key), whiten.OutputGram)}
+    assert narrow == {"strided", "dilated", "point", "temporal", "tokens", "head"}
+    assert isinstance(outputs.grams[names["wide"]], np.ndarray)
+    np.testing.assert_array_equal(outputs.grams[names["wide"]], inputs.grams[names["wide"]])
+    for name in narrow:
+        key = names[name]
+        a = model.matrix(key, views[key]).astype(np.float64)
+        for got, gram in ((outputs.grams[key], inputs.grams[key]), (outputs.fitted(key), inputs.fitted(key))):
+            g = whiten.dense(gram)
+            expected = a.T @ g @ a
+            np.testing.assert_allclose(got.h, expected, rtol=1e-4, atol=1e-5 * np.abs(expected).max(), err_msg=name)
+            assert got.trace == pytest.approx(np.trace(g), rel=1e-5) and got.m == a.shape[0]
+            np.testing.assert_allclose(np.matmul(*whiten.low_rank(a, got, 2)), np.matmul(*whiten.low_rank(a, gram, 2)),
+                                       atol=1e-4 * np.abs(a).max(), err_msg=name)
+
+
+def test_compress_from_output_grams_writes_what_input_grams_would(capsys, tmp_path, monkeypatch):
+    """compress --calibration (low rank) collects output Grams for the digits CNN's narrow weights
+    (conv_2 and the head); forced to input Grams it writes the same factors, output errors, error
+    feedback and model check."""
+    import tensorflow as tf
+    from make_testdata import digits_split
+    from test_cli import run
+
+    from graphrewrite.rewriting import manifest, statistics
+    from graphrewrite.transforms.low_rank import LowRank
+
+    images = digits_split()[0][:256].reshape(-1, 8, 8, 1)
+    np.savez(tmp_path / "cal.npz", image=images)
+    written, asked = {}, []
+    calibrate = statistics.calibrate
+    monkeypatch.setattr(statistics, "calibrate", lambda *a, **k: asked.append(k["outputs"]) or calibrate(*a, **k))
+    for name, outputs in (("outputs", True), ("inputs", False)):
+        monkeypatch.setattr(LowRank, "outputs_suffice", outputs)
+        out = str(tmp_path / name)
+        code, _, err = run(capsys, "compress", CNN, out, "--target-ratio=0.29", "-q", "--calibration",
+                           str(tmp_path / "cal.npz"))
+        assert code == 0, err
+        written[name] = (manifest.read_dir(out), tf.saved_model.load(out))
+    (first, model), (second, reference) = written["outputs"], written["inputs"]
+    assert asked == [True, False] and first["options"]["calibration"]["passes"] == 4
+    assert first["options"]["calibration"]["model_check"]["kept"] == \
+        second["options"]["calibration"]["model_check"]["kept"]
+    calibrated = 0
+    for entry, other_entry in zip(first["sites"], second["sites"]):
+        assert entry["id"] == other_entry["id"]
+        site, other = entry["details"], other_entry["details"]
+        assert site.get("factors") == other.get("factors")
+        calibrated += site.get("factors") == "calibrated"
+        for key in ("output_error", "output_error_plain", "output_error_first_pass"):
+            assert (key in site) == (key in other)
+            if key in site:
+                assert site[key] == pytest.approx(other[key], rel=1e-3, abs=1e-5), (entry["id"], key)
+        assert site.get("feedback") == other.get("feedback")
+    assert calibrated == 2
+    for loaded in (model, reference):  # the compressed models (alpha = 0) compute the same
+        for site in loaded.graphrewrite_sites:
+            site.alpha.assign(0.0)
+    x = tf.constant(digits_split()[0][-200:].reshape(-1, 8, 8, 1))
+    expected = reference.serve(x).numpy()
+    np.testing.assert_allclose(model.serve(x).numpy(), expected, rtol=1e-3, atol=1e-4 * np.abs(expected).max())

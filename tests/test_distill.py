@@ -160,7 +160,8 @@ def test_only_the_factors_move(distilled_cnn):
 
 def test_a_distillation_that_does_not_help_is_not_kept(tmp_path, digits):  # noqa: F811
     """The MLP at 48% is as good as uncompressed: with a learning rate too large for any step to
-    lower the held-out loss, the factors written are those of the calibrated compress, bit for bit."""
+    lower the held-out loss, the factors written are those of the calibrated compress (to rounding:
+    without distillation the pass collects output Grams, with it input Grams, the same factors)."""
     from graphrewrite.reporting import report
     from graphrewrite.rewriting import distill
 
@@ -184,7 +185,8 @@ def test_a_distillation_that_does_not_help_is_not_kept(tmp_path, digits):  # noq
                for n in ("plain", "distilled")]
     assert written[0].keys() == written[1].keys()
     for name in written[0]:
-        np.testing.assert_array_equal(written[0][name], written[1][name])
+        np.testing.assert_allclose(written[0][name], written[1][name], rtol=1e-4,
+                                   atol=1e-5 * np.abs(written[1][name]).max())
     assert not any(s["details"].get("distilled") for s in result.manifest["sites"])
 
 

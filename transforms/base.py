@@ -87,6 +87,9 @@ class Transform(abc.ABC):
     name: ClassVar[str]
     option: ClassVar[int]
     blended: ClassVar[bool] = True
+    # factorize_calibrated accepts a whiten.OutputGram (known only through the weight's outputs):
+    # the calibration pass may then keep the n x n Gram of a narrow weight's outputs instead
+    outputs_suffice: ClassVar[bool] = False
 
     def __init__(self, hparams: Mapping[str, Any], allow_larger: bool = False) -> None:
         self.hparams = dict(hparams)
@@ -112,7 +115,8 @@ class Transform(abc.ABC):
         Args:
           matrix: the weight's m x n matrix view.
           plan: its size plan.
-          gram: ``X^T X / rows`` (m x m) of the rows X that multiply the matrix (graphrewrite.rewriting.statistics).
+          gram: ``X^T X / rows`` (m x m) of the rows X that multiply the matrix (graphrewrite.rewriting.statistics),
+            in any of graphrewrite.whiten's forms (an OutputGram only where ``outputs_suffice``).
         """
         return None
 

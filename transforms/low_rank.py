@@ -138,6 +138,7 @@ class LowRank(Transform):
 
     name = "low_rank"
     option = 1
+    outputs_suffice = True
 
     def check(self, m: int, n: int) -> SizePlan | Refusal:
         return self.with_k(m, n, self.choose_k(m, n), f"rank={int(self.hparams['rank'])}")

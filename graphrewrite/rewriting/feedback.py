@@ -148,7 +148,8 @@ def refine(model: LoadedModel, plan: RewritePlan, transform: Transform, initial:
     stats = model.calibration
     by_key = {site.variable.key: site for site in plan.sites}
     calibrated = [key for key, site in by_key.items() if site.size.details.get("factors") == "calibrated"
-                  and (isinstance(stats.grams[key], whiten.RowGram) or np.ndim(stats.grams[key]) == 2)]
+                  and (isinstance(stats.grams[key], (whiten.RowGram, whiten.OutputGram))
+                       or np.ndim(stats.grams[key]) == 2)]
     by_level = levels(model, stats.signature, list(by_key)) if calibrated and passes else {}
     errors: dict[str, dict[str, Any]] = {}
     trials: dict[str, dict[str, np.ndarray]] = {}

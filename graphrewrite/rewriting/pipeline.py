@@ -129,7 +129,10 @@ def plan_model(input_dir: str, hparams: Mapping[str, Any], tags: Sequence[str] =
     if calibration is not None:
         model.calibration = statistics.calibrate(model, calibration, calibration_signature, progress, input_dir,
                                                  tags, meta.object_based,
-                                                 sandbox.Limits.from_env(allow_io=allow_unsafe_ops))
+                                                 sandbox.Limits.from_env(allow_io=allow_unsafe_ops),
+                                                 # distilled factors leave A's column space: their
+                                                 # output errors need the input Grams
+                                                 outputs=transform.outputs_suffice and not distill_steps)
 
     plan = make_plan(model.functions.values(), model.infos, transform, selection, spectrum_of(model, progress))
     if model.calibration is not None:

@@ -16,13 +16,23 @@ and count as extra loop variables (loops.gram_loop) and takes those outputs. Rea
 output depends on (Keras computes an RNN's first step before the loop for its shapes only) do
 not run and are left out.
 
+With ``outputs`` (low rank, whose factors and errors need only these), a weight with fewer
+outputs than inputs (n < m) read by MatMul or BatchMatMul (as their second operand) or Conv2D
+keeps instead the Gram of the op's own outputs ``Y = X A`` (n x n) and the mean squared norm of
+its input rows, ``tr(X^T X) / rows`` (whiten.OutputGram: the same damped whitened factors and
+spectrum). The outputs are computed by the model anyway, so no im2col patches are formed: a
+convolution's row norms come from the patches of one channel, the input's squared norm summed
+over channels; the rows are sampled exactly as the input rows would be (same seeds, same counts),
+so the statistic is ``A^T G A`` of the very ``G`` the inputs would have given.
+
 The pass runs a pruned copy of the flat signature function: only the ops the weights' inputs
 depend on, so the layers after the last weight are not even computed. It is a function of (loaded
 model, data) returning numpy arrays, so that it can run in another process.
 
-Memory bound, besides the model and the calibration arrays: ``16 * sum(m_i^2)`` bytes over the
-sites (float64 Grams, or float32 rows, at most m of them; a lookup: 8 m; each twice: all batches
-and the held-out ones, see HOLD_OUT_EVERY), the activations of one
+Memory bound, besides the model and the calibration arrays: ``16 * sum(d_i^2)`` bytes over the
+sites, ``d_i`` the side of the Gram kept (m, or n for an output Gram; float64 Grams, or float32
+rows, at most m of them; a lookup: 8 m; each twice: all batches and the held-out ones, see
+HOLD_OUT_EVERY), the activations of one
 batch (``batch_size`` examples), and for each convolution at most ``PATCH_FLOATS`` (64 MiB) of
 patches, or one example's where that is more: patches are extracted a chunk of examples at a time
 (``tf.image.extract_patches`` in a ``tf.while_loop``), sampled, then reduced.
@@ -82,7 +92,9 @@ class Statistics:
     Attributes:
       signature: the signature the examples went through.
       examples: how many examples.
-      grams: variable key -> ``X^T X / rows`` (float64, m x m) of the rows that multiply its matrix.
+      grams: variable key -> ``X^T X / rows`` (float64, m x m) of the rows that multiply its matrix
+        (or a whiten.RowGram of them, a lookup's diagonal, or with ``collect(outputs=True)`` a
+        whiten.OutputGram).
       rows: variable key -> the number of rows behind its Gram.
       missing: variable key -> why a weight read by the signature has no statistics.
       tilde: in an error-feedback pass (``collect(replaced=...)``), variable key -> ``X~^T X~ / rows``
@@ -123,13 +135,17 @@ class Statistics:
         if not 0 < held < rows:
             return None
         gram = self.grams[key]
+        if isinstance(gram, whiten.OutputGram):
+            part = self.held[key]
+            return whiten.OutputGram(without(gram.h, rows, part.h, held), without(gram.trace, rows, part.trace, held),
+                                     gram.m)
         if isinstance(gram, whiten.RowGram):  # the held-out rows come last (_Sum.result)
             return whiten.RowGram(gram.rows[:rows - held] * np.float32(np.sqrt(rows / (rows - held))))
         part = self.held[key]  # rows where only row-keeping readers saw the held-out batches
         return without(gram, rows, whiten.dense(part) if isinstance(part, whiten.RowGram) else part, held)
 
 
-def without(total: np.ndarray, rows: int, part: np.ndarray, part_rows: int) -> np.ndarray:
+def without(total: Any, rows: int, part: Any, part_rows: int) -> Any:
     """The mean statistic ``X^T X / rows`` of the rows other than ``part``'s (``part`` a mean over
     ``part_rows`` of the ``rows``)."""
     return (total * rows - part * part_rows) / (rows - part_rows)
@@ -144,14 +160,15 @@ def check_method(transform: Transform) -> None:
 
 def calibrate(model: LoadedModel, source: calibration.Calibration, signature: str,
               progress: Callable[[str], None], input_dir: str, tags: Sequence[str], object_based: bool,
-              limits: sandbox.Limits | None = None) -> Statistics:
+              limits: sandbox.Limits | None = None, outputs: bool = False) -> Statistics:
     """Reads and checks ``source`` against ``signature`` here, then collects its statistics in the
     sandbox (the calibration pass runs the model's own ops on the data: graphrewrite.rewriting.sandbox), from
-    the same model directory loaded there; variable keys are the loader's, stable across loads."""
+    the same model directory loaded there; variable keys are the loader's, stable across loads.
+    ``outputs``: output Grams where they are smaller (``collect``)."""
     data = calibration.read(source, input_specs(model, signature))
     progress(f"calibration: {len(next(iter(data.values())))} examples of {signature}, in the sandbox")
     stats = sandbox.run("graphrewrite.rewriting.statistics:collect_job", input_dir, list(tags), object_based, data,
-                        signature, what=f"{input_dir}: the calibration pass", limits=limits)
+                        signature, outputs, what=f"{input_dir}: the calibration pass", limits=limits)
 
     def rerun(replaced: Mapping[str, np.ndarray], only: Sequence[str]) -> Statistics:
         return sandbox.run("graphrewrite.rewriting.statistics:feedback_job", input_dir, list(tags), object_based,
@@ -181,11 +198,11 @@ def calibrate(model: LoadedModel, source: calibration.Calibration, signature: st
 
 
 def collect_job(input_dir: str, tags: Sequence[str], object_based: bool, data: Mapping[str, np.ndarray],
-                signature: str) -> Statistics:
+                signature: str, outputs: bool = False) -> Statistics:
     """Sandbox job: loads the model and runs ``collect`` on the checked data."""
     from graphrewrite.rewriting import loader
 
-    return collect(loader.load(input_dir, tags, object_based), data, signature)
+    return collect(loader.load(input_dir, tags, object_based), data, signature, outputs=outputs)
 
 
 def feedback_job(input_dir: str, tags: Sequence[str], object_based: bool, data: Mapping[str, np.ndarray],
@@ -287,8 +304,12 @@ def input_specs(model: LoadedModel, signature: str) -> list[InputSpec]:
 
 def collect(model: LoadedModel, data: Mapping[str, np.ndarray], signature: str,
             batch_size: int = DEFAULT_BATCH, progress: Callable[[str], None] = lambda _: None,
-            replaced: Mapping[str, np.ndarray] | None = None, only: Sequence[str] | None = None) -> Statistics:
+            replaced: Mapping[str, np.ndarray] | None = None, only: Sequence[str] | None = None,
+            outputs: bool = False) -> Statistics:
     """Runs the checked calibration ``data`` (calibration.read) through ``signature`` once.
+
+    With ``outputs``, each weight with fewer outputs than inputs whose readers all allow it
+    (``_outputs_fit``) gets a whiten.OutputGram (see the module docstring) instead of its Gram.
 
     With ``replaced`` (variable key -> a value of the variable's shape), an error-feedback pass:
     the model runs twice on each batch, as it is and with those weights replaced (their compressed
@@ -310,15 +331,19 @@ def collect(model: LoadedModel, data: Mapping[str, np.ndarray], signature: str,
         by_variable.setdefault(use.variable, []).append(use)
     missing = {key: reason for key, group in by_variable.items() if (reason := _unsupported(fir, model, group))}
     kept = [u for u in uses if u.variable not in missing]
+    narrow = {key for key, group in by_variable.items()
+              if outputs and replaced is None and all(_outputs_fit(fir, u) for u in group)
+              and len({u.view for u in group}) == 1}  # one A for the sum of its readers' Y^T Y
     names = sorted(data)
     examples = len(data[names[0]])
-    sums = {u.variable: _Sum(u.m) for u in kept}
+    sums = {u.variable: _Sum(u.n * u.n + 1 if u.variable in narrow else u.m) for u in kept}
     held: dict[str, _Sum] = {}  # the held-out batches (every HOLD_OUT_EVERY-th), besides their share of sums
     if kept:
         step = _batch(model, signature, batch_size)
         batches = -(-examples // step)
         run = _rows_function(fir, model, kept, [data[n].dtype for n in names], [data[n].shape for n in names],
-                             [-(-ROWS_PER_FEATURE * u.m // batches) for u in kept], examples, replaced)
+                             [-(-ROWS_PER_FEATURE * u.m // batches) for u in kept], examples, replaced,
+                             [u.variable in narrow for u in kept])
         for number, start in enumerate(range(0, examples, step)):
             batch = [data[n][start:start + step] for n in names]
             try:
@@ -334,16 +359,27 @@ def collect(model: LoadedModel, data: Mapping[str, np.ndarray], signature: str,
                     out = number % HOLD_OUT_EVERY == HOLD_OUT_EVERY - 1
                     sums[use.variable].add(value.numpy(), int(count), bool(rows), held=out)
                     if out:
-                        held.setdefault(use.variable, _Sum(use.m)).add(value.numpy(), int(count), bool(rows))
+                        held.setdefault(use.variable, _Sum(sums[use.variable].m)).add(value.numpy(), int(count),
+                                                                                      bool(rows))
             progress(f"calibration: {min(start + step, examples)}/{examples} examples through {signature}")
-    grams = {key: total.result() for key, total in sums.items() if key not in missing}
+    shapes = {u.variable: (u.m, u.n) for u in kept}
+
+    def result(key: str, total: _Sum) -> whiten.Gram:
+        if key not in narrow:
+            return total.result()
+        (m, n), flat = shapes[key], total.result()
+        return whiten.OutputGram(flat[:-1].reshape(n, n), float(flat[-1]), m)
+
+    grams = {key: result(key, total) for key, total in sums.items() if key not in missing}
     tilde, cross = {}, {}
     if replaced is not None:  # each value stacks [X^T X, X~^T X~, X~^T X]
         tilde = {key: gram[1] for key, gram in grams.items()}
         cross = {key: gram[2] for key, gram in grams.items()}
         grams = {key: gram[0] for key, gram in grams.items()}
     for key, gram in grams.items():
-        if not np.all(np.isfinite(gram.rows if isinstance(gram, whiten.RowGram) else gram)):
+        values = (gram.rows if isinstance(gram, whiten.RowGram) else
+                  np.append(gram.h, gram.trace) if isinstance(gram, whiten.OutputGram) else gram)
+        if not np.all(np.isfinite(values)):
             raise CalibrationDataError(f"the inputs of {model.infos[key].name} overflow on the calibration data "
                                        "(non-finite activations)")
     for key in tilde:
@@ -351,7 +387,7 @@ def collect(model: LoadedModel, data: Mapping[str, np.ndarray], signature: str,
             raise CalibrationDataError(f"the inputs of {model.infos[key].name} overflow in the compressed model "
                                        "on the calibration data (non-finite activations)")
     return Statistics(signature, examples, grams, {key: sums[key].rows for key in grams}, missing, tilde, cross,
-                      {key: total.result() for key, total in held.items() if key in grams},
+                      {key: result(key, total) for key, total in held.items() if key in grams},
                       {key: total.rows for key, total in held.items() if key in grams})
 
 
@@ -410,6 +446,15 @@ def _unsupported(fir: FunctionIR, model: LoadedModel, uses: Sequence[Use]) -> st
     return None
 
 
+def _outputs_fit(fir: FunctionIR, use: Use) -> bool:
+    """Whether ``use`` can give an output Gram: fewer outputs than inputs, and an op whose output
+    rows are ``x @ W``'s rows in the order of its input rows (MatMul and BatchMatMul with the weight
+    second; a 2-D Conv2D, whose output pixels are its patches')."""
+    op = fir.graph[use.op].op
+    return use.n < use.m and ((op in ("MatMul", "BatchMatMulV2", "BatchMatMulV3", "BatchMatMul") and use.operand == 1)
+                              or op == "Conv2D")
+
+
 def _live(fir: FunctionIR) -> set[str]:
     """The nodes the function's outputs depend on (Keras' RNNs compute a first step before their
     loop only for its shapes: its products, which never run, must not add rows)."""
@@ -423,10 +468,11 @@ def _lookup(op: str) -> bool:
 
 def _rows_function(fir: FunctionIR, model: LoadedModel, uses: Sequence[Use], dtypes: Sequence[Any],
                    shapes: Sequence[tuple[int, ...]], caps: Sequence[int], examples: int,
-                   replaced: Mapping[str, np.ndarray] | None = None) -> Any:
+                   replaced: Mapping[str, np.ndarray] | None = None, narrow: Sequence[bool] | None = None) -> Any:
     """``run(batch_number, *inputs)`` -> ``(values, counts, as_rows)``: for each use, what one
     batch adds to its statistics (``_statistic``), the number of rows (-1 where a use has none),
-    and whether the value is the rows themselves. With ``replaced``, each value is the stack
+    and whether the value is the rows themselves (``narrow``: the uses whose value is an output Gram,
+    ``_statistic``). With ``replaced``, each value is the stack
     ``[X^T X, X~^T X~, X~^T X]`` of the rows ``X`` of the model and ``X~`` of a second copy of the
     pruned graph whose reads of the ``replaced`` variables read those values instead."""
     import tensorflow as tf
@@ -446,7 +492,8 @@ def _rows_function(fir: FunctionIR, model: LoadedModel, uses: Sequence[Use], dty
         loop_outputs.update({(name, pos): (Edge(name, g, False), Edge(name, r, False)) for pos, (g, r) in indices.items()})
     activations = [loop_outputs[(u.op, u.operand)][0] if (u.op, u.operand) in loop_outputs else
                    graph[u.op].data_inputs[ADAPTERS[graph[u.op].op].activation_position(u.operand)] for u in uses]
-    pruned = replay.Pruned(fir, model, sorted({e.tensor for e in activations}
+    outputs = [Edge(u.op, 0, False) if wide else None for u, wide in zip(uses, narrow or [False] * len(uses))]
+    pruned = replay.Pruned(fir, model, sorted({e.tensor for e in activations} | {e.tensor for e in outputs if e}
                                               | {rows.tensor for _, rows in loop_outputs.values()}),
                            rewritten, functions)
     specs = [tf.TensorSpec([], tf.int32)] + [tf.TensorSpec([None, *shape[1:]], dtype)
@@ -459,8 +506,9 @@ def _rows_function(fir: FunctionIR, model: LoadedModel, uses: Sequence[Use], dty
         if replaced is None:
             out = [(tensors[edge.tensor], tf.cast(tf.round(tensors[loop_outputs[(use.op, use.operand)][1].tensor]),
                                                   tf.int64), False) if (use.op, use.operand) in loop_outputs else
-                   _statistic(fir, model, use, tensors[edge.tensor], cap, tf.stack([number, i]), examples)
-                   for i, (use, edge, cap) in enumerate(zip(uses, activations, caps))]
+                   _statistic(fir, model, use, tensors[edge.tensor], cap, tf.stack([number, i]), examples,
+                              tensors[out.tensor] if out else None)
+                   for i, (use, edge, cap, out) in enumerate(zip(uses, activations, caps, outputs))]
         else:
             compressed = pruned.run(feeds, holders, name="calib_compressed")
             out = [_paired(fir, model, use, tensors[edge.tensor], compressed[edge.tensor], cap, tf.stack([number, i]))
@@ -471,12 +519,18 @@ def _rows_function(fir: FunctionIR, model: LoadedModel, uses: Sequence[Use], dty
 
 
 def _statistic(fir: FunctionIR, model: LoadedModel, use: Use, x: Any, cap: int, seed: Any,
-               examples: int) -> tuple[Any, Any, bool]:
+               examples: int, y: Any = None) -> tuple[Any, Any, bool]:
     """``(value, rows, as_rows)`` of one use in one batch: its rows X where the whole pass will see
-    no more rows than the weight has features (as far as the static shapes tell), else ``X^T X``."""
+    no more rows than the weight has features (as far as the static shapes tell), else ``X^T X``.
+    Given the op's output ``y``, the flat ``[Y^T Y, sum of the rows' ||x||^2]`` over the same
+    sampled rows instead (an output Gram, n * n + 1 values)."""
     import tensorflow as tf
 
-    rows, count = _rows(fir, model, use, x, cap, seed)
+    rows, count = _rows(fir, model, use, x, cap, seed, y)
+    if y is not None:
+        out = rows[:, :use.n]
+        return tf.concat([tf.reshape(tf.matmul(out, out, transpose_a=True), [-1]),
+                          tf.reduce_sum(rows[:, use.n:], 0)], 0), count, False
     adapter = ADAPTERS[fir.graph[use.op].op]
     if rows.shape.rank == 1:  # a lookup's counts
         return rows, count, False
@@ -502,8 +556,10 @@ def _paired(fir: FunctionIR, model: LoadedModel, use: Use, x: Any, x_tilde: Any,
                      ((rows, rows), (rows_tilde, rows_tilde), (rows_tilde, rows))]), count, False
 
 
-def _rows(fir: FunctionIR, model: LoadedModel, use: Use, x: Any, cap: int, seed: Any) -> tuple[Any, Any]:
-    """``(X, rows)`` of one use's activation ``x`` in one batch (float32).
+def _rows(fir: FunctionIR, model: LoadedModel, use: Use, x: Any, cap: int, seed: Any,
+          y: Any = None) -> tuple[Any, Any]:
+    """``(X, rows)`` of one use's activation ``x`` in one batch (float32); given the op's output
+    ``y``, the rows ``[Y, ||x||^2]`` (n + 1 wide: ``_output_rows``) sampled alike instead.
 
     A lookup's rows are one-hot: what is returned is their sum, the lookup count of each table row
     (the diagonal of its Gram). Ops with many rows per example (convolutions) keep at most ``cap``
@@ -522,10 +578,13 @@ def _rows(fir: FunctionIR, model: LoadedModel, use: Use, x: Any, cap: int, seed:
     shape = views.shape_after(model.infos[use.variable].shape, use.chain)
     x = tf.cast(x, tf.float32)
 
-    def reduce(part: Any, keep: Any) -> tuple[Any, Any]:
-        rows = adapter.activation_rows(node, part, use.operand, shape)
+    width = use.m if y is None else use.n + 1
+
+    def reduce(part: Any, keep: Any, part_y: Any = None) -> tuple[Any, Any]:
+        rows = (adapter.activation_rows(node, part, use.operand, shape) if part_y is None else
+                _output_rows(node, adapter, part, part_y, use, shape))
         if rows is None:  # known only with the tensor (a grouped convolution): rows = -1 says so
-            return tf.zeros([0, use.m]), tf.constant(-1, tf.int64)
+            return tf.zeros([0, width]), tf.constant(-1, tf.int64)
         if keep is not None:  # draws with replacement (no sort): an unbiased estimate all the same
             total = tf.shape(rows)[0]
             rows = tf.cond(total > keep[0], lambda: tf.gather(rows, tf.random.stateless_uniform(
@@ -533,7 +592,7 @@ def _rows(fir: FunctionIR, model: LoadedModel, use: Use, x: Any, cap: int, seed:
         return rows, tf.cast(tf.shape(rows)[0], tf.int64)
 
     if not adapter.rows_per_example:
-        return reduce(x, None)
+        return reduce(x, None, y)
     chunk = 1
     if x.shape[1:].is_fully_defined():
         positions = int(np.prod(x.shape[1:-1]))  # an upper bound (stride 1, channels last)
@@ -543,15 +602,36 @@ def _rows(fir: FunctionIR, model: LoadedModel, use: Use, x: Any, cap: int, seed:
     share = tf.maximum(cap * tf.minimum(chunk, batch) // batch, tf.minimum(chunk, batch))
 
     def body(i: Any, rows: Any, count: Any) -> tuple[Any, Any, Any]:
-        part, r = reduce(x[i:i + chunk], (share, i))
+        part, r = reduce(x[i:i + chunk], (share, i), None if y is None else y[i:i + chunk])
         return i + chunk, tf.concat([rows, part], 0), tf.where(r < 0, r, count + r)
 
     _, rows, count = tf.while_loop(lambda i, *_: i < batch, body,
-                                   (tf.constant(0), tf.zeros([0, use.m]), tf.constant(0, tf.int64)),
-                                   shape_invariants=(tf.TensorShape([]), tf.TensorShape([None, use.m]),
+                                   (tf.constant(0), tf.zeros([0, width]), tf.constant(0, tf.int64)),
+                                   shape_invariants=(tf.TensorShape([]), tf.TensorShape([None, width]),
                                                      tf.TensorShape([])))
     return rows, count
 
+
+def _output_rows(node: Any, adapter: OpAdapter, x: Any, y: Any, use: Use, shape: tuple[int, ...]) -> Any | None:
+    """``[Y, ||x||^2]``: each output row of the op (``y`` reshaped to n columns, channels last) and
+    the squared norm of the input row that made it (a convolution's from the patches of the input's
+    squared norm summed over channels: kh * kw values per pixel instead of kh * kw * cin). None for
+    a grouped convolution."""
+    import tensorflow as tf
+
+    if node.op == "Conv2D":
+        first = node.attr("data_format", "NHWC") == "NCHW"
+        axis = 1 if first else -1
+        if x.shape.rank != 4 or x.shape[axis] != shape[-2]:
+            return None
+        energy = adapter.activation_rows(node, tf.reduce_sum(tf.square(x), axis=axis, keepdims=True), use.operand,
+                                         (*shape[:-2], 1, shape[-1]))
+        if energy is None:
+            return None
+        y = tf.transpose(y, [0, 2, 3, 1]) if first else y
+    else:
+        energy = adapter.activation_rows(node, tf.square(x), use.operand, shape)
+    return tf.concat([tf.reshape(tf.cast(y, tf.float32), [-1, use.n]), tf.reduce_sum(energy, 1, keepdims=True)], 1)
 
 
 __all__ = ["DEFAULT_BATCH", "HOLD_OUT_EVERY", "Statistics", "calibrate", "check_method", "collect", "held_out",
