@@ -368,6 +368,8 @@ def collect(model: LoadedModel, data: Mapping[str, np.ndarray], signature: str,
         if key not in narrow:
             return total.result()
         (m, n), flat = shapes[key], total.result()
+        if not total.rows:  # (result() is then a square of zeros)
+            return whiten.OutputGram(np.zeros((n, n)), 0.0, m)
         return whiten.OutputGram(flat[:-1].reshape(n, n), float(flat[-1]), m)
 
     grams = {key: result(key, total) for key, total in sums.items() if key not in missing}
