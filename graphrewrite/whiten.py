@@ -225,7 +225,6 @@ def output_error(matrix: np.ndarray, approx: np.ndarray, gram: Gram) -> float:
     """``||X (A - M)||_F / ||X A||_F`` from the (undamped) Gram: the relative output error (with an
     OutputGram, for ``M = A P`` only: a ValueError otherwise)."""
     a = np.asarray(matrix, np.float64)
-    e = a - np.asarray(approx, np.float64)
     if isinstance(gram, OutputGram):  # E = A (I - P) for the P with M = A P
         p, *_ = scipy.linalg.lstsq(a, np.asarray(approx, np.float64), check_finite=False)
         scale = max(float(np.linalg.norm(approx)), float(np.linalg.norm(a)) * 1e-6, 1e-30)
@@ -235,7 +234,7 @@ def output_error(matrix: np.ndarray, approx: np.ndarray, gram: Gram) -> float:
         h = np.asarray(gram.h, np.float64)
         total, error = float(np.trace(h)), float(np.sum(q * (h @ q)))
         return float(np.sqrt(max(error, 0.0) / total)) if total > 0 else 0.0
-    total, error = _energy(a, gram), _energy(e, gram)
+    total, error = _energy(a, gram), _energy(a - np.asarray(approx, np.float64), gram)
     return float(np.sqrt(max(error, 0.0) / total)) if total > 0 else 0.0
 
 
