@@ -53,7 +53,7 @@ from graphrewrite.rewriting.calibration import InputSpec
 from graphrewrite.rewriting.graph import Edge
 from graphrewrite.rewriting.match import Use, match_function
 from graphrewrite.rewriting.model import FunctionIR, LoadedModel
-from graphrewrite.rewriting.ops import ADAPTERS, Gather, OpAdapter
+from graphrewrite.rewriting.ops import ADAPTERS, BatchMatMul, Gather, MatMul, OpAdapter
 from graphrewrite.rewriting.plan import RewritePlan
 from graphrewrite.transforms import Transform
 
@@ -453,8 +453,7 @@ def _outputs_fit(fir: FunctionIR, use: Use) -> bool:
     rows are ``x @ W``'s rows in the order of its input rows (MatMul and BatchMatMul with the weight
     second; a 2-D Conv2D, whose output pixels are its patches')."""
     op = fir.graph[use.op].op
-    return use.n < use.m and ((op in ("MatMul", "BatchMatMulV2", "BatchMatMulV3", "BatchMatMul") and use.operand == 1)
-                              or op == "Conv2D")
+    return use.n < use.m and ((op in MatMul.op_types + BatchMatMul.op_types and use.operand == 1) or op == "Conv2D")
 
 
 def _live(fir: FunctionIR) -> set[str]:
