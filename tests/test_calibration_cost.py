@@ -245,9 +245,10 @@ def conv_zoo_model(tmp_path_factory):
     return path
 
 
-def test_output_grams_are_the_input_grams_seen_through_the_weight(conv_zoo_model):
-    """collect(outputs=True) keeps, for each narrow weight, ``A^T G A`` and ``tr(G)`` of the very
-    rows (the same seeded sample of patches) the input Gram ``G`` comes from; the others are unchanged."""
+def test_output_grams_are_the_input_grams_seen_through_the_weight(conv_zoo_model, monkeypatch):
+    """collect(outputs=True) keeps, for each narrow weight, ``A^T G A`` and ``tr(G)`` of all its
+    rows, without sampling: the input Gram ``G`` of every patch row seen through the weight; the
+    other weights' Grams are unchanged."""
     from graphrewrite.rewriting import calibration, loader, statistics
     from graphrewrite.rewriting.match import match_function
 
@@ -256,17 +257,26 @@ def test_output_grams_are_the_input_grams_seen_through_the_weight(conv_zoo_model
     raw = {"image": rng.standard_normal((40, 12, 12, 6)).astype(np.float32),
            "sequence": rng.standard_normal((40, 10, 8)).astype(np.float32)}
     data = calibration.read(raw, statistics.input_specs(model, "serving_default"))
-    inputs = statistics.collect(model, data, "serving_default", batch_size=8)
+    sampled = statistics.collect(model, data, "serving_default", batch_size=8)
     outputs = statistics.collect(model, data, "serving_default", batch_size=8, outputs=True)
+    with monkeypatch.context() as patch:  # every patch row
+        patch.setattr(statistics, "ROWS_PER_FEATURE", 10**6)
+        inputs = statistics.collect(model, data, "serving_default", batch_size=8)
     uses, _ = match_function(model.functions["signature:serving_default"], dict(model.infos))
     views = {u.variable: u.view for u in uses}
     names = {model.infos[k].name.split("/")[-2]: k for k in views}
     assert not inputs.missing and not outputs.missing
-    assert inputs.rows == outputs.rows and inputs.held_rows == outputs.held_rows
     narrow = {name for name, key in names.items() if isinstance(outputs.grams.get(key), whiten.OutputGram)}
     assert narrow == {"strided", "dilated", "point", "temporal", "tokens", "head"}
-    assert isinstance(outputs.grams[names["wide"]], np.ndarray)
-    np.testing.assert_array_equal(outputs.grams[names["wide"]], inputs.grams[names["wide"]])
+    for name in narrow:
+        assert outputs.rows[names[name]] == inputs.rows[names[name]], name
+        assert outputs.held_rows[names[name]] == inputs.held_rows[names[name]], name
+    # the default input Grams sample the strided convolution's patches (16 rows a feature: 173 of a
+    # batch's 288), not the dilated one's (128 a batch for 150 features)
+    assert sampled.rows[names["strided"]] == 5 * 173 and sampled.rows[names["dilated"]] == 40 * 4 * 4
+    assert outputs.rows[names["strided"]] == 40 * 6 * 6 and outputs.rows[names["dilated"]] == 40 * 4 * 4
+    assert isinstance(outputs.grams[names["wide"]], np.ndarray)  # as collected without outputs
+    np.testing.assert_array_equal(outputs.grams[names["wide"]], sampled.grams[names["wide"]])
     for name in narrow:
         key = names[name]
         a = model.matrix(key, views[key]).astype(np.float64)
@@ -281,14 +291,26 @@ def test_output_grams_are_the_input_grams_seen_through_the_weight(conv_zoo_model
 
 def test_compress_from_output_grams_writes_what_input_grams_would(capsys, tmp_path, monkeypatch):
     """compress --calibration (low rank) collects output Grams for the digits CNN's narrow weights
-    (conv_2 and the head); forced to input Grams it writes the same factors, output errors, error
-    feedback and model check."""
+    (conv_2 and the head); forced to input Grams of every patch row (the output Grams' rows: all of
+    them) it writes the same factors, output errors, error feedback and model check. (The passes run
+    here, not in the sandbox, for the patched row count to reach them.)"""
     import tensorflow as tf
     from make_testdata import digits_split
     from test_cli import run
 
-    from graphrewrite.rewriting import manifest, statistics
+    from graphrewrite.rewriting import manifest, sandbox, statistics
     from graphrewrite.transforms.low_rank import LowRank
+
+    run_job = sandbox.run
+
+    def here(target, *args, **kwargs):
+        module, _, name = target.partition(":")
+        if module == statistics.__name__ and name in ("collect_job", "feedback_job"):
+            return getattr(statistics, name)(*args)
+        return run_job(target, *args, **kwargs)
+
+    monkeypatch.setattr(sandbox, "run", here)
+    monkeypatch.setattr(statistics, "ROWS_PER_FEATURE", 10**6)
 
     images = digits_split()[0][:256].reshape(-1, 8, 8, 1)
     np.savez(tmp_path / "cal.npz", image=images)

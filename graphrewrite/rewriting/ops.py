@@ -202,6 +202,13 @@ class Conv(OpAdapter):
     def apply(self, node: Node, inputs: list[Any]) -> Any:
         return self._conv(node, inputs[0], inputs[1], first=True)
 
+    def patch_sums(self, node: Node, x: Any, weight_shape: tuple[int, ...]) -> Any:
+        """Each output position's sum over its patch of the one-channel ``x`` (the op's layout):
+        the op's own window, strides, dilations and padding applied to a filter of ones."""
+        import tensorflow as tf
+
+        return self._conv(node, x, tf.ones([*weight_shape[:-2], 1, 1], x.dtype), first=True)
+
     def apply_low_rank(self, node: Node, inputs: list[Any], pos: int, b: Any, c: Any) -> Any | None:
         import tensorflow as tf
 

@@ -21,9 +21,10 @@ outputs than inputs (n < m) read by MatMul or BatchMatMul (as their second opera
 keeps instead the Gram of the op's own outputs ``Y = X A`` (n x n) and the mean squared norm of
 its input rows, ``tr(X^T X) / rows`` (whiten.OutputGram: the same damped whitened factors and
 spectrum). The outputs are computed by the model anyway, so no im2col patches are formed: a
-convolution's row norms come from the patches of one channel, the input's squared norm summed
-over channels; the rows are sampled exactly as the input rows would be (same seeds, same counts),
-so the statistic is ``A^T G A`` of the very ``G`` the inputs would have given.
+convolution's row norms are the patch sums of one channel, the input's squared norm summed over
+channels, through the op's own window (``Conv.patch_sums``). These take every row, not a sample
+(a row costs n^2 against the op's m n): the statistic is ``A^T G A`` of the Gram ``G`` of all the
+rows, which the input Gram only estimates from its sample.
 
 The pass runs a pruned copy of the flat signature function: only the ops the weights' inputs
 depend on, so the layers after the last weight are not even computed. It is a function of (loaded
@@ -35,7 +36,8 @@ rows, at most m of them; a lookup: 8 m; each twice: all batches and the held-out
 HOLD_OUT_EVERY), the activations of one
 batch (``batch_size`` examples), and for each convolution at most ``PATCH_FLOATS`` (64 MiB) of
 patches, or one example's where that is more: patches are extracted a chunk of examples at a time
-(``tf.image.extract_patches`` in a ``tf.while_loop``), sampled, then reduced.
+(``tf.image.extract_patches``; in a ``tf.while_loop`` where a batch is more than one chunk),
+sampled, then reduced.
 """
 
 from __future__ import annotations
@@ -343,7 +345,7 @@ def collect(model: LoadedModel, data: Mapping[str, np.ndarray], signature: str,
         batches = -(-examples // step)
         run = _rows_function(fir, model, kept, [data[n].dtype for n in names], [data[n].shape for n in names],
                              [-(-ROWS_PER_FEATURE * u.m // batches) for u in kept], examples, replaced,
-                             [u.variable in narrow for u in kept])
+                             [u.variable in narrow for u in kept], step)
         for number, start in enumerate(range(0, examples, step)):
             batch = [data[n][start:start + step] for n in names]
             try:
@@ -413,8 +415,10 @@ class _Sum:
         self.rows += count
         if as_rows:
             (self.last if held else self.blocks).append(value)
-        else:
-            self.gram = self.gram + value.astype(np.float64)
+        elif isinstance(self.gram, float):
+            self.gram = value.astype(np.float64)
+        else:  # in place: a batch of ResNet50's Grams is tens of MB
+            np.add(self.gram, value, out=self.gram)
 
     def result(self) -> whiten.Gram:
         """``X^T X / rows``: a diagonal for a lookup, an m x m Gram, or the scaled rows."""
@@ -469,11 +473,12 @@ def _lookup(op: str) -> bool:
 
 def _rows_function(fir: FunctionIR, model: LoadedModel, uses: Sequence[Use], dtypes: Sequence[Any],
                    shapes: Sequence[tuple[int, ...]], caps: Sequence[int], examples: int,
-                   replaced: Mapping[str, np.ndarray] | None = None, narrow: Sequence[bool] | None = None) -> Any:
+                   replaced: Mapping[str, np.ndarray] | None = None, narrow: Sequence[bool] | None = None,
+                   most: int | None = None) -> Any:
     """``run(batch_number, *inputs)`` -> ``(values, counts, as_rows)``: for each use, what one
     batch adds to its statistics (``_statistic``), the number of rows (-1 where a use has none),
     and whether the value is the rows themselves (``narrow``: the uses whose value is an output Gram,
-    ``_statistic``). With ``replaced``, each value is the stack
+    ``_statistic``; ``most``: the most examples a batch has). With ``replaced``, each value is the stack
     ``[X^T X, X~^T X~, X~^T X]`` of the rows ``X`` of the model and ``X~`` of a second copy of the
     pruned graph whose reads of the ``replaced`` variables read those values instead."""
     import tensorflow as tf
@@ -508,11 +513,12 @@ def _rows_function(fir: FunctionIR, model: LoadedModel, uses: Sequence[Use], dty
             out = [(tensors[edge.tensor], tf.cast(tf.round(tensors[loop_outputs[(use.op, use.operand)][1].tensor]),
                                                   tf.int64), False) if (use.op, use.operand) in loop_outputs else
                    _statistic(fir, model, use, tensors[edge.tensor], cap, tf.stack([number, i]), examples,
-                              tensors[out.tensor] if out else None)
+                              tensors[out.tensor] if out else None, most)
                    for i, (use, edge, cap, out) in enumerate(zip(uses, activations, caps, outputs))]
         else:
             compressed = pruned.run(feeds, holders, name="calib_compressed")
-            out = [_paired(fir, model, use, tensors[edge.tensor], compressed[edge.tensor], cap, tf.stack([number, i]))
+            out = [_paired(fir, model, use, tensors[edge.tensor], compressed[edge.tensor], cap, tf.stack([number, i]),
+                           most)
                    for i, (use, edge, cap) in enumerate(zip(uses, activations, caps))]
         return [value for value, _, _ in out], tf.stack([c for _, c, _ in out]), tf.constant([r for *_, r in out])
 
@@ -520,18 +526,17 @@ def _rows_function(fir: FunctionIR, model: LoadedModel, uses: Sequence[Use], dty
 
 
 def _statistic(fir: FunctionIR, model: LoadedModel, use: Use, x: Any, cap: int, seed: Any,
-               examples: int, y: Any = None) -> tuple[Any, Any, bool]:
+               examples: int, y: Any = None, most: int | None = None) -> tuple[Any, Any, bool]:
     """``(value, rows, as_rows)`` of one use in one batch: its rows X where the whole pass will see
     no more rows than the weight has features (as far as the static shapes tell), else ``X^T X``.
-    Given the op's output ``y``, the flat ``[Y^T Y, sum of the rows' ||x||^2]`` over the same
-    sampled rows instead (an output Gram, n * n + 1 values)."""
+    Given the op's output ``y``, the flat ``[Y^T Y, sum of the rows' ||x||^2]`` over all the
+    batch's rows instead (an output Gram, n * n + 1 values: ``_output_gram``). ``most``: the most
+    examples a batch has (``_rows``)."""
     import tensorflow as tf
 
-    rows, count = _rows(fir, model, use, x, cap, seed, y)
     if y is not None:
-        out = rows[:, :use.n]
-        return tf.concat([tf.reshape(tf.matmul(out, out, transpose_a=True), [-1]),
-                          tf.reduce_sum(rows[:, use.n:], 0)], 0), count, False
+        return _output_gram(fir.graph[use.op], x, y, use, views.shape_after(model.infos[use.variable].shape, use.chain))
+    rows, count = _rows(fir, model, use, x, cap, seed, most)
     adapter = ADAPTERS[fir.graph[use.op].op]
     if rows.shape.rank == 1:  # a lookup's counts
         return rows, count, False
@@ -546,27 +551,27 @@ def _statistic(fir: FunctionIR, model: LoadedModel, use: Use, x: Any, cap: int, 
 
 
 def _paired(fir: FunctionIR, model: LoadedModel, use: Use, x: Any, x_tilde: Any, cap: int,
-            seed: Any) -> tuple[Any, Any, bool]:
+            seed: Any, most: int | None = None) -> tuple[Any, Any, bool]:
     """``([X^T X, X~^T X~, X~^T X], rows, False)`` of one use in one batch: the rows of the model's
     activation ``x`` and of the replaced model's ``x_tilde``, sampled alike (same seed, same count)."""
     import tensorflow as tf
 
-    rows, count = _rows(fir, model, use, x, cap, seed)
-    rows_tilde, _ = _rows(fir, model, use, x_tilde, cap, seed)
+    rows, count = _rows(fir, model, use, x, cap, seed, most)
+    rows_tilde, _ = _rows(fir, model, use, x_tilde, cap, seed, most)
     return tf.stack([tf.matmul(a, b, transpose_a=True) for a, b in
                      ((rows, rows), (rows_tilde, rows_tilde), (rows_tilde, rows))]), count, False
 
 
 def _rows(fir: FunctionIR, model: LoadedModel, use: Use, x: Any, cap: int, seed: Any,
-          y: Any = None) -> tuple[Any, Any]:
-    """``(X, rows)`` of one use's activation ``x`` in one batch (float32); given the op's output
-    ``y``, the rows ``[Y, ||x||^2]`` (n + 1 wide: ``_output_rows``) sampled alike instead.
+          most: int | None = None) -> tuple[Any, Any]:
+    """``(X, rows)`` of one use's activation ``x`` in one batch (float32).
 
     A lookup's rows are one-hot: what is returned is their sum, the lookup count of each table row
     (the diagonal of its Gram). Ops with many rows per example (convolutions) keep at most ``cap``
     of a batch's rows, a seeded random subset (``seed``: batch number and use), so that their Gram
     costs at most ``cap m^2`` however many positions the batch has (see ROWS_PER_FEATURE); patches
-    are formed a chunk of examples at a time, at most PATCH_FLOATS values at once.
+    are formed a chunk of examples at a time, at most PATCH_FLOATS values at once (in a
+    ``tf.while_loop``, unless ``most``, the most examples a batch has, fit in one chunk).
     """
     import tensorflow as tf
 
@@ -579,13 +584,10 @@ def _rows(fir: FunctionIR, model: LoadedModel, use: Use, x: Any, cap: int, seed:
     shape = views.shape_after(model.infos[use.variable].shape, use.chain)
     x = tf.cast(x, tf.float32)
 
-    width = use.m if y is None else use.n + 1
-
-    def reduce(part: Any, keep: Any, part_y: Any = None) -> tuple[Any, Any]:
-        rows = (adapter.activation_rows(node, part, use.operand, shape) if part_y is None else
-                _output_rows(node, adapter, part, part_y, use, shape))
+    def reduce(part: Any, keep: Any) -> tuple[Any, Any]:
+        rows = adapter.activation_rows(node, part, use.operand, shape)
         if rows is None:  # known only with the tensor (a grouped convolution): rows = -1 says so
-            return tf.zeros([0, width]), tf.constant(-1, tf.int64)
+            return tf.zeros([0, use.m]), tf.constant(-1, tf.int64)
         if keep is not None:  # draws with replacement (no sort): an unbiased estimate all the same
             total = tf.shape(rows)[0]
             rows = tf.cond(total > keep[0], lambda: tf.gather(rows, tf.random.stateless_uniform(
@@ -593,7 +595,7 @@ def _rows(fir: FunctionIR, model: LoadedModel, use: Use, x: Any, cap: int, seed:
         return rows, tf.cast(tf.shape(rows)[0], tf.int64)
 
     if not adapter.rows_per_example:
-        return reduce(x, None, y)
+        return reduce(x, None)
     chunk = 1
     if x.shape[1:].is_fully_defined():
         positions = int(np.prod(x.shape[1:-1]))  # an upper bound (stride 1, channels last)
@@ -601,38 +603,42 @@ def _rows(fir: FunctionIR, model: LoadedModel, use: Use, x: Any, cap: int, seed:
     batch = tf.shape(x)[0]
     # each chunk keeps its share of the batch's cap, at least one row per example of the chunk
     share = tf.maximum(cap * tf.minimum(chunk, batch) // batch, tf.minimum(chunk, batch))
+    if most is not None and chunk >= most:  # one chunk: what the loop's one iteration would draw
+        return reduce(x, (share, tf.constant(0)))
 
     def body(i: Any, rows: Any, count: Any) -> tuple[Any, Any, Any]:
-        part, r = reduce(x[i:i + chunk], (share, i), None if y is None else y[i:i + chunk])
+        part, r = reduce(x[i:i + chunk], (share, i))
         return i + chunk, tf.concat([rows, part], 0), tf.where(r < 0, r, count + r)
 
     _, rows, count = tf.while_loop(lambda i, *_: i < batch, body,
-                                   (tf.constant(0), tf.zeros([0, width]), tf.constant(0, tf.int64)),
-                                   shape_invariants=(tf.TensorShape([]), tf.TensorShape([None, width]),
+                                   (tf.constant(0), tf.zeros([0, use.m]), tf.constant(0, tf.int64)),
+                                   shape_invariants=(tf.TensorShape([]), tf.TensorShape([None, use.m]),
                                                      tf.TensorShape([])))
     return rows, count
 
 
-def _output_rows(node: Any, adapter: OpAdapter, x: Any, y: Any, use: Use, shape: tuple[int, ...]) -> Any | None:
-    """``[Y, ||x||^2]``: each output row of the op (``y`` reshaped to n columns, channels last) and
-    the squared norm of the input row that made it (a convolution's from the patches of the input's
-    squared norm summed over channels: kh * kw values per pixel instead of kh * kw * cin). None for
-    a grouped convolution."""
+def _output_gram(node: Any, x: Any, y: Any, use: Use, shape: tuple[int, ...]) -> tuple[Any, Any, bool]:
+    """``([Y^T Y, sum_r ||x_r||^2], rows, False)`` over all of one batch's output rows ``Y`` (``y``
+    reshaped to n columns, channels last) and the input rows ``x_r`` that made them, without forming
+    those: a convolution's row norms are the patch sums of its input's squared norm summed over
+    channels (``Conv.patch_sums``: one channel through the op's own window). Every row, not a
+    sample: a row costs n^2 here against the op's m n, with n < m. Rows -1 for a grouped convolution."""
     import tensorflow as tf
 
+    x = tf.cast(x, tf.float32)
     if node.op == "Conv2D":
         first = node.attr("data_format", "NHWC") == "NCHW"
         axis = 1 if first else -1
         if x.shape.rank != 4 or x.shape[axis] != shape[-2]:
-            return None
-        energy = adapter.activation_rows(node, tf.reduce_sum(tf.square(x), axis=axis, keepdims=True), use.operand,
-                                         (*shape[:-2], 1, shape[-1]))
-        if energy is None:
-            return None
+            return tf.zeros([use.n * use.n + 1]), tf.constant(-1, tf.int64), False
+        energy = tf.reduce_sum(ADAPTERS[node.op].patch_sums(node, tf.reduce_sum(tf.square(x), axis, keepdims=True),
+                                                             shape))
         y = tf.transpose(y, [0, 2, 3, 1]) if first else y
     else:
-        energy = adapter.activation_rows(node, tf.square(x), use.operand, shape)
-    return tf.concat([tf.reshape(tf.cast(y, tf.float32), [-1, use.n]), tf.reduce_sum(energy, 1, keepdims=True)], 1)
+        energy = tf.reduce_sum(ADAPTERS[node.op].activation_rows(node, tf.square(x), use.operand, shape))
+    rows = tf.reshape(tf.cast(y, tf.float32), [-1, use.n])
+    return (tf.concat([tf.reshape(tf.matmul(rows, rows, transpose_a=True), [-1]), [energy]], 0),
+            tf.cast(tf.shape(rows)[0], tf.int64), False)
 
 
 __all__ = ["DEFAULT_BATCH", "HOLD_OUT_EVERY", "Statistics", "calibrate", "check_method", "collect", "held_out",
