@@ -224,6 +224,26 @@ def test_output_gram_whitening_equals_the_input_one(rows, m, n, dead):
         whiten.dense(outputs)
 
 
+def test_output_errors_of_a_rank_deficient_weight():
+    """A weight with dead and repeated output columns (rank below n): the output error from its
+    output Gram (P from a least-squares solve, the normal equations being singular) is the input
+    Gram's, for plain and calibrated factors; a replacement outside its column space is refused."""
+    rng = np.random.default_rng(5)
+    x, a = rng.standard_normal((300, 30)), rng.standard_normal((30, 10))
+    a[:, 0], a[:, 1] = 0.0, a[:, 2]  # a dead filter and a duplicated one: rank 8
+    gram = x.T @ x / 300
+    outputs = whiten.OutputGram(a.T @ gram @ a, float(np.trace(gram)), 30)
+    u, s, vt = np.linalg.svd(a, full_matrices=False)
+    for k in (2, 5):
+        for approx in (np.matmul(*whiten.low_rank(a, gram, k)), (u[:, :k] * s[:k]) @ vt[:k]):
+            assert whiten.output_error(a, approx, outputs) == pytest.approx(whiten.output_error(a, approx, gram),
+                                                                            rel=1e-6, abs=1e-9)
+    outside = a.copy()
+    outside[:, 0] = rng.standard_normal(30)
+    with pytest.raises(ValueError, match="input Gram"):
+        whiten.output_error(a, outside, outputs)
+
+
 @pytest.fixture(scope="module")
 def conv_zoo_model(tmp_path_factory):
     """Convolutions of every layout the output Grams must line up with (strided 3 x 3 'same',
