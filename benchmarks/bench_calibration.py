@@ -22,7 +22,7 @@ Four parts (``--only`` runs one):
   at the same budget (the reference's rule, rank=200: the same k everywhere), first pass only and
   with error feedback; the factor is calibrated (with feedback) / plain; compress's wall time; and
   with distillation (the default then ``--distill-steps`` ZOO_DISTILL, mse loss).
-* ``cost`` (about two minutes alone): the calibration pass of 512 examples against the forward pass
+* ``cost`` (about a minute alone): the calibration pass of 512 examples against the forward pass
   of the same batches, interleaved, for the digits MLP and CNN and the test zoo's ResNet50 (32 x 32 inputs).
 
 Targets (issue 14): one-shot calibrated never below plain, and at 20% within 1.5 points of

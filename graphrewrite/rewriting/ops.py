@@ -15,7 +15,7 @@ One small adapter per op type answers two kinds of question:
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
 import numpy as np
@@ -202,20 +202,32 @@ class Conv(OpAdapter):
     def apply(self, node: Node, inputs: list[Any]) -> Any:
         return self._conv(node, inputs[0], inputs[1], first=True)
 
-    def patch_sums(self, node: Node, x: Any, weight_shape: tuple[int, ...]) -> Any:
-        """Each output position's sum over its patch of the one-channel ``x`` (the op's layout):
-        the op's own window, strides, dilations and padding applied to a filter of ones."""
+    @staticmethod
+    def _channel_axis(node: Node) -> int:
+        return 1 if node.attr("data_format", "NHWC").startswith("NC") else -1
+
+    def _ungrouped(self, node: Node, x: Any, spatial: Sequence[int], cin: int) -> bool:
+        """Whether ``x`` has the kernel's ``cin`` channels (on the op's channel axis): not grouped."""
+        return x.shape.rank == len(spatial) + 2 and x.shape[self._channel_axis(node)] == cin
+
+    def patch_energy(self, node: Node, x: Any, weight_shape: tuple[int, ...]) -> Any | None:
+        """The squared norms of all the im2col rows of ``x`` summed, without forming them: the
+        input's squared norm summed over channels, through the op's own window, strides, dilations
+        and padding with a filter of ones. None for a grouped convolution."""
         import tensorflow as tf
 
-        return self._conv(node, x, tf.ones([*weight_shape[:-2], 1, 1], x.dtype), first=True)
+        *spatial, cin, _ = weight_shape
+        if not self._ungrouped(node, x, spatial, cin):
+            return None
+        energy = tf.reduce_sum(tf.square(x), self._channel_axis(node), keepdims=True)
+        return tf.reduce_sum(self._conv(node, energy, tf.ones([*spatial, 1, 1], x.dtype), first=True))
 
     def apply_low_rank(self, node: Node, inputs: list[Any], pos: int, b: Any, c: Any) -> Any | None:
         import tensorflow as tf
 
         x, w = inputs
         *spatial, cin, cout = w.shape.as_list()
-        channel_axis = 1 if node.attr("data_format", "NHWC").startswith("NC") else -1
-        if x.shape.rank != len(spatial) + 2 or x.shape[channel_axis] != cin:  # grouped: no split
+        if not self._ungrouped(node, x, spatial, cin):  # grouped: no split
             return None
         k = b.shape[-1]
         first = self._conv(node, x, tf.reshape(b, [*spatial, cin, k]), first=True)

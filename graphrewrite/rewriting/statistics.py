@@ -22,7 +22,7 @@ keeps instead the Gram of the op's own outputs ``Y = X A`` (n x n) and the mean 
 its input rows, ``tr(X^T X) / rows`` (whiten.OutputGram: the same damped whitened factors and
 spectrum). The outputs are computed by the model anyway, so no im2col patches are formed: a
 convolution's row norms are the patch sums of one channel, the input's squared norm summed over
-channels, through the op's own window (``Conv.patch_sums``). These take every row, not a sample
+channels, through the op's own window (``Conv.patch_energy``). These take every row, not a sample
 (a row costs n^2 against the op's m n): the statistic is ``A^T G A`` of the Gram ``G`` of all the
 rows, which the input Gram only estimates from its sample.
 
@@ -620,22 +620,20 @@ def _rows(fir: FunctionIR, model: LoadedModel, use: Use, x: Any, cap: int, seed:
 def _output_gram(node: Any, x: Any, y: Any, use: Use, shape: tuple[int, ...]) -> tuple[Any, Any, bool]:
     """``([Y^T Y, sum_r ||x_r||^2], rows, False)`` over all of one batch's output rows ``Y`` (``y``
     reshaped to n columns, channels last) and the input rows ``x_r`` that made them, without forming
-    those: a convolution's row norms are the patch sums of its input's squared norm summed over
-    channels (``Conv.patch_sums``: one channel through the op's own window). Every row, not a
-    sample: a row costs n^2 here against the op's m n, with n < m. Rows -1 for a grouped convolution."""
+    those: a convolution's from one channel through its own window (``Conv.patch_energy``), a
+    MatMul's or BatchMatMul's the squares of ``x``, whose entries its rows only rearrange. Every
+    row, not a sample: a row costs n^2 here against the op's m n, with n < m. Rows -1 for a
+    grouped convolution."""
     import tensorflow as tf
 
     x = tf.cast(x, tf.float32)
     if node.op == "Conv2D":
-        first = node.attr("data_format", "NHWC") == "NCHW"
-        axis = 1 if first else -1
-        if x.shape.rank != 4 or x.shape[axis] != shape[-2]:
+        energy = ADAPTERS[node.op].patch_energy(node, x, shape)
+        if energy is None:
             return tf.zeros([use.n * use.n + 1]), tf.constant(-1, tf.int64), False
-        energy = tf.reduce_sum(ADAPTERS[node.op].patch_sums(node, tf.reduce_sum(tf.square(x), axis, keepdims=True),
-                                                             shape))
-        y = tf.transpose(y, [0, 2, 3, 1]) if first else y
+        y = tf.transpose(y, [0, 2, 3, 1]) if node.attr("data_format", "NHWC") == "NCHW" else y
     else:
-        energy = tf.reduce_sum(ADAPTERS[node.op].activation_rows(node, tf.square(x), use.operand, shape))
+        energy = tf.reduce_sum(tf.square(x))
     rows = tf.reshape(tf.cast(y, tf.float32), [-1, use.n])
     return (tf.concat([tf.reshape(tf.matmul(rows, rows, transpose_a=True), [-1]), [energy]], 0),
             tf.cast(tf.shape(rows)[0], tf.int64), False)
