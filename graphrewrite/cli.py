@@ -186,8 +186,10 @@ def cli(verbose: bool) -> None:
 @click.option("--distill-steps", "distill_steps", type=click.IntRange(min=0), default=0, metavar="N",
               help="with --calibration: then train the factors N steps to give the original's outputs "
                    "(--distill-loss softmax for logits)")
-@click.option("--distill-loss", "distill_loss", type=click.Choice(["mse", "softmax"]), default="mse", hidden=True,
-              show_default=True, help="what distillation minimises; softmax: outputs are logits (classifiers)")
+@click.option("--distill-loss", "distill_loss", type=click.Choice(["mse", "softmax"]), default=None, hidden=True,
+              help="what distillation minimises; softmax: outputs are logits (default with --logits; else mse)")
+@click.option("--logits", is_flag=True,
+              help="with --calibration: the outputs are logits (a softmax/argmax reads them)")
 @click.option("--distill-mixup/--no-distill-mixup", "distill_mixup", default=True, hidden=True, show_default=True,
               help="distillation also trains on mixed pairs of examples where every input is float")
 @click.option("--compare-allocations/--no-compare-allocations", "compare_allocations", default=True, hidden=True,
@@ -199,8 +201,8 @@ def compress(in_model: str, out_model: str, compression_hparams: str | None, met
              as_json: bool, quiet: bool, show_progress: bool, energy: float | None, max_error: float | None,
              target_ratio: float | None, min_params: int, include: str | None, exclude: str | None,
              calibration: str | None, calibration_signature: str, calibration_passes: int | None,
-             distill_steps: int, distill_loss: str, distill_mixup: bool, compare_allocations: bool,
-             **values: Any) -> None:
+             distill_steps: int, distill_loss: str | None, distill_mixup: bool, compare_allocations: bool,
+             logits: bool, **values: Any) -> None:
     """Rewrite IN_MODEL into OUT_MODEL with compressed, alpha-gated weights.
 
     \b
@@ -216,7 +218,8 @@ def compress(in_model: str, out_model: str, compression_hparams: str | None, met
     from graphrewrite.rewriting import pipeline
 
     for name, given in (("--calibration-passes", calibration_passes is not None), ("--distill-steps", distill_steps),
-                        ("--distill-loss", distill_loss != "mse"), ("--no-distill-mixup", not distill_mixup),
+                        ("--distill-loss", distill_loss is not None), ("--no-distill-mixup", not distill_mixup),
+                        ("--logits", logits),
                         ("--no-compare-allocations", not compare_allocations)):
         if given and calibration is None:
             from graphrewrite.errors import UsageError
@@ -233,7 +236,7 @@ def compress(in_model: str, out_model: str, compression_hparams: str | None, met
         allow_unsafe_ops=allow_unsafe_ops, dry_run=dry_run, allow_larger=allow_larger, selection=selection,
         progress=progress, warn=_warning, allow_empty=allow_empty, calibration=calibration,
         calibration_signature=calibration_signature, distill_steps=distill_steps, distill_loss=distill_loss,
-        distill_mixup=distill_mixup, compare_allocations=compare_allocations,
+        distill_mixup=distill_mixup, compare_allocations=compare_allocations, logits=logits,
         **({} if calibration_passes is None else {"calibration_passes": calibration_passes}))
     if as_json:
         click.echo(json.dumps(report.compress_json(result), indent=1))

@@ -37,6 +37,15 @@ product per row instead of m x m; the output error of any replacement ``M = A P`
 the whitened factors are both of that form) is ``tr((I - P)^T A^T G A (I - P))``. What needs the
 input Gram itself (input/output's block Grams, error feedback's ``X~``, a replacement outside A's
 column space such as distilled factors) does not take this form.
+
+A weight whose outputs the model reads only up to a shift of each row (they reach a softmax, or
+an argmax, or outputs declared logits, through bias additions alone: adding the same number to
+every entry of a row changes nothing there) carries its Gram wrapped in ``ShiftFree``: every error
+is then measured on the outputs with each row's mean removed, ``E -> E C`` with the centring
+``C = I - 1 1^T / n``. The best rank-k fit of that objective is ``S^-1 [S A C]_k`` (the above for
+the matrix ``A C``; with an OutputGram, ``A V_k V_k^T`` with ``V_k`` from ``C h C + lambda C A^T A
+C``): the factors spend no rank on what all of a row's outputs share. Its centred output error
+is never above plain SVD's, as before; its plain output error is (the shared part is left out).
 """
 
 from __future__ import annotations
@@ -83,11 +92,44 @@ class OutputGram:
     m: int
 
 
-Gram = np.ndarray | RowGram | OutputGram  # m x m, a diagonal (m,), rows, or outputs
+@dataclasses.dataclass(frozen=True)
+class ShiftFree:
+    """The Gram ``gram`` of a weight whose outputs matter only up to a shift of each row (see the
+    module docstring): the factorisation, spectrum and errors below measure ``E C``."""
+
+    gram: RowGram | OutputGram | np.ndarray
+    why: str = ""
+
+
+Gram = np.ndarray | RowGram | OutputGram | ShiftFree  # m x m, a diagonal (m,), rows, outputs, or shift-free
+
+
+def inner(gram: Gram) -> Gram:
+    """The Gram itself (``ShiftFree`` unwrapped)."""
+    return gram.gram if isinstance(gram, ShiftFree) else gram
+
+
+def like(gram: Gram, other: Gram) -> Gram:
+    """``other`` measured as ``gram`` is (wrapped in ShiftFree where ``gram`` is)."""
+    return dataclasses.replace(gram, gram=inner(other)) if isinstance(gram, ShiftFree) else other
+
+
+def _centred(matrix: np.ndarray, gram: Gram) -> tuple[np.ndarray, Gram]:
+    """``(A C, the Gram as measured through A C)`` for a ShiftFree Gram, else ``(A, gram)``."""
+    a = np.asarray(matrix, np.float64)
+    if not isinstance(gram, ShiftFree):
+        return a, gram
+    g = gram.gram
+    if isinstance(g, OutputGram):
+        h = np.asarray(g.h, np.float64)
+        h = h - h.mean(axis=0, keepdims=True)
+        g = OutputGram(h - h.mean(axis=1, keepdims=True), g.trace, g.m)
+    return a - a.mean(axis=1, keepdims=True), g
 
 
 def dense(gram: Gram) -> np.ndarray:
     """The m x m float64 matrix of any form of Gram but outputs (which do not determine it)."""
+    gram = inner(gram)
     if isinstance(gram, OutputGram):
         raise TypeError("an OutputGram does not determine the input Gram")
     if isinstance(gram, RowGram):
@@ -98,11 +140,13 @@ def dense(gram: Gram) -> np.ndarray:
 
 
 def _diagonal(gram: Gram) -> bool:
+    gram = inner(gram)
     return not isinstance(gram, (RowGram, OutputGram)) and np.ndim(gram) == 1
 
 
 def _lambda(gram: Gram, damping: float | None) -> float:
     """``damping * tr(G) / m`` (1 where G is zero); damping defaults by the Gram's form."""
+    gram = inner(gram)
     if damping is None:
         damping = LOOKUP_DAMPING if _diagonal(gram) else DAMPING
     if isinstance(gram, OutputGram):
@@ -156,6 +200,7 @@ class _Root:
 
 
 def _root(gram: Gram, damping: float | None) -> _Root:
+    gram = inner(gram)
     if isinstance(gram, RowGram):
         lam = _lambda(gram, damping)
         _, r, qt = scipy.linalg.svd(np.asarray(gram.rows, np.float64), full_matrices=False, check_finite=False)
@@ -186,7 +231,9 @@ def _outputs_eigh(matrix: np.ndarray, gram: OutputGram, damping: float | None) -
 
 
 def whitened_spectrum(matrix: np.ndarray, gram: Gram, damping: float | None = None) -> np.ndarray:
-    """Singular values of ``S A``: their tails are the damped output-space errors of each rank."""
+    """Singular values of ``S A`` (``S A C`` where shift-free): their tails are the damped
+    output-space errors of each rank."""
+    matrix, gram = _centred(matrix, gram)
     if isinstance(gram, OutputGram):
         s, _ = _outputs_eigh(matrix, gram, damping)
         return s[:min(np.shape(matrix))]
@@ -201,7 +248,10 @@ def low_rank(matrix: np.ndarray, gram: Gram, k: int, damping: float | None = Non
     the whitened space, as plain low rank splits them in weight space. With an OutputGram, the same
     factors as ``B = A V_k s_k^-1/2`` (directions of zero whitened energy get zero columns). Each
     pair's sign is fixed (``_signed``), so both forms give the same factors, not only the same product.
+    A ShiftFree Gram: the same for ``A C`` (``C V_k = V_k``: the factors reproduce ``S A C``'s best
+    rank k, nothing of what a row's outputs share).
     """
+    matrix, gram = _centred(matrix, gram)
     if isinstance(gram, OutputGram):
         s, v = _outputs_eigh(matrix, gram, damping)
         s, v = s[:k], v[:, :k]
@@ -223,15 +273,24 @@ def _signed(b: np.ndarray, c: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def output_error(matrix: np.ndarray, approx: np.ndarray, gram: Gram) -> float:
     """``||X (A - M)||_F / ||X A||_F`` from the (undamped) Gram: the relative output error (with an
-    OutputGram, for ``M = A P`` only: a ValueError otherwise)."""
+    OutputGram, for ``M = A P`` only: a ValueError otherwise); with a ShiftFree Gram,
+    ``||X (A - M) C||_F / ||X A C||_F``."""
     a = np.asarray(matrix, np.float64)
+    free = isinstance(gram, ShiftFree)
+    gram = inner(gram)
     if isinstance(gram, OutputGram):  # E = A (I - P) for the P with M = A P
         p = _coefficients(a, np.asarray(approx, np.float64))
         q = np.eye(a.shape[1]) - p
         h = np.asarray(gram.h, np.float64)
-        total, error = float(np.trace(h)), float(np.sum(q * (h @ q)))
+        if free:  # E C = A (I - P) C; the energy, tr(C h C)
+            q = q - q.mean(axis=1, keepdims=True)
+        total = float(np.trace(h) - np.sum(h) / len(h)) if free else float(np.trace(h))
+        error = float(np.sum(q * (h @ q)))
         return float(np.sqrt(max(error, 0.0) / total)) if total > 0 else 0.0
-    total, error = _energy(a, gram), _energy(a - np.asarray(approx, np.float64), gram)
+    e = a - np.asarray(approx, np.float64)
+    if free:
+        a, e = a - a.mean(axis=1, keepdims=True), e - e.mean(axis=1, keepdims=True)
+    total, error = _energy(a, gram), _energy(e, gram)
     return float(np.sqrt(max(error, 0.0) / total)) if total > 0 else 0.0
 
 
@@ -287,8 +346,12 @@ def feedback_target(matrix: np.ndarray, gram_tilde: np.ndarray, cross: np.ndarra
 def chained_error(matrix: np.ndarray, approx: np.ndarray, gram: np.ndarray, gram_tilde: np.ndarray,
                   cross: np.ndarray) -> float:
     """``||X A - X~ M||_F / ||X A||_F`` from ``X^T X``, ``X~^T X~`` and ``X~^T X`` (over the same rows):
-    the relative error of the site's outputs in the compressed model against the original's."""
+    the relative error of the site's outputs in the compressed model against the original's
+    (``(X A - X~ M) C`` and ``X A C`` where ``gram`` is ShiftFree)."""
     a, m = np.asarray(matrix, np.float64), np.asarray(approx, np.float64)
+    if isinstance(gram, ShiftFree):
+        a, m = a - a.mean(axis=1, keepdims=True), m - m.mean(axis=1, keepdims=True)
+    gram, gram_tilde = inner(gram), inner(gram_tilde)
     total = _energy(a, gram)
     error = total - 2.0 * float(np.sum(m * (np.asarray(cross, np.float64) @ a))) + _energy(m, gram_tilde)
     return float(np.sqrt(max(error, 0.0) / total)) if total > 0 else 0.0

@@ -46,7 +46,9 @@ def test_the_first_pass_holds_out_every_fourth_batch(digits, examples):  # noqa:
     assert few.fitted(key) is None
 
 
-def test_errors_are_the_models_outputs_against_an_independent_forward(digits):  # noqa: F811
+@pytest.mark.parametrize("logits", [False, True])
+def test_errors_are_the_models_outputs_against_an_independent_forward(digits, logits):  # noqa: F811
+    """With ``logits`` (--logits) the outputs are compared with each row's mean removed."""
     from graphrewrite.rewriting import loader, modelcheck
 
     model = loader.load(MLP, ["serve"], True)
@@ -57,10 +59,15 @@ def test_errors_are_the_models_outputs_against_an_independent_forward(digits):  
     noisy = variables["dense_2/kernel"] + 0.05 * rng.standard_normal(variables["dense_2/kernel"].shape)
     halved = 0.5 * variables["logits/kernel"]
     got = modelcheck.errors(model, {"pixels": x}, "serving_default", 16, {keys["logits/kernel"]: halved},
-                            [{}, {keys["dense_2/kernel"]: noisy}, {keys["dense_1/kernel"]: variables["dense_1/kernel"]}])
-    reference = _mlp_forward(variables, x.astype(np.float64))
+                            [{}, {keys["dense_2/kernel"]: noisy}, {keys["dense_1/kernel"]: variables["dense_1/kernel"]}],
+                            logits=logits)
+
+    def centred(y):
+        return y - y.mean(axis=1, keepdims=True) if logits else y
+
+    reference = centred(_mlp_forward(variables, x.astype(np.float64)))
     for result, replaced in zip(got, ({"logits": halved}, {"logits": halved, "dense_2": noisy}, {"logits": halved})):
-        out = _mlp_forward(variables, x.astype(np.float64), **replaced)
+        out = centred(_mlp_forward(variables, x.astype(np.float64), **replaced))
         assert list(result["outputs"]) == ["output_0"]
         expected = np.linalg.norm(out - reference) / np.linalg.norm(reference)
         assert result["outputs"]["output_0"] == pytest.approx(expected, rel=1e-4)

@@ -30,7 +30,7 @@ def inspect_json(data: dict[str, Any]) -> dict[str, Any]:
     for site in data["sites"]:
         entry = {key: site.get(key) for key in _SITE_KEYS}
         entry["ratio"] = site["params_after"] / site["params_before"] if site["params_before"] else 1.0
-        for key in ("policy", "kept_energy", "relative_error", "factors", "calibration", "output_error",
+        for key in ("policy", "kept_energy", "relative_error", "factors", "calibration", "outputs", "output_error",
                     "output_error_plain", "output_error_first_pass", "feedback_level", "feedback"):
             if key in site.get("details", {}):
                 entry[key] = site["details"][key]
@@ -127,6 +127,8 @@ def inspect_text(data: dict[str, Any]) -> str:
                        "factors from the weight alone, the others as they are; first pass: before its refit)")
         out.extend(f"  {s['variable']}: error feedback {s['details']['feedback']}"
                    for s in data["sites"] if "feedback" in s.get("details", {}))
+        out.extend(f"  {s['variable']}: {s['details']['outputs']} (its output errors leave out each row's mean)"
+                   for s in data["sites"] if "outputs" in s.get("details", {}))
         if "model_check" in calibrated_with:
             out.append(model_check_text(calibrated_with["model_check"]))
         if "run" in calibrated_with.get("distill", {}):
@@ -329,6 +331,10 @@ def compress_text(result: Any, source: str) -> str:
                      f"alone: {np.mean([e['output_error_plain'] for e in errors]):.2%}); per site in inspect"
                      + ("; distilled factors serve the model's outputs, not their weight's: the distillation "
                         "line below has the model's figure" if any(e.get("distilled") for e in errors) else ""))
+        if shifted := sum("outputs" in e for e in errors):
+            lines.append(f"{shifted} of them fitted up to a shift of each output row (their outputs reach a softmax "
+                         "or argmax, or are declared --logits: per site in inspect); their errors leave out each "
+                         "row's mean")
         if fed := sum("feedback_level" in e and "refit not kept" not in e.get("feedback", "") for e in errors):
             lines.append(f"error feedback: {fed} of them refitted to their inputs in the compressed model "
                          "(their errors are those given the compressed weights before them)")
@@ -339,8 +345,8 @@ def compress_text(result: Any, source: str) -> str:
         if error >= DISTILL_HINT and "distill" not in calibrated_with:
             lines.append(f"hint: on the held-out calibration examples the compressed model's outputs are off by "
                          f"{error:.0%} (the model check's figure above); --distill-steps 3000 would train the "
-                         "factors to give the original's outputs there (with --distill-loss softmax where the "
-                         "outputs are logits; each step is a forward and backward pass of one calibration batch "
+                         "factors to give the original's outputs there (with --logits where the outputs are "
+                         "logits, for the softmax loss; each step is a forward and backward pass of one calibration batch "
                          "plus, with mixup (float inputs), the original's; README: Distillation)")
     if "run" in calibrated_with.get("distill", {}):
         lines.append(distill_text(calibrated_with["distill"]))

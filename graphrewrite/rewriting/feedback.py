@@ -148,8 +148,8 @@ def refine(model: LoadedModel, plan: RewritePlan, transform: Transform, initial:
     stats = model.calibration
     by_key = {site.variable.key: site for site in plan.sites}
     calibrated = [key for key, site in by_key.items() if site.size.details.get("factors") == "calibrated"
-                  and (isinstance(stats.grams[key], (whiten.RowGram, whiten.OutputGram))
-                       or np.ndim(stats.grams[key]) == 2)]
+                  and (isinstance(whiten.inner(stats.grams[key]), (whiten.RowGram, whiten.OutputGram))
+                       or np.ndim(whiten.inner(stats.grams[key])) == 2)]
     by_level = levels(model, stats.signature, list(by_key)) if calibrated and passes else {}
     errors: dict[str, dict[str, Any]] = {}
     trials: dict[str, dict[str, np.ndarray]] = {}
@@ -182,8 +182,9 @@ def refine(model: LoadedModel, plan: RewritePlan, transform: Transform, initial:
             refitted = transform.factorize_calibrated(whiten.feedback_target(matrix, tilde, cross), site.size, tilde)
 
             def chained(factors: Mapping[str, np.ndarray], grams: tuple[np.ndarray, ...], site=site,
-                        matrix=matrix) -> float:
-                return whiten.chained_error(matrix, transform.numpy_dense(factors, site.size), *grams)
+                        matrix=matrix, measured=gram) -> float:  # measured as the pass's Gram (shift-free)
+                return whiten.chained_error(matrix, transform.numpy_dense(factors, site.size),
+                                            whiten.like(measured, grams[0]), *grams[1:])
 
             every = (gram, tilde, cross)
             first, after = chained(initial[site.id], every), chained(refitted, every)
@@ -216,10 +217,10 @@ def _held_out_check(transform: Transform, site: Any, matrix: np.ndarray, first: 
     total = result.rows[key]
     if held is None or not 0 < rows < total:
         return None, None
-    every = np.stack([result.grams[key], result.tilde[key], result.cross[key]])
+    every = np.stack([whiten.inner(result.grams[key]), whiten.inner(result.tilde[key]), result.cross[key]])
     fitted = without(every, total, held, rows)  # the other batches' Grams
     trial = transform.factorize_calibrated(whiten.feedback_target(matrix, fitted[1], fitted[2]), site.size,
-                                           fitted[1])
+                                           whiten.like(result.tilde[key], fitted[1]))
     before, after = chained(first, tuple(held)), chained(trial, tuple(held))
     if after < before:
         return None, trial

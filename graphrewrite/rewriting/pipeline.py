@@ -93,7 +93,8 @@ def plan_model(input_dir: str, hparams: Mapping[str, Any], tags: Sequence[str] =
                probe: Callable[[], None] | None = None, calibration: Calibration | None = None,
                calibration_signature: str = "serving_default",
                calibration_passes: int = DEFAULT_PASSES, distill_steps: int = 0,
-               distill_loss: str = "mse", distill_mixup: bool = True) -> tuple[Any, RewritePlan, Any]:
+               distill_loss: str = "mse", distill_mixup: bool = True, logits: bool = False
+               ) -> tuple[Any, RewritePlan, Any]:
     """Scans, loads, calibrates (with ``calibration`` data: graphrewrite.rewriting.statistics) and plans;
     returns (loaded model, plan, transform).
 
@@ -132,12 +133,13 @@ def plan_model(input_dir: str, hparams: Mapping[str, Any], tags: Sequence[str] =
                                                  sandbox.Limits.from_env(allow_io=allow_unsafe_ops),
                                                  # distilled factors leave A's column space: their
                                                  # output errors need the input Grams
-                                                 outputs=transform.outputs_suffice and not distill_steps)
+                                                 outputs=transform.outputs_suffice and not distill_steps,
+                                                 logits=logits)
 
     plan = make_plan(model.functions.values(), model.infos, transform, selection, spectrum_of(model, progress))
     if model.calibration is not None:
         plan = statistics.mark_plan(plan, model.calibration, calibration_passes, distill_steps, distill_loss,
-                                    distill_mixup)
+                                    distill_mixup, logits)
     return model, plan, transform
 
 
@@ -165,8 +167,8 @@ def compress(input_dir: str, output_dir: str, hparams: Mapping[str, Any], *,
              calibration: Calibration | None = None,
              calibration_signature: str = "serving_default",
              calibration_passes: int = DEFAULT_PASSES, distill_steps: int = 0,
-             distill_loss: str = "mse", distill_mixup: bool = True,
-             compare_allocations: bool = True) -> CompressResult:
+             distill_loss: str | None = None, distill_mixup: bool = True,
+             compare_allocations: bool = True, logits: bool = False) -> CompressResult:
     """Rewrites ``input_dir`` into ``output_dir`` (see the module docstring).
 
     Args:
@@ -197,12 +199,17 @@ def compress(input_dir: str, output_dir: str, hparams: Mapping[str, Any], *,
         policy, one rank for every weight at the same budget is distilled too, and the plan with
         the lower held-out loss is written (graphrewrite.rewriting.fitting).
       distill_loss: what distillation minimises: ``mse`` (relative mean-square error of the
-        outputs) or ``softmax`` (outputs read as logits: cross-entropy against the original's).
+        outputs) or ``softmax`` (outputs read as logits: cross-entropy against the original's);
+        None: ``softmax`` with ``logits``, else ``mse``.
       distill_mixup: distillation trains on mixed pairs of examples (mixup, with the original's
         outputs for them) where every input of the signature is float; False: on the examples only.
       compare_allocations: with distillation at a ``target_ratio`` policy, also distil one rank for
         every weight and write the plan with the lower held-out loss (graphrewrite.rewriting.fitting);
         False: the policy's plan only (half the distillation time).
+      logits: with ``calibration``, the calibration signature's float outputs of rank 2 or more
+        are logits (read through a softmax or argmax over the last axis): the weights that give
+        them up to a bias are fitted with each output row's mean left out
+        (graphrewrite.rewriting.shift), and the model check compares the outputs so.
     """
     from graphrewrite.rewriting.distill import LOSSES
 
@@ -212,6 +219,9 @@ def compress(input_dir: str, output_dir: str, hparams: Mapping[str, Any], *,
         raise UsageError(f"--distill-steps {distill_steps}: must be 0 or more")
     if distill_steps and calibration is None:
         raise UsageError("--distill-steps: needs --calibration (the examples it trains on)")
+    if logits and calibration is None:
+        raise UsageError("--logits: needs --calibration (it says how to compare outputs on the examples)")
+    distill_loss = distill_loss or ("softmax" if logits else "mse")
     if distill_loss not in LOSSES:
         raise UsageError(f"--distill-loss {distill_loss!r}: one of {', '.join(LOSSES)}")
     if not dry_run:
@@ -230,7 +240,7 @@ def compress(input_dir: str, output_dir: str, hparams: Mapping[str, Any], *,
 
     model, plan, transform = plan_model(input_dir, hparams, tags, allow_unsafe_ops, progress, allow_larger,
                                         selection, warn, probe, calibration, calibration_signature,
-                                        calibration_passes, distill_steps, distill_loss, distill_mixup)
+                                        calibration_passes, distill_steps, distill_loss, distill_mixup, logits)
     if dry_run:
         return CompressResult(None, plan, None, None)
     if not plan.sites and transform.option != 0 and not allow_empty:

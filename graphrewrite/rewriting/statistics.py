@@ -50,7 +50,7 @@ import numpy as np
 
 from graphrewrite import views, whiten
 from graphrewrite.errors import CalibrationDataError, UsageError, first_line
-from graphrewrite.rewriting import calibration, loops, replay, sandbox
+from graphrewrite.rewriting import calibration, loops, replay, sandbox, shift
 from graphrewrite.rewriting.calibration import InputSpec
 from graphrewrite.rewriting.graph import Edge
 from graphrewrite.rewriting.match import Use, match_function
@@ -136,15 +136,17 @@ class Statistics:
         rows, held = self.rows[key], self.held_rows.get(key, 0)
         if not 0 < held < rows:
             return None
-        gram = self.grams[key]
+        gram = whiten.inner(self.grams[key])
         if isinstance(gram, whiten.OutputGram):
             part = self.held[key]
-            return whiten.OutputGram(without(gram.h, rows, part.h, held), without(gram.trace, rows, part.trace, held),
+            rest = whiten.OutputGram(without(gram.h, rows, part.h, held), without(gram.trace, rows, part.trace, held),
                                      gram.m)
-        if isinstance(gram, whiten.RowGram):  # the held-out rows come last (_Sum.result)
-            return whiten.RowGram(gram.rows[:rows - held] * np.float32(np.sqrt(rows / (rows - held))))
-        part = self.held[key]  # rows where only row-keeping readers saw the held-out batches
-        return without(gram, rows, whiten.dense(part) if isinstance(part, whiten.RowGram) else part, held)
+        elif isinstance(gram, whiten.RowGram):  # the held-out rows come last (_Sum.result)
+            rest = whiten.RowGram(gram.rows[:rows - held] * np.float32(np.sqrt(rows / (rows - held))))
+        else:
+            part = self.held[key]  # rows where only row-keeping readers saw the held-out batches
+            rest = without(gram, rows, whiten.dense(part) if isinstance(part, whiten.RowGram) else part, held)
+        return whiten.like(self.grams[key], rest)
 
 
 def without(total: Any, rows: int, part: Any, part_rows: int) -> Any:
@@ -162,27 +164,40 @@ def check_method(transform: Transform) -> None:
 
 def calibrate(model: LoadedModel, source: calibration.Calibration, signature: str,
               progress: Callable[[str], None], input_dir: str, tags: Sequence[str], object_based: bool,
-              limits: sandbox.Limits | None = None, outputs: bool = False) -> Statistics:
+              limits: sandbox.Limits | None = None, outputs: bool = False, logits: bool = False) -> Statistics:
     """Reads and checks ``source`` against ``signature`` here, then collects its statistics in the
     sandbox (the calibration pass runs the model's own ops on the data: graphrewrite.rewriting.sandbox), from
     the same model directory loaded there; variable keys are the loader's, stable across loads.
-    ``outputs``: output Grams where they are smaller (``collect``)."""
+    ``outputs``: output Grams where they are smaller (``collect``). The Grams of weights whose
+    outputs matter only up to a shift of each row (graphrewrite.rewriting.shift; ``logits``: the
+    signature's float outputs are logits) come wrapped in whiten.ShiftFree, in this pass and in
+    error feedback's, and the model check then compares logits outputs with each row's mean removed."""
     data = calibration.read(source, input_specs(model, signature))
     progress(f"calibration: {len(next(iter(data.values())))} examples of {signature}, in the sandbox")
     stats = sandbox.run("graphrewrite.rewriting.statistics:collect_job", input_dir, list(tags), object_based, data,
                         signature, outputs, what=f"{input_dir}: the calibration pass", limits=limits)
+    fir = model.functions[f"signature:{signature}"]
+    free = shift.shift_free(fir, [u for u in match_function(fir, dict(model.infos))[0] if u.variable in stats.grams],
+                            {key: tuple(info.shape) for key, info in model.infos.items()}, logits)
+
+    def wrap(grams: Mapping[str, whiten.Gram]) -> dict[str, whiten.Gram]:
+        return {key: whiten.ShiftFree(gram, free[key]) if key in free else gram for key, gram in grams.items()}
+
+    stats.grams = wrap(stats.grams)
 
     def rerun(replaced: Mapping[str, np.ndarray], only: Sequence[str]) -> Statistics:
-        return sandbox.run("graphrewrite.rewriting.statistics:feedback_job", input_dir, list(tags), object_based,
-                           data, signature, dict(replaced), list(only),
-                           what=f"{input_dir}: an error-feedback calibration pass", limits=limits)
+        result = sandbox.run("graphrewrite.rewriting.statistics:feedback_job", input_dir, list(tags), object_based,
+                             data, signature, dict(replaced), list(only),
+                             what=f"{input_dir}: an error-feedback calibration pass", limits=limits)
+        result.grams, result.tilde = wrap(result.grams), wrap(result.tilde)
+        return result
 
     batch = _batch(model, signature, DEFAULT_BATCH)
     held = held_out(data, batch)
 
     def check(common: Mapping[str, np.ndarray], variants: Sequence[Mapping[str, np.ndarray]]) -> list[dict[str, Any]]:
         return sandbox.run("graphrewrite.rewriting.modelcheck:errors_job", input_dir, list(tags), object_based,
-                           held, signature, batch, dict(common), [dict(v) for v in variants],
+                           held, signature, batch, dict(common), [dict(v) for v in variants], logits,
                            what=f"{input_dir}: the model check on held-out calibration examples", limits=limits)
 
     def distill(transform: Transform, sites: Sequence[Any], factors: Mapping[str, Mapping[str, np.ndarray]],
@@ -222,7 +237,7 @@ def spectrum(matrix: np.ndarray, stats: Statistics | None, key: str) -> np.ndarr
 
 
 def mark_plan(plan: RewritePlan, stats: Statistics, passes: int, distill_steps: int = 0,
-              distill_loss: str = "mse", distill_mixup: bool = True) -> RewritePlan:
+              distill_loss: str = "mse", distill_mixup: bool = True, logits: bool = False) -> RewritePlan:
     """The plan with each site whose weight has statistics marked ``factors: calibrated`` (and why
     the others are not), and the calibration (with at most ``passes`` error-feedback passes:
     graphrewrite.rewriting.feedback) and distillation (graphrewrite.rewriting.distill, where
@@ -231,13 +246,16 @@ def mark_plan(plan: RewritePlan, stats: Statistics, passes: int, distill_steps: 
     for site in plan.sites:
         key = site.variable.key
         if key in stats.grams:
-            extra = {"factors": "calibrated"}
+            gram = stats.grams[key]
+            extra = {"factors": "calibrated",
+                     **({"outputs": f"fitted up to a shift of each row: {gram.why}"}
+                        if isinstance(gram, whiten.ShiftFree) else {})}
         else:
             extra = {"calibration": stats.missing.get(key, f"not read by signature {stats.signature!r}")}
         sites.append(dataclasses.replace(site, size=dataclasses.replace(
             site.size, details={**site.size.details, **extra})))
     options = {**plan.options, "calibration": {"signature": stats.signature, "examples": stats.examples,
-                                               "damping": whiten.DAMPING, "passes": passes}}
+                                               "damping": whiten.DAMPING, "passes": passes, "logits": logits}}
     if distill_steps:
         options["calibration"]["distill"] = {"steps": distill_steps, "loss": distill_loss, "mixup": distill_mixup}
     return dataclasses.replace(plan, sites=tuple(sites), options=options)
