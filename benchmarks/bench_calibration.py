@@ -32,7 +32,7 @@ uncompressed for the MLP and 1 point for the CNN; fine-tuned calibrated at least
 best-policy figures (98.00 / 99.11 at 48%, 98.11 / 98.56 at 29%); the zoo factors below 1; the
 calibration pass at most the forward pass's time (the factorisation comes on top).
 
-    python benchmarks/bench_calibration.py [--only oneshot|finetune|zoo|cost] [--epochs 45] [--seeds 2]
+    python benchmarks/bench_calibration.py [--only oneshot|finetune|zoo|cost] [--epochs 45] [--seeds 2] [--kinds K,K]
 """
 
 from __future__ import annotations
@@ -175,9 +175,11 @@ def finetune(args, work: str, targets: common.Targets) -> None:
         src = os.path.join(TESTDATA, name)
         xtr, xte = x_train.reshape(shape), x_test.reshape(shape)
         for ratio in (0.48, 0.29):
-            curves: dict[str, list[dict[int, float]]] = {"plain": [], "calibrated": [], "calibrated, --logits": []}
+            curves: dict[str, list[dict[int, float]]] = {"plain": [], "calibrated": [], "calibrated --logits": []}
             if name == "digits_cnn":  # the MLP's distillation is never kept (the one-shot table)
                 curves["distilled"] = []
+            if args.kinds:
+                curves = {kind: runs for kind, runs in curves.items() if kind in args.kinds.split(",")}
             for seed in range(args.seeds):
                 for kind in curves:
                     out = os.path.join(work, f"{name}_{ratio}_{kind}_{seed}")
@@ -371,6 +373,8 @@ def main() -> None:
     parser.add_argument("--only", choices=("oneshot", "finetune", "zoo", "cost"), default=None)
     parser.add_argument("--epochs", type=int, default=45)
     parser.add_argument("--seeds", type=int, default=2)
+    parser.add_argument("--kinds", default=None, metavar="K,K",
+                        help="finetune: only these rows, comma-separated: plain, calibrated, 'calibrated --logits', distilled")
     args = parser.parse_args()
     targets = common.Targets()
     work = tempfile.mkdtemp(prefix="bench-calibration-")

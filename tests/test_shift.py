@@ -11,7 +11,7 @@ import os
 
 import numpy as np
 import pytest
-from test_calibration import CNN, digits, one_shot_accuracy, plain_svd, problem  # noqa: F401 - digits is a fixture
+from test_calibration import CNN, at_alpha0, digits, one_shot_accuracy, plain_svd, problem  # noqa: F401 - digits is a fixture
 from test_cli import run
 
 from graphrewrite import whiten
@@ -171,6 +171,28 @@ def test_the_digits_cnn_with_logits_is_better_than_plain(capsys, cnn_at_20, digi
     assert "outputs" not in by_name["conv_2"]
     code, text, _ = run(capsys, "inspect", outs["logits"])
     assert "fitted up to a shift of each row" in text
+    head = by_name["logits"]
+    assert f"{head['output_error_plain']:.4f} -> {head['output_error']:.4f}" in text
+    html = os.path.join(root, "diff.html")
+    code, _, err = run(capsys, "diff", CNN, outs["logits"], "--html", html)
+    assert code == 0, err
+    with open(html, encoding="utf-8") as f:
+        assert "(up to a shift per row)" in f.read()
+    # the head (refitted by error feedback after conv_2) reports ||(X A - X~ W_c) C|| / ||X A C|| on
+    # the calibration images: the compressed model's own logits give it (the bias cancels in the
+    # difference and is taken off X A; C removes each row's mean)
+    import tensorflow as tf
+
+    assert head["feedback_level"] == 1 and "feedback" not in head
+    x = np.load(os.path.join(root, "cal.npz"))["image"]
+    original = tf.saved_model.load(CNN)  # kept referenced: a restored function dies with its object
+    reference = original.serve(tf.constant(x)).numpy().astype(np.float64)
+    compressed = at_alpha0(outs["logits"])
+    out = compressed.serve(tf.constant(x)).numpy().astype(np.float64)
+    bias = next(v.numpy() for v in original.variables if v.name.startswith("logits/bias"))
+    independent = np.linalg.norm(centred(out - reference)) / np.linalg.norm(centred(reference - bias))
+    assert head["output_error"] == pytest.approx(independent, rel=1e-3)
+    assert head["output_error"] < np.linalg.norm(out - reference) / np.linalg.norm(reference - bias)
     x_test, y_test = digits[1].reshape(-1, 8, 8, 1), digits[2]
     plain, calibrated = (one_shot_accuracy(outs[k], x_test, y_test) for k in ("plain", "logits"))
     assert calibrated >= plain + 0.03, (plain, calibrated)  # measured: 0.536 -> 0.613

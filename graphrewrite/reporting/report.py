@@ -209,6 +209,7 @@ def calibration_text(details: dict[str, Any]) -> str:
             fed = (f" (level {details['feedback_level']}: refit not kept)" if "feedback" in details else
                    f" (fed back, level {details['feedback_level']}; first pass {details['output_error_first_pass']:.4f})")
         fed += " (distilled)" if details.get("distilled") else ""
+        fed += " (up to a shift per row)" if "outputs" in details else ""
         return f"{details['output_error_plain']:.4f} -> {details['output_error']:.4f}{fed}"
     return f"- ({details['calibration']})" if "calibration" in details else "-"
 
