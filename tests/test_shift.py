@@ -202,3 +202,25 @@ def test_logits_needs_calibration(capsys, tmp_path):
     code, _, err = run(capsys, "compress", CNN, str(tmp_path / "out"), "--logits")
     assert code == 2 and err.strip().count("\n") == 0 and "--logits needs --calibration" in err
     assert not os.path.exists(tmp_path / "out")
+
+
+@pytest.mark.heavy
+@pytest.mark.parametrize("name,expected", [
+    ("ResNet50", {"predictions/kernel"}), ("EfficientNetB0", {"predictions/kernel"}),
+    ("ConvNeXtTiny", {"convnext_tiny_head_dense/kernel"}),
+    # its 1 x 1 "Logits" convolution reaches the Softmax through Flatten (a Reshape): not followed
+    ("MobileNetV3Small", set())])
+def test_keras_applications_heads_are_found(tmp_path, name, expected):
+    """keras.applications' own classifiers (random weights, softmax on top): the classifier's
+    kernel and nothing else qualifies."""
+    import zoo
+
+    from graphrewrite.rewriting import loader, shift
+    from graphrewrite.rewriting.match import match_function
+
+    model = loader.load(zoo.ZOO[name].build(tmp_path), ["serve"], True)
+    fir = model.functions["signature:serving_default"]
+    uses, _ = match_function(fir, dict(model.infos))
+    found = shift.shift_free(fir, uses, {k: tuple(i.shape) for k, i in model.infos.items()})
+    assert {model.infos[k].name for k in found} == expected
+    assert set(found.values()) <= {"its outputs feed a Softmax"}
