@@ -146,13 +146,14 @@ def cnn_at_20(tmp_path_factory, digits):  # noqa: F811
     x = digits_split()[0].reshape(-1, 8, 8, 1)
     np.savez(root / "cal.npz", image=x[np.random.default_rng(0).choice(len(x), 512, replace=False)])
     outs = {}
-    for name, extra in (("plain", []), ("logits", ["--calibration", str(root / "cal.npz"), "--logits"])):
+    for name, extra in (("plain", ["--fast"]), ("logits", ["--calibration", str(root / "cal.npz"), "--logits"])):
         outs[name] = str(root / name)
         from graphrewrite.cli import main
 
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):
-            main(["compress", CNN, outs[name], "--target-ratio=0.2", "-q", "--fast", *extra])
+        with contextlib.redirect_stdout(io.StringIO()) as stdout, contextlib.suppress(SystemExit):
+            main(["compress", CNN, outs[name], "--target-ratio=0.2", "-q", *extra])
         assert os.path.isfile(os.path.join(outs[name], "saved_model.pb"))
+        (root / f"{name}.txt").write_text(stdout.getvalue())
     return root, outs
 
 
@@ -161,6 +162,9 @@ def test_the_digits_cnn_with_logits_is_better_than_plain(capsys, cnn_at_20, digi
     (52% against 54%: the logits' shared part takes a rank of the head's 3); with --logits the
     head is fitted modulo each row's shift and the model check compares centred logits."""
     root, outs = cnn_at_20
+    printed = (root / "logits.txt").read_text()
+    assert "1 of them fitted up to a shift of each output row" in printed
+    assert "with the shift per row that --logits leaves to the softmax" in printed
     code, stdout, _ = run(capsys, "inspect", outs["logits"], "--json")
     data = json.loads(stdout)
     calibration = data["options"]["calibration"]

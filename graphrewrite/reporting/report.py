@@ -319,7 +319,10 @@ def compress_text(result: Any, source: str) -> str:
                      if not entry.get("checked")}
         lines.append(f"verified: at alpha = 1 the outputs equal the input model's; at alpha = 0 "
                      f"(one-shot) they move by {ver['max_rel_diff_alpha0']:.2%} (max |change| / max |output|, "
-                     "on seeded standard-normal inputs)" + ("; every signature but those below" if unchecked else ""))
+                     "on seeded standard-normal inputs"
+                     + ("; of the raw logits, with the shift per row that --logits leaves to the softmax"
+                        if ((result.manifest or {}).get("options") or {}).get("calibration", {}).get("logits") else "")
+                     + ")" + ("; every signature but those below" if unchecked else ""))
         lines.extend(f"not verified: signature {key!r}: {why}" for key, why in sorted(unchecked.items()))
     elif ver is not None:
         lines.append(f"note: {plan.method} replaces each weight outright, as the reference does (no alpha): "
