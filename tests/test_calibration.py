@@ -224,7 +224,9 @@ def test_cli_round_trip_on_the_digits_cnn(capsys, calibrated_cnn, digits):
     check = data["options"]["calibration"].pop("model_check")  # tests/test_modelcheck.py checks it
     assert check["checked"] and check["kept"] in check["errors"]
     assert data["options"]["calibration"] == {"signature": "serving_default", "examples": 256, "damping": 0.01,
-                                              "passes": 4, "logits": False}
+                                              "passes": 4, "logits": False, "as_logits": ["logits/kernel"]}
+    # the head gives the outputs up to its bias: compress says what --logits would do
+    assert "hint: logits/kernel gives the signature's outputs up to a bias; if those are logits" in printed["calibrated"]
     for site in data["sites"]:
         assert site["factors"] == "calibrated"
         assert 0 < site["output_error"] < site["output_error_plain"]

@@ -168,7 +168,8 @@ def test_the_digits_cnn_with_logits_is_better_than_plain(capsys, cnn_at_20, digi
     code, stdout, _ = run(capsys, "inspect", outs["logits"], "--json")
     data = json.loads(stdout)
     calibration = data["options"]["calibration"]
-    assert calibration["logits"] is True and calibration["model_check"]["checked"]
+    assert calibration["logits"] is True and calibration["model_check"]["checked"] and "as_logits" not in calibration
+    assert "hint: logits/kernel" not in printed
     by_name = {s["variable"].split("/")[0]: s for s in data["sites"]}
     assert by_name["logits"]["outputs"] == ("fitted up to a shift of each row: its outputs feed an output "
                                             "declared logits")

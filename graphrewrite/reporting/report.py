@@ -354,6 +354,11 @@ def compress_text(result: Any, source: str) -> str:
                          "plus, with mixup (float inputs), the original's; README: Distillation)")
     if "run" in calibrated_with.get("distill", {}):
         lines.append(distill_text(calibrated_with["distill"]))
+    if names := calibrated_with.get("as_logits"):
+        lines.append(f"hint: {', '.join(names)} give{'s' if len(names) == 1 else ''} the signature's outputs up to a "
+                     "bias; if those are logits (a softmax or argmax reads them), --logits fits "
+                     f"{'it' if len(names) == 1 else 'them'} up to a shift of each row, which the softmax ignores "
+                     "(README: Data-aware compression)")
     for skip in plan.skipped:
         lines.append(f"skipped {skip.op} ({skip.variable}): {skip.reason}")
     return "\n".join(printable(line) for line in lines)  # each one line, whatever the names hold

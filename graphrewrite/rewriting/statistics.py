@@ -123,6 +123,9 @@ class Statistics:
     check: Callable[[Mapping[str, np.ndarray], Sequence[Mapping[str, np.ndarray]]], list[dict[str, Any]]] | None = (
         dataclasses.field(default=None, repr=False, compare=False))
     held_examples: int = 0
+    # the variables (names) that --logits would fit up to a shift of each row (their outputs are the
+    # signature's up to a bias), where it was not given (set by ``calibrate``; compress hints at it)
+    as_logits: list[str] = dataclasses.field(default_factory=list)
     # (transform, sites, factors, steps, loss, rate, seed, mixup) -> graphrewrite.rewriting.distill's
     # result: the factors trained on the examples not held out (set by ``calibrate``)
     distill: Callable[..., dict[str, Any]] | None = dataclasses.field(default=None, repr=False, compare=False)
@@ -177,8 +180,11 @@ def calibrate(model: LoadedModel, source: calibration.Calibration, signature: st
     stats = sandbox.run("graphrewrite.rewriting.statistics:collect_job", input_dir, list(tags), object_based, data,
                         signature, outputs, what=f"{input_dir}: the calibration pass", limits=limits)
     fir = model.functions[f"signature:{signature}"]
-    free = shift.shift_free(fir, [u for u in match_function(fir, dict(model.infos))[0] if u.variable in stats.grams],
-                            {key: tuple(info.shape) for key, info in model.infos.items()}, logits)
+    uses = [u for u in match_function(fir, dict(model.infos))[0] if u.variable in stats.grams]
+    shapes = {key: tuple(info.shape) for key, info in model.infos.items()}
+    free = shift.shift_free(fir, uses, shapes, logits)
+    if not logits:
+        stats.as_logits = sorted(model.infos[key].name for key in set(shift.shift_free(fir, uses, shapes, True)) - set(free))
 
     def wrap(grams: Mapping[str, whiten.Gram]) -> dict[str, whiten.Gram]:
         return {key: whiten.ShiftFree(gram, free[key]) if key in free else gram for key, gram in grams.items()}
@@ -255,7 +261,9 @@ def mark_plan(plan: RewritePlan, stats: Statistics, passes: int, distill_steps: 
         sites.append(dataclasses.replace(site, size=dataclasses.replace(
             site.size, details={**site.size.details, **extra})))
     options = {**plan.options, "calibration": {"signature": stats.signature, "examples": stats.examples,
-                                               "damping": whiten.DAMPING, "passes": passes, "logits": logits}}
+                                               "damping": whiten.DAMPING, "passes": passes, "logits": logits,
+                                               **({"as_logits": stats.as_logits}
+                                                  if stats.as_logits else {})}}
     if distill_steps:
         options["calibration"]["distill"] = {"steps": distill_steps, "loss": distill_loss, "mixup": distill_mixup}
     return dataclasses.replace(plan, sites=tuple(sites), options=options)
