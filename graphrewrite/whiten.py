@@ -45,7 +45,7 @@ is then measured on the outputs with each row's mean removed, ``E -> E C`` with 
 ``C = I - 1 1^T / n``. The best rank-k fit of that objective is ``S^-1 [S A C]_k`` (the above for
 the matrix ``A C``; with an OutputGram, ``A V_k V_k^T`` with ``V_k`` from ``C h C + lambda C A^T A
 C``): the factors spend no rank on what all of a row's outputs share. Its centred output error
-is never above plain SVD's, as before; its plain output error is (the shared part is left out).
+is never above plain SVD's, as before; its uncentred one can be (the shared part is left out).
 """
 
 from __future__ import annotations

@@ -183,6 +183,7 @@ def errors(model: LoadedModel, data: Mapping[str, np.ndarray], signature: str, b
     examples = len(data[inputs[0]])
     batches = replay.batches(data, inputs, batch)
     run = pruned.outputs(specs)
+
     def centred(y: np.ndarray) -> np.ndarray:
         y = np.asarray(y, np.float64)
         return y - y.mean(axis=-1, keepdims=True) if logits and y.ndim >= 2 else y
