@@ -92,7 +92,7 @@ def test_distillation_figures_are_the_written_models(distilled_cnn):
     assert error >= report.DISTILL_HINT
     assert (f"hint: on the held-out calibration examples the compressed model's outputs are off by {error:.0%}"
             in calibrated_text and "--distill-steps 3000" in calibrated_text)
-    assert "hint:" not in text
+    assert "hint: on the held-out" not in text  # (the --logits hint stands: distillation's loss is no declaration)
     # alpha = 1 is the original still: compress verified the written model
     assert all(v["checked"] and v["max_rel_diff_alpha1"] == 0.0
                for v in results["distilled"].verification["signatures"].values())
