@@ -84,7 +84,7 @@ def test_shift_free_chained_error_and_feedback_target():
 @pytest.fixture(scope="module")
 def heads(tmp_path_factory):
     """A Keras 3 model with one hidden layer and five heads: softmax, logits, a layer read by the
-    output and by another layer, and that other layer; and a tf.Module whose head's logits (plus a
+    output and by another layer, that other layer, and one logit; and a tf.Module whose head's logits (plus a
     bias) go to tf.argmax and tf.nn.log_softmax, and whose second head's to a ReLU."""
     import keras
     import tensorflow as tf
@@ -97,7 +97,8 @@ def heads(tmp_path_factory):
     logit = keras.layers.Dense(4, name="logit")(h)
     shared = keras.layers.Dense(6, name="shared")(h)
     after = keras.layers.Dense(2, name="after")(shared)
-    keras.Model(x, [soft, logit, shared, after]).export(str(root / "keras"), verbose=False)
+    binary = keras.layers.Dense(1, name="binary")(h)  # one logit (a sigmoid's): never shift-free
+    keras.Model(x, [soft, logit, shared, after, binary]).export(str(root / "keras"), verbose=False)
 
     rng = np.random.default_rng(0)
     module = tf.Module()

@@ -167,8 +167,8 @@ def errors(model: LoadedModel, data: Mapping[str, np.ndarray], signature: str, b
     replaced: ``outputs``, per output ``||Y_c - Y||_F / ||Y||_F``, and ``scores``, per example
     ``sum over the outputs of ||y_c - y||^2 / ||Y||_F^2`` (its rows y), whose sum is the outputs'
     summed squared relative errors (inf where Y_c is not finite). With ``logits``, outputs of rank
-    2 or more are compared with each row's mean over the last axis removed (from Y and Y_c alike:
-    a softmax or argmax of them does not see it)."""
+    2 or more (and at least 2 entries on the last axis) are compared with each row's mean over the
+    last axis removed (from Y and Y_c alike: a softmax or argmax of them does not see it)."""
     import tensorflow as tf
 
     fir = model.functions[f"signature:{signature}"]
@@ -186,7 +186,7 @@ def errors(model: LoadedModel, data: Mapping[str, np.ndarray], signature: str, b
 
     def centred(y: np.ndarray) -> np.ndarray:
         y = np.asarray(y, np.float64)
-        return y - y.mean(axis=-1, keepdims=True) if logits and y.ndim >= 2 else y
+        return y - y.mean(axis=-1, keepdims=True) if logits and y.ndim >= 2 and y.shape[-1] >= 2 else y
 
     original = [[y.numpy() for y in run(*values)] for values in batches]
     floating = [np.issubdtype(y.dtype, np.floating) for y in original[0]] if original else []

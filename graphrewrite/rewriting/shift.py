@@ -12,8 +12,9 @@ compression).
 
 What counts, per reader of the weight (every reader must qualify):
 
-- the op gives ``rows x n`` with the weight's n outputs on the last axis: MatMul and BatchMatMul
-  with the weight second, Conv2D in NHWC;
+- the op gives ``rows x n`` with the weight's n >= 2 outputs on the last axis: MatMul and
+  BatchMatMul with the weight second, Conv2D in NHWC (one output, a sigmoid's logit, never: its
+  shift is all there is);
 - from its output, every path goes through Identity, StopGradient, Snapshot, BiasAdd (NHWC) or
   an Add/AddV2 of a length-n vector the inputs do not change (a variable or constant of shape
   ``(n,)``), and ends at a Softmax, LogSoftmax, or an ArgMax/ArgMin over the last axis, or (with
@@ -58,6 +59,8 @@ def _ends(fir: FunctionIR, use: Use, shapes: Mapping[str, tuple[int, ...]], logi
     """What the outputs of ``use``'s op end in (empty where a path does not qualify)."""
     graph = fir.graph
     node = graph[use.op]
+    if use.n < 2:  # one output (a sigmoid's logit): the shift is all there is
+        return set()
     if not ((node.op in MatMul.op_types + BatchMatMul.op_types and use.operand == 1)
             or (node.op == "Conv2D" and node.attr("data_format", "NHWC") in ("NHWC", b"NHWC"))):
         return set()
