@@ -123,7 +123,7 @@ class Statistics:
     check: Callable[[Mapping[str, np.ndarray], Sequence[Mapping[str, np.ndarray]]], list[dict[str, Any]]] | None = (
         dataclasses.field(default=None, repr=False, compare=False))
     held_examples: int = 0
-    # the variables (names) that --logits would fit up to a shift of each row (their outputs are the
+    # the variable keys that --logits would fit up to a shift of each row (their outputs are the
     # signature's up to a bias), where it was not given (set by ``calibrate``; compress hints at it)
     as_logits: list[str] = dataclasses.field(default_factory=list)
     # (transform, sites, factors, steps, loss, rate, seed, mixup) -> graphrewrite.rewriting.distill's
@@ -184,7 +184,7 @@ def calibrate(model: LoadedModel, source: calibration.Calibration, signature: st
     shapes = {key: tuple(info.shape) for key, info in model.infos.items()}
     free = shift.shift_free(fir, uses, shapes, logits)
     if not logits:
-        stats.as_logits = sorted(model.infos[key].name for key in set(shift.shift_free(fir, uses, shapes, True)) - set(free))
+        stats.as_logits = sorted(set(shift.shift_free(fir, uses, shapes, True)) - set(free))
 
     def wrap(grams: Mapping[str, whiten.Gram]) -> dict[str, whiten.Gram]:
         return {key: whiten.ShiftFree(gram, free[key]) if key in free else gram for key, gram in grams.items()}
@@ -249,6 +249,7 @@ def mark_plan(plan: RewritePlan, stats: Statistics, passes: int, distill_steps: 
     graphrewrite.rewriting.feedback) and distillation (graphrewrite.rewriting.distill, where
     ``distill_steps``) recorded in its options."""
     sites = []
+    as_logits = [site.variable.name for site in plan.sites if site.variable.key in stats.as_logits]
     for site in plan.sites:
         key = site.variable.key
         if key in stats.grams:
@@ -262,8 +263,7 @@ def mark_plan(plan: RewritePlan, stats: Statistics, passes: int, distill_steps: 
             site.size, details={**site.size.details, **extra})))
     options = {**plan.options, "calibration": {"signature": stats.signature, "examples": stats.examples,
                                                "damping": whiten.DAMPING, "passes": passes, "logits": logits,
-                                               **({"as_logits": stats.as_logits}
-                                                  if stats.as_logits else {})}}
+                                               **({"as_logits": as_logits} if as_logits else {})}}
     if distill_steps:
         options["calibration"]["distill"] = {"steps": distill_steps, "loss": distill_loss, "mixup": distill_mixup}
     return dataclasses.replace(plan, sites=tuple(sites), options=options)
