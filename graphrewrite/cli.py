@@ -190,6 +190,8 @@ def cli(verbose: bool) -> None:
               help="what distillation minimises; softmax: outputs are logits (default with --logits; else mse)")
 @click.option("--logits", is_flag=True,
               help="with --calibration: the outputs are logits (a softmax/argmax reads them)")
+@click.option("--logits-output", "logits_outputs", multiple=True, metavar="NAME", hidden=True,
+              help="with --calibration: this output is logits (the others not); repeatable")
 @click.option("--distill-mixup/--no-distill-mixup", "distill_mixup", default=True, hidden=True, show_default=True,
               help="distillation also trains on mixed pairs of examples where every input is float")
 @click.option("--compare-allocations/--no-compare-allocations", "compare_allocations", default=True, hidden=True,
@@ -202,7 +204,7 @@ def compress(in_model: str, out_model: str, compression_hparams: str | None, met
              target_ratio: float | None, min_params: int, include: str | None, exclude: str | None,
              calibration: str | None, calibration_signature: str, calibration_passes: int | None,
              distill_steps: int, distill_loss: str | None, distill_mixup: bool, compare_allocations: bool,
-             logits: bool, **values: Any) -> None:
+             logits: bool, logits_outputs: tuple[str, ...], **values: Any) -> None:
     """Rewrite IN_MODEL into OUT_MODEL with compressed, alpha-gated weights.
 
     \b
@@ -219,7 +221,7 @@ def compress(in_model: str, out_model: str, compression_hparams: str | None, met
 
     for name, given in (("--calibration-passes", calibration_passes is not None), ("--distill-steps", distill_steps),
                         ("--distill-loss", distill_loss is not None), ("--no-distill-mixup", not distill_mixup),
-                        ("--logits", logits),
+                        ("--logits", logits), ("--logits-output", logits_outputs),
                         ("--no-compare-allocations", not compare_allocations)):
         if given and calibration is None:
             from graphrewrite.errors import UsageError
@@ -236,7 +238,8 @@ def compress(in_model: str, out_model: str, compression_hparams: str | None, met
         allow_unsafe_ops=allow_unsafe_ops, dry_run=dry_run, allow_larger=allow_larger, selection=selection,
         progress=progress, warn=_warning, allow_empty=allow_empty, calibration=calibration,
         calibration_signature=calibration_signature, distill_steps=distill_steps, distill_loss=distill_loss,
-        distill_mixup=distill_mixup, compare_allocations=compare_allocations, logits=logits,
+        distill_mixup=distill_mixup, compare_allocations=compare_allocations,
+        logits=True if logits else list(logits_outputs),
         **({} if calibration_passes is None else {"calibration_passes": calibration_passes}))
     if as_json:
         click.echo(json.dumps(report.compress_json(result), indent=1))

@@ -118,9 +118,11 @@ def heads(tmp_path_factory):
     return {"keras": str(root / "keras"), "module": str(root / "module")}
 
 
-@pytest.mark.parametrize("logits", [False, True])
+@pytest.mark.parametrize("logits", ["none", "all", "one"])
 def test_which_weights_are_shift_free(heads, logits):
-    from graphrewrite.rewriting import loader, shift
+    """``logits``: no output declared logits, every one (--logits), or the "logit" layer's alone
+    (--logits-output with its name)."""
+    from graphrewrite.rewriting import loader, shift, statistics
     from graphrewrite.rewriting.match import match_function
 
     named = {}
@@ -128,12 +130,16 @@ def test_which_weights_are_shift_free(heads, logits):
         model = loader.load(path, ["serve"], True)
         fir = model.functions["signature:serving_default"]
         uses, _ = match_function(fir, dict(model.infos))
-        found = shift.shift_free(fir, uses, {k: tuple(i.shape) for k, i in model.infos.items()}, logits)
+        names = statistics.output_names(model, "serving_default")
+        chosen = {"none": [], "all": names, "one": [n for n in names if n == "output_1"]}[logits]
+        declared = [fir.outputs[names.index(n)] for n in chosen]
+        found = shift.shift_free(fir, uses, {k: tuple(i.shape) for k, i in model.infos.items()}, declared)
         named.update({model.infos[k].name.split("/")[0].split(":")[0]: why for k, why in found.items()})
     expected = {"soft": "its outputs feed a Softmax", "head": "its outputs feed a LogSoftmax and an argmax"}
-    if logits:  # the outputs of rank 2 are logits; "shared" is also read by "after"
-        expected.update(logit="its outputs feed an output declared logits",
-                        after="its outputs feed an output declared logits")
+    if logits != "none":  # output_1 is the "logit" layer's
+        expected.update(logit="its outputs feed an output declared logits")
+    if logits == "all":  # the outputs of rank 2 are logits; "shared" is also read by "after"; one logit never
+        expected.update(after="its outputs feed an output declared logits")
     assert named == expected
 
 
@@ -204,9 +210,14 @@ def test_the_digits_cnn_with_logits_is_better_than_plain(capsys, cnn_at_20, digi
     assert calibrated >= plain + 0.03, (plain, calibrated)  # measured: 0.536 -> 0.613
 
 
-def test_logits_needs_calibration(capsys, tmp_path):
+def test_logits_needs_calibration_and_known_outputs(capsys, tmp_path):
     code, _, err = run(capsys, "compress", CNN, str(tmp_path / "out"), "--logits")
     assert code == 2 and err.strip().count("\n") == 0 and "--logits needs --calibration" in err
+    np.savez(tmp_path / "cal.npz", image=np.zeros((8, 8, 8, 1), np.float32))
+    code, _, err = run(capsys, "compress", CNN, str(tmp_path / "out"), "--calibration", str(tmp_path / "cal.npz"),
+                       "--logits-output", "scores")
+    assert code == 2 and err.strip().count("\n") == 0
+    assert "--logits-output 'scores': signature 'serving_default' has the outputs output_0" in err
     assert not os.path.exists(tmp_path / "out")
 
 
@@ -230,3 +241,20 @@ def test_keras_applications_heads_are_found(tmp_path, name, expected):
     found = shift.shift_free(fir, uses, {k: tuple(i.shape) for k, i in model.infos.items()})
     assert {model.infos[k].name for k in found} == expected
     assert set(found.values()) <= {"its outputs feed a Softmax"}
+
+
+def test_logits_output_names_the_outputs(capsys, tmp_path):
+    """--logits-output NAME declares that output alone (recorded as a list); distillation's loss
+    stays mse unless every output is declared."""
+    from make_testdata import digits_split
+
+    np.savez(tmp_path / "cal.npz", image=digits_split()[0][:128].reshape(-1, 8, 8, 1))
+    code, stdout, err = run(capsys, "compress", CNN, str(tmp_path / "out"), "--calibration",
+                            str(tmp_path / "cal.npz"), "--logits-output", "output_0", "--target-ratio", "0.29",
+                            "--distill-steps", "10", "--dry-run", "--json")
+    assert code == 0, err
+    data = json.loads(stdout)
+    assert data["options"]["calibration"]["logits"] == ["output_0"]
+    assert data["options"]["calibration"]["distill"]["loss"] == "mse"
+    assert [s.get("outputs") for s in data["sites"]] == [
+        None, "fitted up to a shift of each row: its outputs feed an output declared logits"]

@@ -47,7 +47,7 @@ from graphrewrite.rewriting import replay
 from graphrewrite.rewriting.feedback import compressed_value
 from graphrewrite.rewriting.model import LoadedModel
 from graphrewrite.rewriting.plan import RewritePlan
-from graphrewrite.rewriting.statistics import HOLD_OUT_EVERY, plain_factors
+from graphrewrite.rewriting.statistics import HOLD_OUT_EVERY, output_names, plain_factors
 from graphrewrite.transforms import Transform
 
 PLAIN, FIRST_PASS, FEEDBACK = "plain", "first pass", "error feedback"
@@ -151,7 +151,7 @@ def notes(check: Mapping[str, Any] | None, chained: Mapping[str, dict[str, Any]]
 
 def errors_job(input_dir: str, tags: Sequence[str], object_based: bool, data: Mapping[str, np.ndarray],
                signature: str, batch: int, common: Mapping[str, np.ndarray],
-               variants: Sequence[Mapping[str, np.ndarray]], logits: bool = False) -> list[dict[str, Any]]:
+               variants: Sequence[Mapping[str, np.ndarray]], logits: Sequence[str] = ()) -> list[dict[str, Any]]:
     """Sandbox job: loads the model and returns ``errors`` of each variant."""
     from graphrewrite.rewriting import loader
 
@@ -160,21 +160,19 @@ def errors_job(input_dir: str, tags: Sequence[str], object_based: bool, data: Ma
 
 def errors(model: LoadedModel, data: Mapping[str, np.ndarray], signature: str, batch: int,
            common: Mapping[str, np.ndarray], variants: Sequence[Mapping[str, np.ndarray]],
-           logits: bool = False) -> list[dict[str, Any]]:
+           logits: Sequence[str] = ()) -> list[dict[str, Any]]:
     """Per variant (variable key -> value, with ``common`` for the keys it lacks; a key in neither
     keeps the model's value), on the examples ``data`` (checked calibration arrays, run ``batch``
     at a time), with Y a float output of ``signature`` and Y_c the same with the variables
     replaced: ``outputs``, per output ``||Y_c - Y||_F / ||Y||_F``, and ``scores``, per example
     ``sum over the outputs of ||y_c - y||^2 / ||Y||_F^2`` (its rows y), whose sum is the outputs'
-    summed squared relative errors (inf where Y_c is not finite). With ``logits``, outputs of rank
-    2 or more (and at least 2 entries on the last axis) are compared with each row's mean over the
+    summed squared relative errors (inf where Y_c is not finite). The outputs named in ``logits``
+    (statistics.output_names), where of rank 2 or more with at least 2 entries on the last axis, are compared with each row's mean over the
     last axis removed (from Y and Y_c alike: a softmax or argmax of them does not see it)."""
     import tensorflow as tf
 
     fir = model.functions[f"signature:{signature}"]
-    structured = model.signature_functions[signature].structured_outputs
-    names = sorted(structured) if isinstance(structured, Mapping) and len(structured) == len(fir.outputs) else [
-        f"output {i}" for i in range(len(fir.outputs))]
+    names = output_names(model, signature)
     pruned = replay.Pruned(fir, model, fir.outputs)
     keys = sorted({*common, *(k for v in variants for k in v)})
     holders = {k: tf.Variable(tf.zeros(model.infos[k].shape, model.variables[k].dtype), trainable=False) for k in keys}
@@ -184,14 +182,14 @@ def errors(model: LoadedModel, data: Mapping[str, np.ndarray], signature: str, b
     batches = replay.batches(data, inputs, batch)
     run = pruned.outputs(specs)
 
-    def centred(y: np.ndarray) -> np.ndarray:
+    def centred(y: np.ndarray, name: str) -> np.ndarray:
         y = np.asarray(y, np.float64)
-        return y - y.mean(axis=-1, keepdims=True) if logits and y.ndim >= 2 and y.shape[-1] >= 2 else y
+        return y - y.mean(axis=-1, keepdims=True) if name in logits and y.ndim >= 2 and y.shape[-1] >= 2 else y
 
     original = [[y.numpy() for y in run(*values)] for values in batches]
     floating = [np.issubdtype(y.dtype, np.floating) for y in original[0]] if original else []
     run = pruned.outputs(specs, holders)
-    energy = [sum(float(np.sum(np.square(centred(ys[i])))) for ys in original) if f else 0.0
+    energy = [sum(float(np.sum(np.square(centred(ys[i], names[i])))) for ys in original) if f else 0.0
               for i, f in enumerate(floating)]
     out = []
     for variant in variants:
@@ -203,7 +201,7 @@ def errors(model: LoadedModel, data: Mapping[str, np.ndarray], signature: str, b
         for values, ys in zip(batches, original):
             for i, (y, y_c) in enumerate(zip(ys, run(*values))):
                 if floating[i]:
-                    diff = centred(y_c.numpy().astype(np.float64) - y.astype(np.float64))
+                    diff = centred(y_c.numpy().astype(np.float64) - y.astype(np.float64), names[i])
                     count = len(values[0])
                     if diff.ndim and diff.shape[0] == count:
                         per = np.sum(np.square(diff).reshape(count, -1), axis=1)

@@ -93,7 +93,7 @@ def plan_model(input_dir: str, hparams: Mapping[str, Any], tags: Sequence[str] =
                probe: Callable[[], None] | None = None, calibration: Calibration | None = None,
                calibration_signature: str = "serving_default",
                calibration_passes: int = DEFAULT_PASSES, distill_steps: int = 0,
-               distill_loss: str = "mse", distill_mixup: bool = True, logits: bool = False
+               distill_loss: str = "mse", distill_mixup: bool = True, logits: bool | Sequence[str] = False
                ) -> tuple[Any, RewritePlan, Any]:
     """Scans, loads, calibrates (with ``calibration`` data: graphrewrite.rewriting.statistics) and plans;
     returns (loaded model, plan, transform).
@@ -168,7 +168,7 @@ def compress(input_dir: str, output_dir: str, hparams: Mapping[str, Any], *,
              calibration_signature: str = "serving_default",
              calibration_passes: int = DEFAULT_PASSES, distill_steps: int = 0,
              distill_loss: str | None = None, distill_mixup: bool = True,
-             compare_allocations: bool = True, logits: bool = False) -> CompressResult:
+             compare_allocations: bool = True, logits: bool | Sequence[str] = False) -> CompressResult:
     """Rewrites ``input_dir`` into ``output_dir`` (see the module docstring).
 
     Args:
@@ -200,16 +200,17 @@ def compress(input_dir: str, output_dir: str, hparams: Mapping[str, Any], *,
         the lower held-out loss is written (graphrewrite.rewriting.fitting).
       distill_loss: what distillation minimises: ``mse`` (relative mean-square error of the
         outputs) or ``softmax`` (outputs read as logits: cross-entropy against the original's);
-        None: ``softmax`` with ``logits``, else ``mse``.
+        None: ``softmax`` with ``logits=True`` (every output), else ``mse``.
       distill_mixup: distillation trains on mixed pairs of examples (mixup, with the original's
         outputs for them) where every input of the signature is float; False: on the examples only.
       compare_allocations: with distillation at a ``target_ratio`` policy, also distil one rank for
         every weight and write the plan with the lower held-out loss (graphrewrite.rewriting.fitting);
         False: the policy's plan only (half the distillation time).
-      logits: with ``calibration``, the calibration signature's float outputs of rank 2 or more
-        are logits (read through a softmax or argmax over the last axis): the weights that give
+      logits: with ``calibration``, the calibration signature's outputs are logits (read through a
+        softmax or argmax over the last axis): True for all of them, or a list of output names
+        (graphrewrite.rewriting.statistics.output_names) for those only. The weights that give
         them up to a bias are fitted with each output row's mean left out
-        (graphrewrite.rewriting.shift), and the model check compares the outputs so.
+        (graphrewrite.rewriting.shift), and the model check compares those outputs so.
     """
     from graphrewrite.rewriting.distill import LOSSES
 
@@ -221,7 +222,9 @@ def compress(input_dir: str, output_dir: str, hparams: Mapping[str, Any], *,
         raise UsageError("--distill-steps: needs --calibration (the examples it trains on)")
     if logits and calibration is None:
         raise UsageError("--logits: needs --calibration (it says how to compare outputs on the examples)")
-    distill_loss = distill_loss or ("softmax" if logits else "mse")
+    if isinstance(logits, str):
+        logits = [logits]
+    distill_loss = distill_loss or ("softmax" if logits is True else "mse")
     if distill_loss not in LOSSES:
         raise UsageError(f"--distill-loss {distill_loss!r}: one of {', '.join(LOSSES)}")
     if not dry_run:

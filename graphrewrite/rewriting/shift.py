@@ -17,14 +17,14 @@ What counts, per reader of the weight (every reader must qualify):
   shift is all there is);
 - from its output, every path goes through Identity, StopGradient, Snapshot, BiasAdd (NHWC) or
   an Add/AddV2 of a length-n vector the inputs do not change (a variable or constant of shape
-  ``(n,)``), and ends at a Softmax, LogSoftmax, or an ArgMax/ArgMin over the last axis, or (with
-  ``logits``) at one of the function's outputs. Anything else on a path (an activation, a
+  ``(n,)``), and ends at a Softmax, LogSoftmax, or an ArgMax/ArgMin over the last axis, or at one of the
+  function's outputs declared ``logits``. Anything else on a path (an activation, a
   reshape, a second reader) and the weight is fitted as before.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 
 import numpy as np
 
@@ -39,23 +39,24 @@ INVARIANT_OPS = {"Softmax": "a Softmax", "LogSoftmax": "a LogSoftmax", "ArgMax":
 
 
 def shift_free(fir: FunctionIR, uses: Sequence[Use], shapes: Mapping[str, tuple[int, ...]],
-               logits: bool = False) -> dict[str, str]:
+               logits: Collection[str] = ()) -> dict[str, str]:
     """Variable key -> why (``"its outputs feed a Softmax"``) for each weight of ``uses`` whose
     every reader's outputs matter only up to a shift of each row (see the module doc).
     ``shapes``: variable key -> shape (a bias read as a variable must be a vector of n);
-    ``logits``: the function's outputs count as read through a softmax."""
+    ``logits``: the function's outputs (of ``fir.outputs``) that count as read through a softmax."""
+    declared = {Edge.parse(name).tensor for name in logits}
     by_key: dict[str, list[Use]] = {}
     for use in uses:
         by_key.setdefault(use.variable, []).append(use)
     out = {}
     for key, group in by_key.items():
-        ends = [_ends(fir, use, shapes, logits) for use in group]
+        ends = [_ends(fir, use, shapes, declared) for use in group]
         if all(ends):
             out[key] = "its outputs feed " + " and ".join(sorted(set().union(*ends)))
     return out
 
 
-def _ends(fir: FunctionIR, use: Use, shapes: Mapping[str, tuple[int, ...]], logits: bool) -> set[str]:
+def _ends(fir: FunctionIR, use: Use, shapes: Mapping[str, tuple[int, ...]], declared: Collection[str]) -> set[str]:
     """What the outputs of ``use``'s op end in (empty where a path does not qualify)."""
     graph = fir.graph
     node = graph[use.op]
@@ -70,7 +71,7 @@ def _ends(fir: FunctionIR, use: Use, shapes: Mapping[str, tuple[int, ...]], logi
     while stack:
         name = stack.pop()
         if f"{name}:0" in outputs:
-            if not logits:
+            if f"{name}:0" not in declared:
                 return set()
             ends.add("an output declared logits")
         for consumer, position in graph.consumers(name, 0):

@@ -167,14 +167,22 @@ def check_method(transform: Transform) -> None:
 
 def calibrate(model: LoadedModel, source: calibration.Calibration, signature: str,
               progress: Callable[[str], None], input_dir: str, tags: Sequence[str], object_based: bool,
-              limits: sandbox.Limits | None = None, outputs: bool = False, logits: bool = False) -> Statistics:
+              limits: sandbox.Limits | None = None, outputs: bool = False,
+              logits: bool | Sequence[str] = False) -> Statistics:
     """Reads and checks ``source`` against ``signature`` here, then collects its statistics in the
     sandbox (the calibration pass runs the model's own ops on the data: graphrewrite.rewriting.sandbox), from
     the same model directory loaded there; variable keys are the loader's, stable across loads.
     ``outputs``: output Grams where they are smaller (``collect``). The Grams of weights whose
     outputs matter only up to a shift of each row (graphrewrite.rewriting.shift; ``logits``: the
-    signature's float outputs are logits) come wrapped in whiten.ShiftFree, in this pass and in
-    error feedback's, and the model check then compares logits outputs with each row's mean removed."""
+    signature's outputs are logits, True for all of them or a list of their names) come wrapped in
+    whiten.ShiftFree, in this pass and in error feedback's, and the model check then compares
+    those outputs with each row's mean removed. An unknown output name is a UsageError, before
+    the pass."""
+    names = output_names(model, signature)
+    declared = list(names) if logits is True else list(logits or [])
+    if unknown := [name for name in declared if name not in names]:
+        raise UsageError(f"--logits-output {unknown[0]!r}: signature {signature!r} has the outputs "
+                         f"{', '.join(names)}")
     data = calibration.read(source, input_specs(model, signature))
     progress(f"calibration: {len(next(iter(data.values())))} examples of {signature}, in the sandbox")
     stats = sandbox.run("graphrewrite.rewriting.statistics:collect_job", input_dir, list(tags), object_based, data,
@@ -182,9 +190,9 @@ def calibrate(model: LoadedModel, source: calibration.Calibration, signature: st
     fir = model.functions[f"signature:{signature}"]
     uses = [u for u in match_function(fir, dict(model.infos))[0] if u.variable in stats.grams]
     shapes = {key: tuple(info.shape) for key, info in model.infos.items()}
-    free = shift.shift_free(fir, uses, shapes, logits)
-    if not logits:
-        stats.as_logits = sorted(set(shift.shift_free(fir, uses, shapes, True)) - set(free))
+    free = shift.shift_free(fir, uses, shapes, [fir.outputs[names.index(name)] for name in declared])
+    if not declared:
+        stats.as_logits = sorted(set(shift.shift_free(fir, uses, shapes, fir.outputs)) - set(free))
 
     def wrap(grams: Mapping[str, whiten.Gram]) -> dict[str, whiten.Gram]:
         return {key: whiten.ShiftFree(gram, free[key]) if key in free else gram for key, gram in grams.items()}
@@ -203,7 +211,7 @@ def calibrate(model: LoadedModel, source: calibration.Calibration, signature: st
 
     def check(common: Mapping[str, np.ndarray], variants: Sequence[Mapping[str, np.ndarray]]) -> list[dict[str, Any]]:
         return sandbox.run("graphrewrite.rewriting.modelcheck:errors_job", input_dir, list(tags), object_based,
-                           held, signature, batch, dict(common), [dict(v) for v in variants], logits,
+                           held, signature, batch, dict(common), [dict(v) for v in variants], declared,
                            what=f"{input_dir}: the model check on held-out calibration examples", limits=limits)
 
     def distill(transform: Transform, sites: Sequence[Any], factors: Mapping[str, Mapping[str, np.ndarray]],
@@ -243,7 +251,8 @@ def spectrum(matrix: np.ndarray, stats: Statistics | None, key: str) -> np.ndarr
 
 
 def mark_plan(plan: RewritePlan, stats: Statistics, passes: int, distill_steps: int = 0,
-              distill_loss: str = "mse", distill_mixup: bool = True, logits: bool = False) -> RewritePlan:
+              distill_loss: str = "mse", distill_mixup: bool = True,
+              logits: bool | Sequence[str] = False) -> RewritePlan:
     """The plan with each site whose weight has statistics marked ``factors: calibrated`` (and why
     the others are not), and the calibration (with at most ``passes`` error-feedback passes:
     graphrewrite.rewriting.feedback) and distillation (graphrewrite.rewriting.distill, where
@@ -262,7 +271,8 @@ def mark_plan(plan: RewritePlan, stats: Statistics, passes: int, distill_steps: 
         sites.append(dataclasses.replace(site, size=dataclasses.replace(
             site.size, details={**site.size.details, **extra})))
     options = {**plan.options, "calibration": {"signature": stats.signature, "examples": stats.examples,
-                                               "damping": whiten.DAMPING, "passes": passes, "logits": logits,
+                                               "damping": whiten.DAMPING, "passes": passes,
+                                               "logits": logits if isinstance(logits, bool) else list(logits),
                                                **({"as_logits": as_logits} if as_logits else {})}}
     if distill_steps:
         options["calibration"]["distill"] = {"steps": distill_steps, "loss": distill_loss, "mixup": distill_mixup}
@@ -309,6 +319,16 @@ def record_errors(sites: Sequence[dict[str, Any]], model: LoadedModel, plan: Rew
             matrix, transform.numpy_dense(initial[site.id], site.size), gram)
         entry["details"]["output_error_plain"] = whiten.output_error(
             matrix, transform.numpy_dense(alone, site.size), gram)
+
+
+def output_names(model: LoadedModel, signature: str) -> list[str]:
+    """The names of ``signature``'s outputs in its flat function's order (a dict's keys, sorted as
+    nest flattens them; ``output i`` where its outputs are not a dict)."""
+    fir = model.functions[f"signature:{signature}"]
+    structured = model.signature_functions[signature].structured_outputs
+    if isinstance(structured, Mapping) and len(structured) == len(fir.outputs):
+        return sorted(structured)
+    return [f"output {i}" for i in range(len(fir.outputs))]
 
 
 def input_specs(model: LoadedModel, signature: str) -> list[InputSpec]:
