@@ -85,7 +85,9 @@ def test_shift_free_chained_error_and_feedback_target():
 def heads(tmp_path_factory):
     """A Keras 3 model with one hidden layer and five heads: softmax, logits, a layer read by the
     output and by another layer, that other layer, and one logit; and a tf.Module whose head's logits (plus a
-    bias) go to tf.argmax and tf.nn.log_softmax, and whose second head's to a ReLU."""
+    bias) go to tf.argmax and tf.nn.log_softmax, whose second head's to a ReLU, whose 1 x 1
+    convolution's to a softmax of its pixels flattened, and whose fourth head's, rows of 4 cut in
+    rows of 2, to a softmax."""
     import keras
     import tensorflow as tf
 
@@ -106,13 +108,19 @@ def heads(tmp_path_factory):
     module.head = tf.Variable(rng.standard_normal((16, 3)).astype(np.float32), name="head")
     module.bias = tf.Variable(np.zeros(3, np.float32), name="bias")
     module.other = tf.Variable(rng.standard_normal((16, 3)).astype(np.float32), name="other")
+    module.conv = tf.Variable(rng.standard_normal((1, 1, 16, 3)).astype(np.float32), name="conv")
+    module.wide = tf.Variable(rng.standard_normal((16, 4)).astype(np.float32), name="wide")
 
     @tf.function(input_signature=[tf.TensorSpec([None, 8], tf.float32)])
     def serve(x):
         h = tf.nn.relu(x @ module.hidden)
         scores = tf.identity(h @ module.head) + module.bias
+        pixels = tf.nn.conv2d(tf.reshape(h, [-1, 1, 1, 16]), module.conv, 1, "VALID")
         return {"class": tf.argmax(scores, axis=-1), "log_p": tf.nn.log_softmax(scores),
-                "other": tf.nn.relu(h @ module.other)}
+                "other": tf.nn.relu(h @ module.other),
+                # a 1 x 1 x 3 map flattened to rows of 3 keeps them; rows of 4 cut in 2 do not
+                "conv_p": tf.nn.softmax(tf.reshape(pixels, [-1, 3])),
+                "halves": tf.nn.softmax(tf.reshape(h @ module.wide, [-1, 2]))}
 
     tf.saved_model.save(module, str(root / "module"), signatures={"serving_default": serve})
     return {"keras": str(root / "keras"), "module": str(root / "module")}
@@ -135,7 +143,8 @@ def test_which_weights_are_shift_free(heads, logits):
         declared = [fir.outputs[names.index(n)] for n in chosen]
         found = shift.shift_free(fir, uses, {k: tuple(i.shape) for k, i in model.infos.items()}, declared)
         named.update({model.infos[k].name.split("/")[0].split(":")[0]: why for k, why in found.items()})
-    expected = {"soft": "its outputs feed a Softmax", "head": "its outputs feed a LogSoftmax and an argmax"}
+    expected = {"soft": "its outputs feed a Softmax", "head": "its outputs feed a LogSoftmax and an argmax",
+                "conv": "its outputs feed a Softmax"}
     if logits != "none":  # output_1 is the "logit" layer's
         expected.update(logit="its outputs feed an output declared logits")
     if logits == "all":  # the outputs of rank 2 are logits; "shared" is also read by "after"; one logit never
@@ -225,8 +234,8 @@ def test_logits_needs_calibration_and_known_outputs(capsys, tmp_path):
 @pytest.mark.parametrize("name,expected", [
     ("ResNet50", {"predictions/kernel"}), ("EfficientNetB0", {"predictions/kernel"}),
     ("ConvNeXtTiny", {"convnext_tiny_head_dense/kernel"}),
-    # its 1 x 1 "Logits" convolution reaches the Softmax through Flatten (a Reshape): not followed
-    ("MobileNetV3Small", set())])
+    # its 1 x 1 "logits" convolution reaches the Softmax through Flatten (a Reshape to (batch, 10))
+    ("MobileNetV3Small", {"logits/kernel"})])
 def test_keras_applications_heads_are_found(tmp_path, name, expected):
     """keras.applications' own classifiers (random weights, softmax on top): the classifier's
     kernel and nothing else qualifies."""

@@ -15,11 +15,12 @@ What counts, per reader of the weight (every reader must qualify):
 - the op gives ``rows x n`` with the weight's n >= 2 outputs on the last axis: MatMul and
   BatchMatMul with the weight second, Conv2D in NHWC (one output, a sigmoid's logit, never: its
   shift is all there is);
-- from its output, every path goes through Identity, StopGradient, Snapshot, BiasAdd (NHWC) or
+- from its output, every path goes through Identity, StopGradient, Snapshot, BiasAdd (NHWC),
   an Add/AddV2 of a length-n vector the inputs do not change (a variable or constant of shape
-  ``(n,)``), and ends at a Softmax, LogSoftmax, or an ArgMax/ArgMin over the last axis, or at one of the
+  ``(n,)``) or a Reshape to a constant last dimension n (Keras' Flatten of a 1 x 1 x n map;
+  Shape, Size and Rank read nothing else), and ends at a Softmax, LogSoftmax, or an ArgMax/ArgMin over the last axis, or at one of the
   function's outputs declared ``logits``. Anything else on a path (an activation, a
-  reshape, a second reader) and the weight is fitted as before.
+  pooling, a second reader) and the weight is fitted as before.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from graphrewrite.rewriting.model import FunctionIR
 from graphrewrite.rewriting.ops import BatchMatMul, MatMul
 
 PASS_OPS = ("Identity", "StopGradient", "Snapshot")
+SHAPE_OPS = ("Shape", "ShapeN", "Size", "Rank")  # they read the shape, never the values
 ADD_OPS = ("Add", "AddV2", "BiasAdd", "BiasAddV1")
 INVARIANT_OPS = {"Softmax": "a Softmax", "LogSoftmax": "a LogSoftmax", "ArgMax": "an argmax", "ArgMin": "an argmin"}
 
@@ -79,13 +81,28 @@ def _ends(fir: FunctionIR, use: Use, shapes: Mapping[str, tuple[int, ...]], decl
             if op in INVARIANT_OPS and position == 0 and (op not in ("ArgMax", "ArgMin") or _last_axis(fir, consumer)):
                 ends.add(INVARIANT_OPS[op])
                 continue
-            if op in PASS_OPS or (op in ADD_OPS and _adds_vector(fir, consumer, position, use.n, shapes)):
+            if op in SHAPE_OPS:
+                continue
+            if (op in PASS_OPS or (op in ADD_OPS and _adds_vector(fir, consumer, position, use.n, shapes))
+                    or (op == "Reshape" and position == 0 and _last_dim(fir, consumer) == use.n)):
                 if consumer.name not in seen:
                     seen.add(consumer.name)
                     stack.append(consumer.name)
                 continue
             return set()
     return ends
+
+
+def _last_dim(fir: FunctionIR, node) -> int | None:
+    """The last entry of a Reshape's target shape where it is a constant (the shape a Const, or a
+    Pack whose last element is one: Keras' Flatten): a reshape that keeps n on the last axis keeps
+    every row's n values together (row-major order), whatever it does to the other axes."""
+    shape = fir.graph[node.data_inputs[1].node]
+    value = fir.graph.constant(shape.name)
+    if value is None and shape.op == "Pack" and shape.data_inputs:
+        value = fir.graph.constant(shape.data_inputs[-1].node)
+    value = np.ravel(value) if value is not None else ()
+    return int(value[-1]) if len(value) else None
 
 
 def _last_axis(fir: FunctionIR, node) -> bool:
