@@ -178,12 +178,13 @@ def calibrate(model: LoadedModel, source: calibration.Calibration, signature: st
     whiten.ShiftFree, in this pass and in error feedback's, and the model check then compares
     those outputs with each row's mean removed. An unknown output name is a UsageError, before
     the pass."""
+    specs = input_specs(model, signature)  # (an unknown signature is a CalibrationDataError)
     names = output_names(model, signature)
     declared = list(names) if logits is True else list(logits or [])
     if unknown := [name for name in declared if name not in names]:
         raise UsageError(f"--logits-output {unknown[0]!r}: signature {signature!r} has the outputs "
                          f"{', '.join(names)}")
-    data = calibration.read(source, input_specs(model, signature))
+    data = calibration.read(source, specs)
     progress(f"calibration: {len(next(iter(data.values())))} examples of {signature}, in the sandbox")
     stats = sandbox.run("graphrewrite.rewriting.statistics:collect_job", input_dir, list(tags), object_based, data,
                         signature, outputs, what=f"{input_dir}: the calibration pass", limits=limits)
@@ -272,7 +273,7 @@ def mark_plan(plan: RewritePlan, stats: Statistics, passes: int, distill_steps: 
             site.size, details={**site.size.details, **extra})))
     options = {**plan.options, "calibration": {"signature": stats.signature, "examples": stats.examples,
                                                "damping": whiten.DAMPING, "passes": passes,
-                                               "logits": logits if isinstance(logits, bool) else list(logits),
+                                               "logits": logits if isinstance(logits, bool) else list(logits) or False,
                                                **({"as_logits": as_logits} if as_logits else {})}}
     if distill_steps:
         options["calibration"]["distill"] = {"steps": distill_steps, "loss": distill_loss, "mixup": distill_mixup}
