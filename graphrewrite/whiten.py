@@ -114,17 +114,20 @@ def like(gram: Gram, other: Gram) -> Gram:
     return dataclasses.replace(gram, gram=inner(other)) if isinstance(gram, ShiftFree) else other
 
 
+def _times_c(t: np.ndarray) -> np.ndarray:
+    """``T C``: each row of ``T`` less its mean (C the centring of the n outputs)."""
+    return t - t.mean(axis=1, keepdims=True)
+
+
 def _centred(matrix: np.ndarray, gram: Gram) -> tuple[np.ndarray, Gram]:
     """``(A C, the Gram as measured through A C)`` for a ShiftFree Gram, else ``(A, gram)``."""
     a = np.asarray(matrix, np.float64)
     if not isinstance(gram, ShiftFree):
         return a, gram
     g = gram.gram
-    if isinstance(g, OutputGram):
-        h = np.asarray(g.h, np.float64)
-        h = h - h.mean(axis=0, keepdims=True)
-        g = OutputGram(h - h.mean(axis=1, keepdims=True), g.trace, g.m)
-    return a - a.mean(axis=1, keepdims=True), g
+    if isinstance(g, OutputGram):  # (A C)^T G (A C) = C h C (h and C symmetric)
+        g = OutputGram(_times_c(_times_c(np.asarray(g.h, np.float64)).T), g.trace, g.m)
+    return _times_c(a), g
 
 
 def dense(gram: Gram) -> np.ndarray:
@@ -283,13 +286,13 @@ def output_error(matrix: np.ndarray, approx: np.ndarray, gram: Gram) -> float:
         q = np.eye(a.shape[1]) - p
         h = np.asarray(gram.h, np.float64)
         if free:  # E C = A (I - P) C; the energy, tr(C h C)
-            q = q - q.mean(axis=1, keepdims=True)
+            q = _times_c(q)
         total = float(np.trace(h) - np.sum(h) / len(h)) if free else float(np.trace(h))
         error = float(np.sum(q * (h @ q)))
         return float(np.sqrt(max(error, 0.0) / total)) if total > 0 else 0.0
     e = a - np.asarray(approx, np.float64)
     if free:
-        a, e = a - a.mean(axis=1, keepdims=True), e - e.mean(axis=1, keepdims=True)
+        a, e = _times_c(a), _times_c(e)
     total, error = _energy(a, gram), _energy(e, gram)
     return float(np.sqrt(max(error, 0.0) / total)) if total > 0 else 0.0
 
@@ -350,7 +353,7 @@ def chained_error(matrix: np.ndarray, approx: np.ndarray, gram: np.ndarray, gram
     (``(X A - X~ M) C`` and ``X A C`` where ``gram`` is ShiftFree)."""
     a, m = np.asarray(matrix, np.float64), np.asarray(approx, np.float64)
     if isinstance(gram, ShiftFree):
-        a, m = a - a.mean(axis=1, keepdims=True), m - m.mean(axis=1, keepdims=True)
+        a, m = _times_c(a), _times_c(m)
     gram, gram_tilde = inner(gram), inner(gram_tilde)
     total = _energy(a, gram)
     error = total - 2.0 * float(np.sum(m * (np.asarray(cross, np.float64) @ a))) + _energy(m, gram_tilde)
