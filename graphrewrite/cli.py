@@ -239,7 +239,7 @@ def compress(in_model: str, out_model: str, compression_hparams: str | None, met
         progress=progress, warn=_warning, allow_empty=allow_empty, calibration=calibration,
         calibration_signature=calibration_signature, distill_steps=distill_steps, distill_loss=distill_loss,
         distill_mixup=distill_mixup, compare_allocations=compare_allocations,
-        logits=True if logits else list(logits_outputs) or False,
+        logits=True if logits else list(logits_outputs),
         **({} if calibration_passes is None else {"calibration_passes": calibration_passes}))
     if as_json:
         click.echo(json.dumps(report.compress_json(result), indent=1))

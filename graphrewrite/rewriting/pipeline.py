@@ -222,8 +222,8 @@ def compress(input_dir: str, output_dir: str, hparams: Mapping[str, Any], *,
         raise UsageError("--distill-steps: needs --calibration (the examples it trains on)")
     if logits and calibration is None:
         raise UsageError("--logits: needs --calibration (it says how to compare outputs on the examples)")
-    if isinstance(logits, str):
-        logits = [logits]
+    if logits is not True:  # a name, names, or none: a list, or False for none
+        logits = ([logits] if isinstance(logits, str) else list(logits or [])) or False
     distill_loss = distill_loss or ("softmax" if logits is True else "mse")
     if distill_loss not in LOSSES:
         raise UsageError(f"--distill-loss {distill_loss!r}: one of {', '.join(LOSSES)}")

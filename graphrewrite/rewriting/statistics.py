@@ -257,7 +257,8 @@ def mark_plan(plan: RewritePlan, stats: Statistics, passes: int, distill_steps: 
     """The plan with each site whose weight has statistics marked ``factors: calibrated`` (and why
     the others are not), and the calibration (with at most ``passes`` error-feedback passes:
     graphrewrite.rewriting.feedback) and distillation (graphrewrite.rewriting.distill, where
-    ``distill_steps``) recorded in its options."""
+    ``distill_steps``) recorded in its options; ``logits`` as pipeline.compress normalises it
+    (True, False, or a list of output names)."""
     sites = []
     as_logits = [site.variable.name for site in plan.sites if site.variable.key in stats.as_logits]
     for site in plan.sites:
@@ -273,7 +274,7 @@ def mark_plan(plan: RewritePlan, stats: Statistics, passes: int, distill_steps: 
             site.size, details={**site.size.details, **extra})))
     options = {**plan.options, "calibration": {"signature": stats.signature, "examples": stats.examples,
                                                "damping": whiten.DAMPING, "passes": passes,
-                                               "logits": logits if isinstance(logits, bool) else list(logits) or False,
+                                               "logits": logits,
                                                **({"as_logits": as_logits} if as_logits else {})}}
     if distill_steps:
         options["calibration"]["distill"] = {"steps": distill_steps, "loss": distill_loss, "mixup": distill_mixup}
