@@ -86,7 +86,7 @@ def heads(tmp_path_factory):
     output and by another layer, that other layer, and one logit; and a tf.Module whose head's logits (plus a
     bias) go to tf.argmax and tf.nn.log_softmax, whose second head's to a ReLU, whose 1 x 1
     convolution's to a softmax of its pixels flattened, and whose fourth head's, rows of 4 cut in
-    rows of 2, to a softmax."""
+    rows of 2, to a softmax; and a Keras 3 Conv1D with a softmax over its 5 channels at each step."""
     import keras
     import tensorflow as tf
 
@@ -100,6 +100,9 @@ def heads(tmp_path_factory):
     after = keras.layers.Dense(2, name="after")(shared)
     binary = keras.layers.Dense(1, name="binary")(h)  # one logit (a sigmoid's): never shift-free
     keras.Model(x, [soft, logit, shared, after, binary]).export(str(root / "keras"), verbose=False)
+    tokens = keras.Input((6, 8), name="tokens")  # a per-step classifier: Keras' Conv1D is Conv2D + Squeeze
+    per_step = keras.layers.Conv1D(5, 3, activation="softmax", name="per_step")(tokens)
+    keras.Model(tokens, per_step).export(str(root / "conv1d"), verbose=False)
 
     rng = np.random.default_rng(0)
     module = tf.Module()
@@ -122,7 +125,7 @@ def heads(tmp_path_factory):
                 "halves": tf.nn.softmax(tf.reshape(h @ module.wide, [-1, 2]))}
 
     tf.saved_model.save(module, str(root / "module"), signatures={"serving_default": serve})
-    return {"keras": str(root / "keras"), "module": str(root / "module")}
+    return {"keras": str(root / "keras"), "module": str(root / "module"), "conv1d": str(root / "conv1d")}
 
 
 @pytest.mark.parametrize("logits", ["none", "all", "one"])
@@ -143,7 +146,7 @@ def test_which_weights_are_shift_free(heads, logits):
         found = shift.shift_free(fir, uses, {k: tuple(i.shape) for k, i in model.infos.items()}, declared)
         named.update({model.infos[k].name.split("/")[0].split(":")[0]: why for k, why in found.items()})
     expected = {"soft": "its outputs feed a Softmax", "head": "its outputs feed a LogSoftmax and an argmax",
-                "conv": "its outputs feed a Softmax"}
+                "conv": "its outputs feed a Softmax", "per_step": "its outputs feed a Softmax"}
     if logits != "none":  # output_1 is the "logit" layer's
         expected.update(logit="its outputs feed an output declared logits")
     if logits == "all":  # the outputs of rank 2 are logits; "shared" is also read by "after"; one logit never

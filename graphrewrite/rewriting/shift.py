@@ -15,7 +15,8 @@ What counts, per reader of the weight (every reader must qualify):
 - the op gives ``rows x n`` with the weight's n >= 2 outputs on the last axis: MatMul and
   BatchMatMul with the weight second, Conv2D in NHWC (one output, a sigmoid's logit, never: its
   shift is all there is);
-- from its output, every path goes through Identity, StopGradient, Snapshot, BiasAdd (NHWC),
+- from its output, every path goes through Identity, StopGradient, Snapshot, Squeeze (it drops
+  axes of size 1, never the last, of n >= 2: a Conv1D is ExpandDims, Conv2D, Squeeze), BiasAdd (NHWC),
   an Add/AddV2 of a length-n vector the inputs do not change (a variable or constant of shape
   ``(n,)``) or a Reshape to a constant last dimension n (Keras' Flatten of a 1 x 1 x n map;
   Shape, Size and Rank read nothing else), and ends at a Softmax, LogSoftmax, or an ArgMax/ArgMin over the last axis, or at one of the
@@ -83,7 +84,8 @@ def _ends(fir: FunctionIR, use: Use, shapes: Mapping[str, tuple[int, ...]], decl
                 continue
             if op in SHAPE_OPS:
                 continue
-            if (op in PASS_OPS or (op in ADD_OPS and _adds_vector(fir, consumer, position, use.n, shapes))
+            if (op in PASS_OPS or op == "Squeeze"
+                    or (op in ADD_OPS and _adds_vector(fir, consumer, position, use.n, shapes))
                     or (op == "Reshape" and position == 0 and _last_dim(fir, consumer) == use.n)):
                 if consumer.name not in seen:
                     seen.add(consumer.name)
