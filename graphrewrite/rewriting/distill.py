@@ -114,7 +114,7 @@ def distill_job(input_dir: str, tags: Sequence[str], object_based: bool, train: 
     """Sandbox job: loads the model and runs ``train_factors`` (for at most about ``seconds``)."""
     from graphrewrite.rewriting import loader
 
-    return train_factors(loader.load(input_dir, tags, object_based), train, held, signature, batch, transform,
+    return train_factors(loader.load_reused(input_dir, tags, object_based), train, held, signature, batch, transform,
                          sites, factors, steps, loss, rate, seed, seconds=seconds, mixup=mixup)
 
 

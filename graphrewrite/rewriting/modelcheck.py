@@ -155,7 +155,7 @@ def errors_job(input_dir: str, tags: Sequence[str], object_based: bool, data: Ma
     """Sandbox job: loads the model and returns ``errors`` of each variant."""
     from graphrewrite.rewriting import loader
 
-    return errors(loader.load(input_dir, tags, object_based), data, signature, batch, common, variants, logits)
+    return errors(loader.load_reused(input_dir, tags, object_based), data, signature, batch, common, variants, logits)
 
 
 def errors(model: LoadedModel, data: Mapping[str, np.ndarray], signature: str, batch: int,

@@ -234,7 +234,7 @@ def collect_job(input_dir: str, tags: Sequence[str], object_based: bool, data: M
     """Sandbox job: loads the model and runs ``collect`` on the checked data."""
     from graphrewrite.rewriting import loader
 
-    return collect(loader.load(input_dir, tags, object_based), data, signature, outputs=outputs)
+    return collect(loader.load_reused(input_dir, tags, object_based), data, signature, outputs=outputs)
 
 
 def feedback_job(input_dir: str, tags: Sequence[str], object_based: bool, data: Mapping[str, np.ndarray],
@@ -242,7 +242,7 @@ def feedback_job(input_dir: str, tags: Sequence[str], object_based: bool, data: 
     """Sandbox job: loads the model and runs an error-feedback pass (``collect`` with ``replaced``)."""
     from graphrewrite.rewriting import loader
 
-    return collect(loader.load(input_dir, tags, object_based), data, signature, replaced=replaced, only=only)
+    return collect(loader.load_reused(input_dir, tags, object_based), data, signature, replaced=replaced, only=only)
 
 
 def spectrum(matrix: np.ndarray, stats: Statistics | None, key: str) -> np.ndarray | None:
