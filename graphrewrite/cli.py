@@ -194,6 +194,8 @@ def cli(verbose: bool) -> None:
               help="with --calibration: this output is logits (the others not); repeatable")
 @click.option("--distill-mixup/--no-distill-mixup", "distill_mixup", default=True, hidden=True, show_default=True,
               help="distillation also trains on mixed pairs of examples where every input is float")
+@click.option("--distill-refit/--no-distill-refit", "distill_refit", default=True, hidden=True, show_default=True,
+              help="once distillation is kept, distil again on every calibration example for the steps it chose")
 @click.option("--compare-allocations/--no-compare-allocations", "compare_allocations", default=True, hidden=True,
               show_default=True, help="with distillation at --target-ratio, also distil one rank for every weight "
                                       "and write the plan with the lower held-out loss")
@@ -203,7 +205,8 @@ def compress(in_model: str, out_model: str, compression_hparams: str | None, met
              as_json: bool, quiet: bool, show_progress: bool, energy: float | None, max_error: float | None,
              target_ratio: float | None, min_params: int, include: str | None, exclude: str | None,
              calibration: str | None, calibration_signature: str, calibration_passes: int | None,
-             distill_steps: int, distill_loss: str | None, distill_mixup: bool, compare_allocations: bool,
+             distill_steps: int, distill_loss: str | None, distill_mixup: bool, distill_refit: bool,
+             compare_allocations: bool,
              logits: bool, logits_outputs: tuple[str, ...], **values: Any) -> None:
     """Rewrite IN_MODEL into OUT_MODEL with compressed, alpha-gated weights.
 
@@ -221,6 +224,7 @@ def compress(in_model: str, out_model: str, compression_hparams: str | None, met
 
     for name, given in (("--calibration-passes", calibration_passes is not None), ("--distill-steps", distill_steps),
                         ("--distill-loss", distill_loss is not None), ("--no-distill-mixup", not distill_mixup),
+                        ("--no-distill-refit", not distill_refit),
                         ("--logits", logits), ("--logits-output", logits_outputs),
                         ("--no-compare-allocations", not compare_allocations)):
         if given and calibration is None:
@@ -238,7 +242,7 @@ def compress(in_model: str, out_model: str, compression_hparams: str | None, met
         allow_unsafe_ops=allow_unsafe_ops, dry_run=dry_run, allow_larger=allow_larger, selection=selection,
         progress=progress, warn=_warning, allow_empty=allow_empty, calibration=calibration,
         calibration_signature=calibration_signature, distill_steps=distill_steps, distill_loss=distill_loss,
-        distill_mixup=distill_mixup, compare_allocations=compare_allocations,
+        distill_mixup=distill_mixup, distill_refit=distill_refit, compare_allocations=compare_allocations,
         logits=True if logits else list(logits_outputs),
         **({} if calibration_passes is None else {"calibration_passes": calibration_passes}))
     if as_json:

@@ -57,33 +57,53 @@ def _held_out_cross_entropy(path: str, data: dict) -> float:
 @pytest.fixture(scope="module")
 def distilled_cnn(tmp_path_factory, digits):  # noqa: F811
     """The digits CNN at --target-ratio 0.2, calibrated on 256 training images (a fourth held
-    out), with 300 steps of softmax distillation, and without at the allocation it was written with."""
+    out), with 300 steps of softmax distillation (then again on all 256: distill.refit), the same
+    without that refit (the early-stopped factors), and without distillation at the allocation it
+    was written with."""
     root = tmp_path_factory.mktemp("distill")
     data = {"image": digits[0].reshape(-1, 8, 8, 1)}
     distilled = _compress(CNN, str(root / "distilled"), data, 0.2, distill_steps=300, distill_loss="softmax")
+    early = _compress(CNN, str(root / "early"), data, 0.2, distill_steps=300, distill_loss="softmax",
+                      distill_refit=False)
     results = {"calibrated": _calibrated_as_written(CNN, str(root / "calibrated"), data, 0.2, distilled),
-               "distilled": distilled}
+               "distilled": distilled, "early": early}
     return root, data, results
 
 
 def test_distillation_figures_are_the_written_models(distilled_cnn):
     """The held-out loss before and after, as the manifest records them, are the softmax cross-
-    entropy of the written models at alpha = 0 against the original on the held-out examples."""
+    entropy of the written models at alpha = 0 against the original on the held-out examples:
+    before, of the calibrated model; after, of the early-stopped factors (written with
+    --no-distill-refit); and the refit's figure, of the model written by default (its factors
+    trained on every example for as many epochs, from the same start and seed)."""
     root, data, results = distilled_cnn
     record = results["distilled"].manifest["options"]["calibration"]["distill"]
+    early = results["early"].manifest["options"]["calibration"]["distill"]
     assert record["run"] and record["kept"] and record["steps"] == 300 and record["loss"] == "softmax"
     assert record["examples"] == 192 and 0 < record["best_step"] <= 300
+    assert record["refit"] == {"run": True, "examples": 256, "steps": round(record["best_step"] * 256 / 192),
+                               "steps_run": round(record["best_step"] * 256 / 192),
+                               "loss_on_held_out": record["refit"]["loss_on_held_out"]}
+    assert early["refit"] == {"run": False, "why": "not asked: --no-distill-refit"}
+    assert {k: v for k, v in early.items() if k != "refit"} == {k: v for k, v in record.items() if k != "refit"}
     assert sorted(record["trained"]) == sorted(s["id"] for s in results["distilled"].manifest["sites"]
                                                if s["details"].get("distilled"))
     assert len(statistics.held_out(data, statistics.DEFAULT_BATCH)["image"]) == 64
-    for name, figure in (("calibrated", "before"), ("distilled", "after")):
+    for name, figure in (("calibrated", record["held_out"]["before"]), ("early", record["held_out"]["after"]),
+                         ("distilled", record["refit"]["loss_on_held_out"])):
         expected = _held_out_cross_entropy(str(root / name), data)
-        assert record["held_out"][figure] == pytest.approx(expected, rel=1e-3), name
+        assert figure == pytest.approx(expected, rel=1e-3), name
+    # trained on them now, the refit's factors fit the held-out examples better than early stopping's
+    assert record["refit"]["loss_on_held_out"] < record["held_out"]["after"]
     assert record["held_out"]["after"] < 0.7 * record["held_out"]["before"]
     from graphrewrite.reporting import report
 
     text = report.compress_text(results["distilled"], CNN)
     assert "distilled factors serve the model's outputs" in text and "kept the factors of step" in text
+    assert (f"Then distilled again from the same start on all 256 examples, the held-out ones included, for as "
+            f"many epochs ({record['refit']['steps']} steps): those factors are written") in text
+    assert "Not distilled again on every example (not asked: --no-distill-refit)" in report.compress_text(
+        results["early"], CNN)
     calibrated_text = report.compress_text(results["calibrated"], CNN)
     assert "distilled factors serve" not in calibrated_text
     # without distillation, a held-out output error of 10% or more suggests it, with the figure
@@ -101,8 +121,9 @@ def test_distillation_figures_are_the_written_models(distilled_cnn):
 def test_distillation_writes_the_allocation_with_the_lower_held_out_loss(distilled_cnn, tmp_path):
     """At --target-ratio with distillation, one rank for every weight at the same budget is fitted
     and distilled too (graphrewrite.rewriting.fitting); the written plan is the one with the lower
-    held-out loss. Its figure is the written model's (the test above); the other's is that of a
-    compress forced to the other allocation, distilled alone."""
+    held-out loss. Its figure is that of the early-stopped factors (written with --no-distill-refit,
+    the test above); the other's is that of a compress forced to the other allocation, distilled
+    alone, not refitted."""
     from graphrewrite.reporting import report
     from graphrewrite.rewriting import fitting
 
@@ -123,7 +144,7 @@ def test_distillation_writes_the_allocation_with_the_lower_held_out_loss(distill
         s["params_after"] for s in manifest["sites"])
     # the other allocation alone, written
     forced = _compress(CNN, str(tmp_path / "forced"), data, 0.2, same_rank=other == fitting.SAME_RANK,
-                       distill_steps=300, distill_loss="softmax", compare_allocations=False)
+                       distill_steps=300, distill_loss="softmax", compare_allocations=False, distill_refit=False)
     assert {s["variable"].split(":")[0]: s["k"] for s in forced.manifest["sites"]} == allocation["ranks"][other]
     assert held[other] == pytest.approx(_held_out_cross_entropy(str(tmp_path / "forced"), data), rel=1e-3)
     text = report.compress_text(results["distilled"], CNN)
@@ -277,6 +298,8 @@ def test_cli_options_and_reports(capsys, tmp_path, digits):  # noqa: F811
     assert code == 0, err
     assert json.loads(stdout)["options"]["calibration"]["distill"]["allocation"] == {
         "compared": False, "why": "not asked: --no-compare-allocations"}
+    code, _, err = run(capsys, "compress", MLP, out, "--no-distill-refit", "--overwrite")
+    assert code == 2 and err.strip().endswith("--no-distill-refit needs --calibration")
 
 
 def test_a_second_plan_that_fails_leaves_the_first(tmp_path, digits, monkeypatch):  # noqa: F811
@@ -528,7 +551,7 @@ def test_a_signature_without_float_outputs_is_not_distilled(tmp_path):
 
 
 @pytest.mark.parametrize("record", [{"run": True, "held_out": "x"}, {"run": True, "steps": "many"}, ["run"],
-                                    {"allocation": {"compared": True, "held_out": 1}},
+                                    {"allocation": {"compared": True, "held_out": 1}}, {"refit": {"run": True}},
                                     {"allocation": {"compared": True, "held_out": {"a": 1.0}, "ranks": [],
                                                     "params_after": {}, "z": "?"}}])
 def test_a_hand_edited_distill_record_is_one_line(capsys, distilled_cnn, tmp_path, record):
@@ -544,7 +567,7 @@ def test_a_hand_edited_distill_record_is_one_line(capsys, distilled_cnn, tmp_pat
     (path,) = glob.glob(os.path.join(model, "assets", "*manifest*"))
     with open(path, encoding="utf-8") as f:
         data = json.load(f)
-    if isinstance(record, dict) and list(record) == ["allocation"]:  # the written record, its allocation damaged
+    if isinstance(record, dict) and list(record) in (["allocation"], ["refit"]):  # the written record, damaged
         record = {**data["options"]["calibration"]["distill"], **record}
     data["options"]["calibration"]["distill"] = record
     with open(path, "w", encoding="utf-8") as f:

@@ -182,7 +182,19 @@ def distill_text(record: dict[str, Any]) -> str:
             f"{held['after']:.4f} (z {record['z']:+.1f}, kept below -2); {what}{stopped}; sites trained: "
             f"{len(record['trained'])}"
             + (f", without gradient: {', '.join(record['untouched'])}" if record["untouched"] else "")
-            + (f". {allocation_text(record['allocation'])}" if isinstance(record.get("allocation"), dict) else ""))
+            + (f". {allocation_text(record['allocation'])}" if isinstance(record.get("allocation"), dict) else "")
+            + (f". {refit_text(record['refit'])}" if isinstance(record.get("refit"), dict) else ""))
+
+
+def refit_text(refit: dict[str, Any]) -> str:
+    """Whether distillation's factors were trained again on every calibration example (distill.refit)."""
+    if not refit.get("run"):
+        return f"Not distilled again on every example ({refit.get('why', 'no reason recorded')})"
+    ran = refit.get("steps_run", refit["steps"])
+    stopped = f", stopped after {ran} at 80% of the sandbox's time" if ran < refit["steps"] else ""
+    return (f"Then distilled again from the same start on all {refit['examples']} examples, the held-out ones "
+            f"included, for as many epochs ({refit['steps']} steps{stopped}): those factors are written (their "
+            f"loss on the held-out examples, trained on now, {refit['loss_on_held_out']:.4f})")
 
 
 def allocation_text(allocation: dict[str, Any]) -> str:

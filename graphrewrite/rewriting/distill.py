@@ -106,16 +106,53 @@ def distill(model: LoadedModel, plan: RewritePlan, transform: Transform, initial
             "untouched": result["untouched"]}, result["scores"][kept]
 
 
+def refit(model: LoadedModel, plan: RewritePlan, transform: Transform, before: Mapping[str, Mapping[str, np.ndarray]],
+          factors: dict[str, dict[str, np.ndarray]], record: dict[str, Any], progress: Callable[[str], None],
+          seed: int = 0) -> None:
+    """Distils again, on every calibration example, once ``distill`` kept its factors: from the
+    factors ``before`` distillation, as many epochs as early stopping chose on the held-out
+    examples (``record["best_step"]`` steps over the training examples; here the steps scaled by
+    all examples over those, the cosine decay over them), the held-out examples now trained on
+    too. ``factors`` (site id -> factors, as written) takes the trained sites' new factors; the
+    record gets ``refit``: run, examples, steps, steps run and ``loss_on_held_out``, the new
+    factors' mean loss on the held-out examples, which they trained on (or run False and why).
+    ``held_out`` before it stays that of the early-stopped factors it replaces: nothing is left
+    out to measure the new ones on. Why: the examples are few, and a quarter of them held out is
+    a quarter fewer to learn from; on the digits CNN at 19% with 512 examples (384 + 128 held
+    out) distillation kept 96.33% of the held-out test images, this 98.11% (98.89%
+    uncompressed; README).
+    """
+    if not record.get("run"):
+        return
+    if not (record.get("kept") and record.get("best_step")):
+        record["refit"] = {"run": False, "why": "distillation was not kept"}
+        return
+    stats = model.calibration
+    steps = max(1, int(round(record["best_step"] * stats.examples / record["examples"])))
+    progress(f"calibration: distilling again on all {stats.examples} examples, {steps} steps (refit)")
+    sites = [(s.id, s.variable.key, views.to_json(s.view), s.size) for s in plan.sites]
+    result = stats.distill(transform, sites, {sid: dict(f) for sid, f in before.items()}, steps, record["loss"],
+                           record["rate"], seed, record.get("mixup") is True, everything=True)
+    if "why" in result:
+        record["refit"] = {"run": False, "why": result["why"]}
+        return
+    for sid, trained in result["factors"].items():
+        factors[sid] = trained
+    record["refit"] = {"run": True, "examples": result["examples"], "steps": steps, "steps_run": result["steps_run"],
+                       "loss_on_held_out": float(np.mean(result["scores"][AFTER]))}
+
+
 def distill_job(input_dir: str, tags: Sequence[str], object_based: bool, train: Mapping[str, np.ndarray],
                 held: Mapping[str, np.ndarray], signature: str, batch: int, transform: Transform,
                 sites: Sequence[tuple[str, str, Any, Any]], factors: Mapping[str, Mapping[str, np.ndarray]],
                 steps: int, loss: str, rate: float, seed: int, seconds: float | None = None,
-                mixup: bool = True) -> dict[str, Any]:
+                mixup: bool = True, early_stopping: bool = True) -> dict[str, Any]:
     """Sandbox job: loads the model and runs ``train_factors`` (for at most about ``seconds``)."""
     from graphrewrite.rewriting import loader
 
     return train_factors(loader.load_reused(input_dir, tags, object_based), train, held, signature, batch, transform,
-                         sites, factors, steps, loss, rate, seed, seconds=seconds, mixup=mixup)
+                         sites, factors, steps, loss, rate, seed, early_stopping=early_stopping, seconds=seconds,
+                         mixup=mixup)
 
 
 def train_factors(model: LoadedModel, train: Mapping[str, np.ndarray], held: Mapping[str, np.ndarray],
@@ -263,7 +300,7 @@ def train_factors(model: LoadedModel, train: Mapping[str, np.ndarray], held: Map
         reached |= np.asarray([bool(r) for r in done])
         if not queue or number == steps:  # an epoch's end: the held-out loss picks the step kept
             now = scores()
-            if float(np.mean(now)) < best[0] or (number == steps and not early_stopping):
+            if not early_stopping or float(np.mean(now)) < best[0]:
                 best = (float(np.mean(now)), number, now, [v.numpy() for v in variables])
             if deadline is not None and time.monotonic() > deadline:
                 break
@@ -344,4 +381,4 @@ class Adam:
             var.assign_sub(size * scale * m / (tf.sqrt(v) + self.epsilon))
 
 
-__all__ = ["Adam", "DEFAULT_RATE", "LOSSES", "distill", "distill_job", "mix", "train_factors"]
+__all__ = ["Adam", "DEFAULT_RATE", "LOSSES", "distill", "distill_job", "mix", "refit", "train_factors"]

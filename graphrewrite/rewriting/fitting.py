@@ -57,6 +57,7 @@ class Fitted:
     distilled: dict[str, Any] | None = None  # distill.distill's record
     plain: dict[str, dict[str, np.ndarray]] = dataclasses.field(default_factory=dict)
     held_out: np.ndarray | None = None  # distillation's held-out loss per example, of the factors kept
+    undistilled: dict[str, dict[str, np.ndarray]] | None = None  # the factors distillation started from
 
 
 def fit(model: LoadedModel, plan: RewritePlan, transform: Transform, progress: Progress) -> Fitted:
@@ -70,12 +71,13 @@ def fit(model: LoadedModel, plan: RewritePlan, transform: Transform, progress: P
     check = modelcheck.choose(model, plan, transform, initial, first_pass, trials, progress, plain)
     notes = modelcheck.notes(check, chained, plan)
     asked = options.get("distill", {})  # statistics.mark_plan records it where --distill-steps
+    undistilled = {sid: dict(f) for sid, f in initial.items()}
     distilled, held_out = distill.distill(model, plan, transform, initial, asked.get("steps", 0),
                                           asked.get("loss", "mse"), progress, mixup=asked.get("mixup", True))
     if distilled is not None and distilled.get("kept"):
         for sid in distilled["trained"]:
             notes[sid] = {**notes.get(sid, {}), "distilled": True}
-    return Fitted(plan, initial, notes, check, distilled, plain, held_out)
+    return Fitted(plan, initial, notes, check, distilled, plain, held_out, undistilled)
 
 
 def fit_best(model: LoadedModel, plan: RewritePlan, transform: Transform, selection: Selection,
@@ -83,7 +85,23 @@ def fit_best(model: LoadedModel, plan: RewritePlan, transform: Transform, select
     """``fit``; where distillation ran on a ``--target-ratio`` plan (and ``compare``), also the same
     budget at one rank for every weight, and the better of the two as the module doc says. Where
     the second plan's fitting fails (its distillation ran out of time or memory in the sandbox),
-    the first stands and the record says why."""
+    the first stands and the record says why. Then, where the plan written was distilled and
+    its distillation kept, and the plan's options ask for it (``refit``, the default), its
+    factors are distilled again on every calibration example (distill.refit)."""
+    chosen = _choose(model, plan, transform, selection, spectrum, progress, compare)
+    asked = chosen.plan.options.get("calibration", {}).get("distill", {})
+    if chosen.distilled is not None and chosen.undistilled is not None:
+        if asked.get("refit", True):
+            distill.refit(model, chosen.plan, transform, chosen.undistilled, chosen.factors, chosen.distilled,
+                          progress)
+        elif chosen.distilled.get("run"):
+            chosen.distilled["refit"] = {"run": False, "why": "not asked: --no-distill-refit"}
+    return chosen
+
+
+def _choose(model: LoadedModel, plan: RewritePlan, transform: Transform, selection: Selection,
+            spectrum: Spectrum, progress: Progress, compare: bool) -> Fitted:
+    """``fit_best`` before the refit."""
     first = fit(model, plan, transform, progress)
     policy = selection.policy
     if first.held_out is None or policy.target_ratio is None or policy.same_rank:

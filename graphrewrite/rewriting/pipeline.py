@@ -93,8 +93,8 @@ def plan_model(input_dir: str, hparams: Mapping[str, Any], tags: Sequence[str] =
                probe: Callable[[], None] | None = None, calibration: Calibration | None = None,
                calibration_signature: str = "serving_default",
                calibration_passes: int = DEFAULT_PASSES, distill_steps: int = 0,
-               distill_loss: str = "mse", distill_mixup: bool = True, logits: bool | Sequence[str] = False
-               ) -> tuple[Any, RewritePlan, Any]:
+               distill_loss: str = "mse", distill_mixup: bool = True, logits: bool | Sequence[str] = False,
+               distill_refit: bool = True) -> tuple[Any, RewritePlan, Any]:
     """Scans, loads, calibrates (with ``calibration`` data: graphrewrite.rewriting.statistics) and plans;
     returns (loaded model, plan, transform).
 
@@ -139,7 +139,7 @@ def plan_model(input_dir: str, hparams: Mapping[str, Any], tags: Sequence[str] =
     plan = make_plan(model.functions.values(), model.infos, transform, selection, spectrum_of(model, progress))
     if model.calibration is not None:
         plan = statistics.mark_plan(plan, model.calibration, calibration_passes, distill_steps, distill_loss,
-                                    distill_mixup, logits)
+                                    distill_mixup, logits, distill_refit)
     return model, plan, transform
 
 
@@ -168,7 +168,8 @@ def compress(input_dir: str, output_dir: str, hparams: Mapping[str, Any], *,
              calibration_signature: str = "serving_default",
              calibration_passes: int = DEFAULT_PASSES, distill_steps: int = 0,
              distill_loss: str | None = None, distill_mixup: bool = True,
-             compare_allocations: bool = True, logits: bool | Sequence[str] = False) -> CompressResult:
+             compare_allocations: bool = True, logits: bool | Sequence[str] = False,
+             distill_refit: bool = True) -> CompressResult:
     """Rewrites ``input_dir`` into ``output_dir`` (see the module docstring).
 
     Args:
@@ -203,6 +204,9 @@ def compress(input_dir: str, output_dir: str, hparams: Mapping[str, Any], *,
         None: ``softmax`` with ``logits=True`` (every output), else ``mse``.
       distill_mixup: distillation trains on mixed pairs of examples (mixup, with the original's
         outputs for them) where every input of the signature is float; False: on the examples only.
+      distill_refit: once distillation is kept, distil again on every calibration example (the
+        held-out ones too) for the number of steps early stopping chose
+        (graphrewrite.rewriting.distill.refit); False: write the early-stopped factors.
       compare_allocations: with distillation at a ``target_ratio`` policy, also distil one rank for
         every weight and write the plan with the lower held-out loss (graphrewrite.rewriting.fitting);
         False: the policy's plan only (half the distillation time).
@@ -243,7 +247,8 @@ def compress(input_dir: str, output_dir: str, hparams: Mapping[str, Any], *,
 
     model, plan, transform = plan_model(input_dir, hparams, tags, allow_unsafe_ops, progress, allow_larger,
                                         selection, warn, probe, calibration, calibration_signature,
-                                        calibration_passes, distill_steps, distill_loss, distill_mixup, logits)
+                                        calibration_passes, distill_steps, distill_loss, distill_mixup, logits,
+                                        distill_refit)
     if dry_run:
         return CompressResult(None, plan, None, None)
     if not plan.sites and transform.option != 0 and not allow_empty:

@@ -216,12 +216,15 @@ def calibrate(model: LoadedModel, source: calibration.Calibration, signature: st
                            what=f"{input_dir}: the model check on held-out calibration examples", limits=limits)
 
     def distill(transform: Transform, sites: Sequence[Any], factors: Mapping[str, Mapping[str, np.ndarray]],
-                steps: int, loss: str, rate: float, seed: int, mixup: bool = True) -> dict[str, Any]:
-        # the job stops itself at an epoch's end past 80% of the sandbox's time (what it had is kept)
+                steps: int, loss: str, rate: float, seed: int, mixup: bool = True,
+                everything: bool = False) -> dict[str, Any]:
+        # the job stops itself at an epoch's end past 80% of the sandbox's time (what it had is kept);
+        # ``everything``: trains on every example, held-out ones included, all ``steps`` (distill.refit)
         seconds = 0.8 * (limits or sandbox.Limits.from_env()).seconds
         return sandbox.run("graphrewrite.rewriting.distill:distill_job", input_dir, list(tags), object_based,
-                           held_out(data, batch, held=False), held, signature, batch, transform, list(sites),
-                           dict(factors), steps, loss, rate, seed, seconds, mixup,
+                           data if everything else held_out(data, batch, held=False), held, signature, batch,
+                           transform, list(sites), dict(factors), steps, loss, rate, seed, seconds, mixup,
+                           not everything,
                            what=f"{input_dir}: distilling the factors on the calibration examples", limits=limits)
 
     stats.rerun, stats.check, stats.held_examples = rerun, check, len(next(iter(held.values())))
@@ -253,7 +256,7 @@ def spectrum(matrix: np.ndarray, stats: Statistics | None, key: str) -> np.ndarr
 
 def mark_plan(plan: RewritePlan, stats: Statistics, passes: int, distill_steps: int = 0,
               distill_loss: str = "mse", distill_mixup: bool = True,
-              logits: bool | Sequence[str] = False) -> RewritePlan:
+              logits: bool | Sequence[str] = False, distill_refit: bool = True) -> RewritePlan:
     """The plan with each site whose weight has statistics marked ``factors: calibrated`` (and why
     the others are not), and the calibration (with at most ``passes`` error-feedback passes:
     graphrewrite.rewriting.feedback) and distillation (graphrewrite.rewriting.distill, where
@@ -277,7 +280,8 @@ def mark_plan(plan: RewritePlan, stats: Statistics, passes: int, distill_steps: 
                                                "logits": logits,
                                                **({"as_logits": as_logits} if as_logits else {})}}
     if distill_steps:
-        options["calibration"]["distill"] = {"steps": distill_steps, "loss": distill_loss, "mixup": distill_mixup}
+        options["calibration"]["distill"] = {"steps": distill_steps, "loss": distill_loss, "mixup": distill_mixup,
+                                             "refit": distill_refit}
     return dataclasses.replace(plan, sites=tuple(sites), options=options)
 
 
