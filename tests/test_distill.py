@@ -644,3 +644,44 @@ def test_inputs_that_are_not_all_float_are_not_mixed(tmp_path):
     record = result.manifest["options"]["calibration"]["distill"]
     assert record["run"] and record["mixup"] == "inputs not float: tag (int32)", record
     assert "(no mixup: inputs not float: tag (int32))" in report.compress_text(result, path)
+
+
+def test_the_refit_scales_the_steps_and_keeps_the_early_stopped_factors_where_it_fails():
+    """distill.refit on its own: it trains from the factors before distillation on every example
+    for as many epochs as early stopping chose (best_step times all over the training examples);
+    it does nothing where distillation was not kept; where the second distillation fails in the
+    sandbox (a ModelRunError), the factors written stay the early-stopped ones and the record says
+    why."""
+    import types
+
+    from graphrewrite.errors import ModelRunError
+    from graphrewrite.rewriting import distill
+
+    calls = []
+
+    def fake(transform, sites, factors, steps, loss, rate, seed, mixup, everything=False):
+        calls.append((factors, steps, loss, rate, mixup, everything))
+        if steps > 1000:
+            raise ModelRunError("distilling the factors on the calibration examples: did not finish within 9 s")
+        return {"factors": {"s0": {"b": np.full(2, 7.0)}}, "examples": 512, "steps_run": steps,
+                "scores": {distill.BEFORE: np.ones(4), distill.AFTER: np.full(4, 0.25)}}
+
+    model = types.SimpleNamespace(calibration=types.SimpleNamespace(examples=512, distill=fake))
+    plan = types.SimpleNamespace(sites=[])
+    record = {"run": True, "kept": True, "best_step": 300, "examples": 384, "loss": "softmax", "rate": 0.1,
+              "mixup": True}
+    before, written = {"s0": {"b": np.zeros(2)}}, {"s0": {"b": np.ones(2)}}
+    distill.refit(model, plan, None, before, written, record, lambda _: None)
+    assert calls == [(before, 400, "softmax", 0.1, True, True)]
+    np.testing.assert_array_equal(written["s0"]["b"], np.full(2, 7.0))
+    assert record["refit"] == {"run": True, "examples": 512, "steps": 400, "steps_run": 400, "loss_on_held_out": 0.25}
+    record.update(best_step=900)  # 1,200 steps: the fake sandbox gives up
+    written = {"s0": {"b": np.ones(2)}}
+    distill.refit(model, plan, None, before, written, record, lambda _: None)
+    np.testing.assert_array_equal(written["s0"]["b"], np.ones(2))
+    assert record["refit"] == {"run": False, "why": "distilling the factors on the calibration examples: did not "
+                                                    "finish within 9 s"}
+    for given in ({"run": True, "kept": False, "best_step": 0}, {"run": False, "why": "no float outputs"}):
+        distill.refit(model, plan, None, before, written, given, lambda _: None)
+        assert given.get("refit") == ({"run": False, "why": "distillation was not kept"} if given["run"] else None)
+    assert len(calls) == 2
