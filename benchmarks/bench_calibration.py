@@ -6,10 +6,10 @@ Four parts (``--only`` runs one):
   the kernel parameters and exported as they are (alpha = 0, no fine-tuning); test accuracy on the
   450 held-out images, plain vs calibrated (first pass only, ``calibration_passes=0``; with
   error feedback, the default; and the default with ``--logits``, the outputs declared logits:
-  graphrewrite.rewriting.shift), and distilled (the default with ``--logits`` then
-  ``--distill-steps 3000``, whose loss is then softmax: graphrewrite.rewriting.distill, no labels; mixup and cosine decay,
+  graphrewrite.rewriting.calibration.shift), and distilled (the default with ``--logits`` then
+  ``--distill-steps 3000``, whose loss is then softmax: graphrewrite.rewriting.calibration.distill, no labels; mixup and cosine decay,
   its defaults; at --target-ratio one rank for every weight is distilled too and the better plan
-  written: graphrewrite.rewriting.fitting). Calibration: 512 training
+  written: graphrewrite.rewriting.calibration.fitting). Calibration: 512 training
   images drawn with each seed, the calibrated figures the mean of 2 seeds (plain is deterministic);
   at 20% distilled again with all 1,347 training images as calibration examples.
 * ``finetune``: the README's fine-tuning (bench_accuracy.py: gradual schedule, Adam 1e-3, batch 32,
@@ -61,7 +61,7 @@ BEST_POLICY = {("digits_mlp", 0.48): 0.9822, ("digits_cnn", 0.48): 0.9911,
                ("digits_mlp", 0.29): 0.9811, ("digits_cnn", 0.29): 0.9856}
 CURVE = (1, 2, 3, 5, 10, 20, 45)
 EXAMPLES = 512
-FEEDBACK = 4  # error-feedback passes (graphrewrite.rewriting.feedback.DEFAULT_PASSES)
+FEEDBACK = 4  # error-feedback passes (graphrewrite.rewriting.calibration.feedback.DEFAULT_PASSES)
 DISTILL = {"distill_steps": 3000, "logits": True}  # the one-shot table's distilled column (softmax loss)
 ZOO_DISTILL = {"encoder": 1000, "lstm": 1000, "resnet50_64": 200}  # --distill-steps (mse) in the zoo table
 
@@ -94,8 +94,8 @@ def at_alpha0(path: str):
 def distill_draws(src: str, out: str, ratio: float, key: str, x: np.ndarray, x_test: np.ndarray, y_test: np.ndarray,
                   seeds: int, examples: int) -> tuple[list[float], list[str]]:
     """Per draw of ``examples`` calibration images: the distilled model's test accuracy, and the
-    step kept with the allocation written (graphrewrite.rewriting.fitting)."""
-    from graphrewrite.rewriting import fitting
+    step kept with the allocation written (graphrewrite.rewriting.calibration.fitting)."""
+    from graphrewrite.rewriting.calibration import fitting
 
     accuracies, kept = [], []
     for seed in range(seeds):
@@ -337,7 +337,8 @@ def cost(args, work: str, targets: common.Targets) -> None:
     Twice: with every weight's input Gram, and with output Grams for the weights with fewer outputs
     than inputs (``outputs=True``: what compress collects for low rank without distillation). The
     target is checked on the second."""
-    from graphrewrite.rewriting import loader, statistics
+    from graphrewrite.rewriting import loader
+    from graphrewrite.rewriting.calibration import statistics
 
     rows = []
     batch = statistics.DEFAULT_BATCH

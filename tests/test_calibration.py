@@ -102,7 +102,8 @@ def digits():
 
 @pytest.fixture(scope="module")
 def cnn_statistics(digits):
-    from graphrewrite.rewriting import loader, statistics
+    from graphrewrite.rewriting import loader
+    from graphrewrite.rewriting.calibration import statistics
 
     model = loader.load(CNN, ["serve"], True)
     data = {"image": digits[0][:40].reshape(-1, 8, 8, 1)}
@@ -127,7 +128,8 @@ def test_conv_gram_is_that_of_the_im2col_patches(cnn_statistics, digits):
 def test_mlp_gram_and_data_forms(digits, tmp_path):
     import tensorflow as tf
 
-    from graphrewrite.rewriting import calibration, loader, statistics
+    from graphrewrite.rewriting import loader
+    from graphrewrite.rewriting.calibration import reader, statistics
 
     model = loader.load(MLP, ["serve"], True)
     specs = statistics.input_specs(model, "serving_default")
@@ -142,7 +144,7 @@ def test_mlp_gram_and_data_forms(digits, tmp_path):
     forms = [str(directory), str(tmp_path / "data.npz"), {"pixels": x}, ({"pixels": row} for row in x),
              [{"pixels": x[:20]}, {"pixels": x[20:]}]]
     for form in forms:
-        data = calibration.read(form, specs)
+        data = reader.read(form, specs)
         np.testing.assert_array_equal(data["pixels"], x)
     stats = statistics.collect(model, data, "serving_default")
     key = next(k for k, g in stats.grams.items() if whiten.dense(g).shape == (64, 64))
@@ -307,14 +309,15 @@ def test_max_error_is_measured_in_output_space(capsys, tmp_path, digits):
 def random_calibration(model_factory, name: str, examples: int = 40):
     """A test model (tests/models.py) loaded in this process and checked standard-normal data for
     its serving signature."""
-    from graphrewrite.rewriting import calibration, loader, statistics
+    from graphrewrite.rewriting import loader
+    from graphrewrite.rewriting.calibration import reader, statistics
 
     path, _ = model_factory(name)
     model = loader.load(path, ["serve"], name != "tf1_builder")
     specs = statistics.input_specs(model, "serving_default")
     rng = np.random.default_rng(0)
     arrays = {s.name: rng.standard_normal((examples, *s.shape[1:])).astype("float32") for s in specs}
-    return model, calibration.read(arrays, specs)
+    return model, reader.read(arrays, specs)
 
 
 @pytest.mark.parametrize("name,first_layers", [
@@ -323,7 +326,7 @@ def random_calibration(model_factory, name: str, examples: int = 40):
     ("keras3_attention", {"query/kernel": "tokens", "value/kernel": "tokens"}),  # BatchMatMul/Einsum, 3-D
 ])
 def test_statistics_on_other_model_kinds(model_factory, name, first_layers):
-    from graphrewrite.rewriting import statistics
+    from graphrewrite.rewriting.calibration import statistics
 
     model, data = random_calibration(model_factory, name)
     stats = statistics.collect(model, data, "serving_default", batch_size=16)
@@ -346,13 +349,14 @@ def test_statistics_behind_a_while_loop(model_factory):
     Keras computes before its loop for the shapes only does not run and adds no rows."""
     import tensorflow as tf
 
-    from graphrewrite.rewriting import calibration, loader, statistics
+    from graphrewrite.rewriting import loader
+    from graphrewrite.rewriting.calibration import reader, statistics
 
     path, _ = model_factory("keras3_lstm")
     model = loader.load(path, ["serve"], True)
     specs = statistics.input_specs(model, "serving_default")
     x = np.random.default_rng(0).standard_normal((40, 5, 8)).astype("float32")
-    stats = statistics.collect(model, calibration.read({"seq": x}, specs), "serving_default", batch_size=16)
+    stats = statistics.collect(model, reader.read({"seq": x}, specs), "serving_default", batch_size=16)
     by_name = {info.name: key for key, info in model.infos.items()}
     head, bias = (model.variables[by_name[n]].numpy() for n in ("head/kernel", "head/bias"))
     out = model.signature_functions["serving_default"](seq=tf.constant(x))

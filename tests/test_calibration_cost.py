@@ -33,7 +33,8 @@ def mixed_model(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def mixed_statistics(mixed_model):
-    from graphrewrite.rewriting import calibration, loader, statistics
+    from graphrewrite.rewriting import loader
+    from graphrewrite.rewriting.calibration import reader, statistics
 
     model = loader.load(mixed_model, ["serve"], True)
     specs = statistics.input_specs(model, "serving_default")
@@ -42,7 +43,7 @@ def mixed_statistics(mixed_model):
     raw = {"tokens": np.minimum(rng.geometric(0.15, (40, 6)) - 1, 29).astype(np.int32),
            "image": rng.standard_normal((40, 4, 4, 3)).astype(np.float32),
            "volume": rng.standard_normal((40, 4, 4, 4, 2)).astype(np.float32)}
-    data = calibration.read(raw, specs)
+    data = reader.read(raw, specs)
     with pytest.MonkeyPatch.context() as patch:  # every patch row: exact Grams to compare with numpy
         patch.setattr(statistics, "ROWS_PER_FEATURE", 10**6)
         stats = statistics.collect(model, data, "serving_default", batch_size=16)
@@ -94,7 +95,8 @@ def test_row_weighted_lookup_factors(mixed_statistics):
 def test_patch_rows_are_a_seeded_sample_of_bounded_size(monkeypatch):
     from make_testdata import digits_split
 
-    from graphrewrite.rewriting import loader, statistics
+    from graphrewrite.rewriting import loader
+    from graphrewrite.rewriting.calibration import statistics
 
     model = loader.load(CNN, ["serve"], True)
     data = {"image": digits_split()[0][:256].reshape(-1, 8, 8, 1)}
@@ -143,7 +145,7 @@ def test_row_gram_whitening_equals_the_dense_one(rows, m, n):
 
 
 def test_a_weight_with_row_kept_and_gram_readers_sums_both():
-    from graphrewrite.rewriting import statistics
+    from graphrewrite.rewriting.calibration import statistics
 
     rng = np.random.default_rng(5)
     few, many = rng.standard_normal((3, 8)).astype(np.float32), rng.standard_normal((20, 8)).astype(np.float32)
@@ -181,14 +183,15 @@ def test_rows_of_unknown_length_are_reduced_to_a_gram(tmp_path):
     which with a known length would be kept as rows)."""
     import keras
 
-    from graphrewrite.rewriting import calibration, loader, statistics
+    from graphrewrite.rewriting import loader
+    from graphrewrite.rewriting.calibration import reader, statistics
 
     keras.utils.set_random_seed(4)
     tokens = keras.Input((None, 128), name="steps")
     keras.Model(tokens, keras.layers.Dense(4, name="proj")(tokens)).export(str(tmp_path / "m"), verbose=False)
     model = loader.load(str(tmp_path / "m"), ["serve"], True)
     x = np.random.default_rng(1).standard_normal((40, 3, 128)).astype(np.float32)
-    data = calibration.read({"steps": x}, statistics.input_specs(model, "serving_default"))
+    data = reader.read({"steps": x}, statistics.input_specs(model, "serving_default"))
     (gram,) = statistics.collect(model, data, "serving_default", batch_size=16).grams.values()
     rows = x.reshape(-1, 128).astype(np.float64)
     assert isinstance(gram, np.ndarray) and gram.shape == (128, 128)
@@ -269,14 +272,15 @@ def test_output_grams_are_the_input_grams_seen_through_the_weight(conv_zoo_model
     """collect(outputs=True) keeps, for each narrow weight, ``A^T G A`` and ``tr(G)`` of all its
     rows, without sampling: the input Gram ``G`` of every patch row seen through the weight; the
     other weights' Grams are unchanged."""
-    from graphrewrite.rewriting import calibration, loader, statistics
+    from graphrewrite.rewriting import loader
+    from graphrewrite.rewriting.calibration import reader, statistics
     from graphrewrite.rewriting.match import match_function
 
     model = loader.load(conv_zoo_model, ["serve"], True)
     rng = np.random.default_rng(0)
     raw = {"image": rng.standard_normal((40, 12, 12, 6)).astype(np.float32),
            "sequence": rng.standard_normal((40, 10, 8)).astype(np.float32)}
-    data = calibration.read(raw, statistics.input_specs(model, "serving_default"))
+    data = reader.read(raw, statistics.input_specs(model, "serving_default"))
     sampled = statistics.collect(model, data, "serving_default", batch_size=8)
     outputs = statistics.collect(model, data, "serving_default", batch_size=8, outputs=True)
     with monkeypatch.context() as patch:  # every patch row
@@ -318,7 +322,8 @@ def test_compress_from_output_grams_writes_what_input_grams_would(capsys, tmp_pa
     from make_testdata import digits_split
     from test_cli import run
 
-    from graphrewrite.rewriting import manifest, sandbox, statistics
+    from graphrewrite.rewriting import manifest, sandbox
+    from graphrewrite.rewriting.calibration import statistics
     from graphrewrite.transforms.low_rank import LowRank
 
     run_job = sandbox.run

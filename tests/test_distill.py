@@ -1,4 +1,4 @@
-"""Distillation (graphrewrite.rewriting.distill): the factors trained on the calibration examples
+"""Distillation (graphrewrite.rewriting.calibration.distill): the factors trained on the calibration examples
 against the original model's outputs; its figures against the written model, its effect on the
 held-out digits, and where it does not run."""
 
@@ -12,7 +12,7 @@ import pytest
 from test_calibration import CNN, at_alpha0, digits, one_shot_accuracy  # noqa: F401 - digits is a fixture
 from test_cli import MLP, run
 
-from graphrewrite.rewriting import statistics
+from graphrewrite.rewriting.calibration import statistics
 
 
 def _softmax_cross_entropy(logits_original: np.ndarray, logits: np.ndarray) -> np.ndarray:
@@ -36,7 +36,7 @@ def _compress(src: str, out: str, data: dict, ratio: float, same_rank: bool = Fa
 
 def _calibrated_as_written(src: str, out: str, data: dict, ratio: float, distilled):
     """The calibrated compress (no distillation) at the allocation a distilled one was written with."""
-    from graphrewrite.rewriting import fitting
+    from graphrewrite.rewriting.calibration import fitting
 
     allocation = distilled.manifest["options"]["calibration"]["distill"].get("allocation", {})
     return _compress(src, out, data, ratio, same_rank=allocation.get("kept") == fitting.SAME_RANK)
@@ -120,12 +120,12 @@ def test_distillation_figures_are_the_written_models(distilled_cnn):
 
 def test_distillation_writes_the_allocation_with_the_lower_held_out_loss(distilled_cnn, tmp_path):
     """At --target-ratio with distillation, one rank for every weight at the same budget is fitted
-    and distilled too (graphrewrite.rewriting.fitting); the written plan is the one with the lower
+    and distilled too (graphrewrite.rewriting.calibration.fitting); the written plan is the one with the lower
     held-out loss. Its figure is that of the early-stopped factors (written with --no-distill-refit,
     the test above); the other's is that of a compress forced to the other allocation, distilled
     alone, not refitted."""
     from graphrewrite.reporting import report
-    from graphrewrite.rewriting import fitting
+    from graphrewrite.rewriting.calibration import fitting
 
     root, data, results = distilled_cnn
     manifest = results["distilled"].manifest
@@ -184,7 +184,7 @@ def test_a_distillation_that_does_not_help_is_not_kept(tmp_path, digits):  # noq
     lower the held-out loss, the factors written are those of the calibrated compress (to rounding:
     without distillation the pass collects output Grams, with it input Grams, the same factors)."""
     from graphrewrite.reporting import report
-    from graphrewrite.rewriting import distill
+    from graphrewrite.rewriting.calibration import distill
 
     data = {"pixels": digits[0]}
     calibrated = _compress(MLP, str(tmp_path / "plain"), data, 0.48)
@@ -307,7 +307,7 @@ def test_a_second_plan_that_fails_leaves_the_first(tmp_path, digits, monkeypatch
     sandbox), compress writes the --target-ratio plan, as without the comparison, and says why."""
     from graphrewrite.errors import ModelRunError
     from graphrewrite.reporting import report
-    from graphrewrite.rewriting import fitting
+    from graphrewrite.rewriting.calibration import fitting
 
     fit = fitting.fit
 
@@ -351,7 +351,8 @@ def test_one_step_is_adam_on_the_gradient_of_the_models_loss(digits, monkeypatch
     from test_modelcheck import _mlp_forward
 
     from graphrewrite import hparams, views
-    from graphrewrite.rewriting import build, distill, loader, pipeline
+    from graphrewrite.rewriting import build, loader, pipeline
+    from graphrewrite.rewriting.calibration import distill
 
     model, plan, transform = pipeline.plan_model(MLP, hparams.resolve(None, {"rank": 200}))
     initial = build.factorize_all(model, plan, transform, lambda _: None)
@@ -431,7 +432,7 @@ def test_the_second_allocation_on_other_model_kinds(model_factory, tmp_path, nam
     and compress verifies it at alpha = 1."""
     from test_calibration import random_calibration
 
-    from graphrewrite.rewriting import fitting
+    from graphrewrite.rewriting.calibration import fitting
 
     path, _ = model_factory(name)
     _, data = random_calibration(model_factory, name, examples=128)
@@ -459,7 +460,8 @@ def test_gradients_reach_the_weights_a_loop_reads(model_factory):
     differences of the forward loss (the held-out figure, itself checked against the written
     models above) give independently."""
     from graphrewrite import hparams, views
-    from graphrewrite.rewriting import build, distill, loader, pipeline
+    from graphrewrite.rewriting import build, loader, pipeline
+    from graphrewrite.rewriting.calibration import distill
 
     path, _ = model_factory("keras3_lstm")
     model, plan, transform = pipeline.plan_model(path, hparams.resolve(None, {"rank": 400}))
@@ -498,7 +500,7 @@ def test_gradients_reach_the_weights_a_loop_reads(model_factory):
 
 
 def replay_of(model, fir):
-    from graphrewrite.rewriting import replay
+    from graphrewrite.rewriting.calibration import replay
 
     return replay.Pruned(fir, model, fir.outputs)
 
@@ -580,7 +582,7 @@ def test_a_hand_edited_distill_record_is_one_line(capsys, distilled_cnn, tmp_pat
 def test_mix_is_convex_pairs_shared_by_every_input():
     """distill.mix: row i of each input is l_i x_i + (1 - l_i) x_p(i), with the same l and p for
     every input (numpy reference from the same seed), and keeps each input's dtype."""
-    from graphrewrite.rewriting import distill
+    from graphrewrite.rewriting.calibration import distill
 
     rng = np.random.default_rng(3)
     a = rng.standard_normal((6, 4, 2)).astype(np.float32)
@@ -600,7 +602,7 @@ def test_adam_decay_is_cosine():
     1/2 halfway, 0 at the end (no step moves a variable)."""
     import tensorflow as tf
 
-    from graphrewrite.rewriting import distill
+    from graphrewrite.rewriting.calibration import distill
 
     var = tf.Variable(np.ones((3, 2), np.float32))
     adam = distill.Adam([var], 0.1)
@@ -655,7 +657,7 @@ def test_the_refit_scales_the_steps_and_keeps_the_early_stopped_factors_where_it
     import types
 
     from graphrewrite.errors import ModelRunError
-    from graphrewrite.rewriting import distill
+    from graphrewrite.rewriting.calibration import distill
 
     calls = []
 

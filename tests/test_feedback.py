@@ -1,4 +1,4 @@
-"""Error feedback (graphrewrite.rewriting.feedback): sites after other sites fitted to their inputs
+"""Error feedback (graphrewrite.rewriting.calibration.feedback): sites after other sites fitted to their inputs
 in the compressed model, ||X A - X~ M||, checked against closed forms and an independent forward."""
 
 from __future__ import annotations
@@ -69,7 +69,8 @@ def test_without_upstream_error_the_target_is_the_weight():
 
 
 def test_levels_and_passes_on_the_digits_mlp():
-    from graphrewrite.rewriting import feedback, loader
+    from graphrewrite.rewriting import loader
+    from graphrewrite.rewriting.calibration import feedback
 
     model = loader.load(MLP, ["serve"], True)
     keys = {model.infos[k].name: k for k in model.infos}
@@ -84,7 +85,8 @@ def test_levels_and_passes_on_the_digits_mlp():
 
 
 def test_feedback_pass_sees_the_replaced_weights(digits):  # noqa: F811
-    from graphrewrite.rewriting import loader, statistics
+    from graphrewrite.rewriting import loader
+    from graphrewrite.rewriting.calibration import statistics
 
     model = loader.load(MLP, ["serve"], True)
     keys = {model.infos[k].name: k for k in model.infos}
@@ -114,7 +116,7 @@ def fed_back(tmp_path_factory, digits):  # noqa: F811
     root = tmp_path_factory.mktemp("feedback")
     np.savez(root / "cal.npz", image=digits[0].reshape(-1, 8, 8, 1))
     from graphrewrite.cli import main
-    from graphrewrite.rewriting import feedback
+    from graphrewrite.rewriting.calibration import feedback
 
     for name, passes, rows in (("off", "0", None), ("on", "4", None), ("few rows", "4", 1e6)):
         with contextlib.redirect_stdout(io.StringIO()) as stdout, contextlib.suppress(SystemExit), \
@@ -186,7 +188,7 @@ def test_bad_pass_count_is_one_line(capsys, tmp_path):
 
 def test_cli_default_is_the_librarys():
     from graphrewrite.cli import compress
-    from graphrewrite.rewriting import feedback
+    from graphrewrite.rewriting.calibration import feedback
 
     option = next(p for p in compress.params if p.name == "calibration_passes")
     assert f"(default {feedback.DEFAULT_PASSES};" in option.help
@@ -200,7 +202,7 @@ def test_feedback_pass_on_other_model_kinds(model_factory, name):
     ones see. The LSTM's kernels are read inside its loop through the handle it takes, which the
     second copy swaps: its head is at level 1 and sees other rows. (The kernels themselves get no
     tilde: their rows are summed inside the loop, in the first pass only.)"""
-    from graphrewrite.rewriting import feedback, statistics
+    from graphrewrite.rewriting.calibration import feedback, statistics
 
     model, data = random_calibration(model_factory, name)
     first = statistics.collect(model, data, "serving_default", batch_size=16)

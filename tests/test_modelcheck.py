@@ -1,4 +1,4 @@
-"""The model check (graphrewrite.rewriting.modelcheck): the compressed model's outputs on held-out
+"""The model check (graphrewrite.rewriting.calibration.modelcheck): the compressed model's outputs on held-out
 calibration examples decide which calibrated factors are kept, and the figures are the model's."""
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ def _mlp_forward(variables, x, **replaced):
 def test_the_first_pass_holds_out_every_fourth_batch(digits, examples):  # noqa: F811
     """64 examples in batches of 16: dense_1 (64 features) keeps its rows (a RowGram), 80: a Gram.
     Either way ``fitted`` is the Gram of the examples outside batch 4 (48-63), ``held`` theirs."""
-    from graphrewrite.rewriting import loader, statistics
+    from graphrewrite.rewriting import loader
+    from graphrewrite.rewriting.calibration import statistics
 
     model = loader.load(MLP, ["serve"], True)
     key = next(k for k in model.infos if model.infos[k].name == "dense_1/kernel")
@@ -49,7 +50,8 @@ def test_the_first_pass_holds_out_every_fourth_batch(digits, examples):  # noqa:
 @pytest.mark.parametrize("logits", [False, True])
 def test_errors_are_the_models_outputs_against_an_independent_forward(digits, logits):  # noqa: F811
     """With ``logits`` (--logits) the outputs are compared with each row's mean removed."""
-    from graphrewrite.rewriting import loader, modelcheck
+    from graphrewrite.rewriting import loader
+    from graphrewrite.rewriting.calibration import modelcheck
 
     model = loader.load(MLP, ["serve"], True)
     keys = {model.infos[k].name: k for k in model.infos}
@@ -77,7 +79,7 @@ def test_errors_are_the_models_outputs_against_an_independent_forward(digits, lo
 
 
 def test_a_less_data_aware_set_must_win_beyond_the_noise():
-    from graphrewrite.rewriting import modelcheck
+    from graphrewrite.rewriting.calibration import modelcheck
 
     rng = np.random.default_rng(0)
     base = rng.uniform(0.5, 1.5, 64)
@@ -118,7 +120,7 @@ def test_the_plain_figure_is_the_plain_models_error_on_the_held_out_examples(cnn
     of 256 images), computed here from the saved models."""
     import tensorflow as tf
 
-    from graphrewrite.rewriting import statistics
+    from graphrewrite.rewriting.calibration import statistics
 
     root, results = cnn_checked
     check = results["calibrated"].manifest["options"]["calibration"]["model_check"]
@@ -164,7 +166,7 @@ def test_plain_factors_kept_by_the_check_are_what_is_written(digits, tmp_path, m
 
     import graphrewrite
     from graphrewrite import hparams
-    from graphrewrite.rewriting import modelcheck, statistics
+    from graphrewrite.rewriting.calibration import modelcheck, statistics
 
     calibrate = statistics.calibrate
 
@@ -206,8 +208,8 @@ def test_choose_keeps_the_lowest_and_puts_its_factors_back(digits, monkeypatch):
     """The decision alone, with the sandbox's figures given: error feedback's model error above the
     first pass's puts the first pass's factors back in the refitted sites (and notes say so)."""
     from graphrewrite import hparams
-    from graphrewrite.rewriting import feedback, modelcheck, statistics
     from graphrewrite.rewriting.build import factorize_all
+    from graphrewrite.rewriting.calibration import feedback, modelcheck, statistics
     from graphrewrite.rewriting.pipeline import plan_model
 
     model, plan, transform = plan_model(CNN, hparams.resolve(None, {"rank": 200}), probe=lambda: None,
@@ -264,7 +266,8 @@ def test_the_check_runs_on_other_model_kinds(model_factory, tmp_path, name):
     of the signature is measured, and the model's figure is the root of their squares' sum."""
     import graphrewrite
     from graphrewrite import hparams
-    from graphrewrite.rewriting import loader, statistics
+    from graphrewrite.rewriting import loader
+    from graphrewrite.rewriting.calibration import statistics
 
     path, _ = model_factory(name)
     model = loader.load(path, ["serve"], name != "tf1_builder")

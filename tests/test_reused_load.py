@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 from graphrewrite import whiten
-from graphrewrite.rewriting import loader, statistics
+from graphrewrite.rewriting import loader
+from graphrewrite.rewriting.calibration import statistics
 
 MLP = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "testdata", "digits_mlp")
 

@@ -1,5 +1,5 @@
 """Weights whose outputs matter only up to a shift of each row (softmax/argmax heads, --logits):
-the centred whitened fit (whiten.ShiftFree), which weights qualify (graphrewrite.rewriting.shift),
+the centred whitened fit (whiten.ShiftFree), which weights qualify (graphrewrite.rewriting.calibration.shift),
 and the digits CNN compressed with --logits against plain factors."""
 
 from __future__ import annotations
@@ -132,7 +132,8 @@ def heads(tmp_path_factory):
 def test_which_weights_are_shift_free(heads, logits):
     """``logits``: no output declared logits, every one (--logits), or the "logit" layer's alone
     (--logits-output with its name)."""
-    from graphrewrite.rewriting import loader, shift, statistics
+    from graphrewrite.rewriting import loader
+    from graphrewrite.rewriting.calibration import shift, statistics
     from graphrewrite.rewriting.match import match_function
 
     named = {}
@@ -243,7 +244,8 @@ def test_keras_applications_heads_are_found(tmp_path, name, expected):
     kernel and nothing else qualifies."""
     import zoo
 
-    from graphrewrite.rewriting import loader, shift
+    from graphrewrite.rewriting import loader
+    from graphrewrite.rewriting.calibration import shift
     from graphrewrite.rewriting.match import match_function
 
     model = loader.load(zoo.ZOO[name].build(tmp_path), ["serve"], True)

@@ -152,7 +152,7 @@ DISTILL_HINT = 0.1
 
 
 def model_check_text(check: dict[str, Any]) -> str:
-    """One line on the model check (graphrewrite.rewriting.modelcheck) a manifest records."""
+    """One line on the model check (graphrewrite.rewriting.calibration.modelcheck) a manifest records."""
     if not check.get("checked"):
         return f"model check: not run ({check.get('why', 'no reason recorded')})"
     figures = ", ".join(f"{name} {error:.4f}" for name, error in check["errors"].items())
@@ -164,7 +164,7 @@ def model_check_text(check: dict[str, Any]) -> str:
 
 
 def distill_text(record: dict[str, Any]) -> str:
-    """One line on distillation (graphrewrite.rewriting.distill) as a manifest records it."""
+    """One line on distillation (graphrewrite.rewriting.calibration.distill) as a manifest records it."""
     if not record.get("run"):
         return f"distillation: not run ({record.get('why', 'no reason recorded')})"
     held = record["held_out"]
@@ -198,7 +198,7 @@ def refit_text(refit: dict[str, Any]) -> str:
 
 
 def allocation_text(allocation: dict[str, Any]) -> str:
-    """Which rank allocation distillation's factors were written with (graphrewrite.rewriting.fitting)."""
+    """Which rank allocation distillation's factors were written with (graphrewrite.rewriting.calibration.fitting)."""
     if not allocation.get("compared"):
         return f"Allocation: --target-ratio's ({allocation.get('why', 'no other compared')})"
     held, ranks, params = allocation["held_out"], allocation["ranks"], allocation["params_after"]

@@ -32,8 +32,8 @@ from graphrewrite.errors import (
 from graphrewrite.rewriting import manifest as manifest_lib
 from graphrewrite.rewriting import sandbox
 from graphrewrite.rewriting.advice import nothing_to_rewrite
-from graphrewrite.rewriting.calibration import Calibration
-from graphrewrite.rewriting.feedback import DEFAULT_PASSES
+from graphrewrite.rewriting.calibration.feedback import DEFAULT_PASSES
+from graphrewrite.rewriting.calibration.reader import Calibration
 from graphrewrite.rewriting.plan import RewritePlan, Selection, Spectrum, make_plan
 from graphrewrite.rewriting.scan import MANIFEST_ASSET, read_saved_model_proto, scan
 from graphrewrite.rewriting.verify import compare_outputs
@@ -95,14 +95,15 @@ def plan_model(input_dir: str, hparams: Mapping[str, Any], tags: Sequence[str] =
                calibration_passes: int = DEFAULT_PASSES, distill_steps: int = 0,
                distill_loss: str = "mse", distill_mixup: bool = True, logits: bool | Sequence[str] = False,
                distill_refit: bool = True) -> tuple[Any, RewritePlan, Any]:
-    """Scans, loads, calibrates (with ``calibration`` data: graphrewrite.rewriting.statistics) and plans;
+    """Scans, loads, calibrates (with ``calibration`` data: graphrewrite.rewriting.calibration.statistics) and plans;
     returns (loaded model, plan, transform).
 
     Between the scan and the load, ``probe`` (default: loading the model once in the sandbox)
     runs the model's load in a child process first, so that a model whose loading hangs or
     crashes stops there, with one line, rather than in this process.
     """
-    from graphrewrite.rewriting import loader, statistics
+    from graphrewrite.rewriting import loader
+    from graphrewrite.rewriting.calibration import statistics
     from graphrewrite.transforms import make as make_transform
 
     transform = make_transform(hparams, allow_larger=allow_larger)
@@ -145,11 +146,11 @@ def plan_model(input_dir: str, hparams: Mapping[str, Any], tags: Sequence[str] =
 
 def spectrum_of(model: Any, progress: Progress) -> Spectrum:
     """The rank policies' singular values of a weight: its matrix's, whitened by its input's
-    statistics where calibrated (graphrewrite.rewriting.statistics.spectrum)."""
+    statistics where calibrated (graphrewrite.rewriting.calibration.statistics.spectrum)."""
     def spectrum(key: str, view: views.View) -> np.ndarray:
         import scipy.linalg
 
-        from graphrewrite.rewriting import statistics
+        from graphrewrite.rewriting.calibration import statistics
 
         progress(f"singular values of {model.infos[key].name}")
         matrix = model.matrix(key, view)
@@ -187,18 +188,18 @@ def compress(input_dir: str, output_dir: str, hparams: Mapping[str, Any], *,
       warn: called with one-line warnings (default: Python warnings).
       allow_empty: write the output although every site was skipped (else NothingToRewriteError,
         before anything is written).
-      calibration: example inputs (graphrewrite.rewriting.calibration: an .npz or TFRecord path, a dict of
+      calibration: example inputs (graphrewrite.rewriting.calibration.reader: an .npz or TFRecord path, a dict of
         arrays, an iterable of dicts): low rank and input/output then fit their factors, and the
         rank policies measure their errors, on the outputs of each weight for these inputs.
       calibration_signature: the signature the calibration examples are inputs of.
       calibration_passes: at most this many error-feedback passes after the first
-        (graphrewrite.rewriting.feedback: sites after other sites refitted to their inputs in the
+        (graphrewrite.rewriting.calibration.feedback: sites after other sites refitted to their inputs in the
         compressed model); 0 fits every site to the original model's inputs only.
       distill_steps: after the factorisation, this many gradient steps on every site's factors so
         that the compressed model's outputs match the original's on the calibration examples
-        (graphrewrite.rewriting.distill); needs ``calibration``; 0: none. With a ``target_ratio``
+        (graphrewrite.rewriting.calibration.distill); needs ``calibration``; 0: none. With a ``target_ratio``
         policy, one rank for every weight at the same budget is distilled too, and the plan with
-        the lower held-out loss is written (graphrewrite.rewriting.fitting).
+        the lower held-out loss is written (graphrewrite.rewriting.calibration.fitting).
       distill_loss: what distillation minimises: ``mse`` (relative mean-square error of the
         outputs) or ``softmax`` (outputs read as logits: cross-entropy against the original's);
         None: ``softmax`` with ``logits=True`` (every output), else ``mse``.
@@ -206,17 +207,17 @@ def compress(input_dir: str, output_dir: str, hparams: Mapping[str, Any], *,
         outputs for them) where every input of the signature is float; False: on the examples only.
       distill_refit: once distillation is kept, distil again on every calibration example (the
         held-out ones too) for the number of steps early stopping chose
-        (graphrewrite.rewriting.distill.refit); False: write the early-stopped factors.
+        (graphrewrite.rewriting.calibration.distill.refit); False: write the early-stopped factors.
       compare_allocations: with distillation at a ``target_ratio`` policy, also distil one rank for
-        every weight and write the plan with the lower held-out loss (graphrewrite.rewriting.fitting);
+        every weight and write the plan with the lower held-out loss (graphrewrite.rewriting.calibration.fitting);
         False: the policy's plan only (half the distillation time).
       logits: with ``calibration``, the calibration signature's outputs are logits (read through a
         softmax or argmax over the last axis): True for all of them, or a list of output names
-        (graphrewrite.rewriting.statistics.output_names) for those only. The weights that give
+        (graphrewrite.rewriting.calibration.statistics.output_names) for those only. The weights that give
         them up to a bias are fitted with each output row's mean left out
-        (graphrewrite.rewriting.shift), and the model check compares those outputs so.
+        (graphrewrite.rewriting.calibration.shift), and the model check compares those outputs so.
     """
-    from graphrewrite.rewriting.distill import LOSSES
+    from graphrewrite.rewriting.calibration.distill import LOSSES
 
     if calibration_passes < 0:
         raise UsageError(f"--calibration-passes {calibration_passes}: must be 0 or more")
@@ -258,7 +259,7 @@ def compress(input_dir: str, output_dir: str, hparams: Mapping[str, Any], *,
         _atomic_write(output_dir, overwrite, lambda tmp: copy_model(input_dir, tmp))
         return CompressResult(output_dir, plan, None, None)
 
-    from graphrewrite.rewriting import fitting
+    from graphrewrite.rewriting.calibration import fitting
 
     expected = reference if verify else None
     in_memory = verify and weight_bytes(model) > VERIFY_IN_MEMORY_ABOVE
@@ -305,7 +306,7 @@ VERIFY_IN_MEMORY_ABOVE = 1 << 30
 def _save_rewrite(model: Any, initial: dict[str, dict[str, np.ndarray]], plan: RewritePlan, transform: Any,
                   hparams: Mapping[str, Any], data: dict[str, Any], tmp: str, output_dir: str, progress: Progress,
                   expected: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
-    """Builds the model with the factors ``initial`` (graphrewrite.rewriting.fitting) and saves it into
+    """Builds the model with the factors ``initial`` (graphrewrite.rewriting.calibration.fitting) and saves it into
     ``tmp``; every large object dies with this call.
 
     With ``expected``, the rebuilt model is verified in memory before saving and the saved files

@@ -130,7 +130,7 @@ def same_rank_ks(spectra: Sequence[np.ndarray], shapes: Sequence[tuple[int, int]
     """The largest k given to every site (None: dense, where k passes its break-even or its
     singular values) that keeps ``sum(params) <= ratio * sum(m * n)``; k = 1 everywhere where none
     fits. Blind to the spectra: the allocation distillation does best with on the digits CNN
-    (graphrewrite.rewriting.fitting), where the errors of the weights alone say little."""
+    (graphrewrite.rewriting.calibration.fitting), where the errors of the weights alone say little."""
     def ks_at(k: int) -> list[int | None]:
         return [k if k <= break_even_k(m, n, len(s)) else None for s, (m, n) in zip(spectra, shapes)]
 

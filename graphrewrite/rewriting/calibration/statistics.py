@@ -28,7 +28,7 @@ rows, which the input Gram only estimates from its sample.
 
 The pass runs a pruned copy of the flat signature function: only the ops the weights' inputs
 depend on, so the layers after the last weight are not even computed (its tf.function, and the
-reductions of one batch inside it, are graphrewrite.rewriting.passgraph; this module chooses
+reductions of one batch inside it, are graphrewrite.rewriting.calibration.passgraph; this module chooses
 each weight's statistic and sums the batches). It is a function of (loaded
 model, data) returning numpy arrays, so that it can run in another process.
 
@@ -52,8 +52,9 @@ import numpy as np
 
 from graphrewrite import whiten
 from graphrewrite.errors import CalibrationDataError, UsageError, first_line
-from graphrewrite.rewriting import calibration, loops, passgraph, sandbox, shift
-from graphrewrite.rewriting.calibration import InputSpec
+from graphrewrite.rewriting import loops, sandbox
+from graphrewrite.rewriting.calibration import passgraph, reader, shift
+from graphrewrite.rewriting.calibration.reader import InputSpec
 from graphrewrite.rewriting.graph import Edge
 from graphrewrite.rewriting.match import Use, match_function
 from graphrewrite.rewriting.model import FunctionIR, LoadedModel
@@ -106,7 +107,7 @@ class Statistics:
       held: variable key -> the statistic of the held-out batches alone (every HOLD_OUT_EVERY-th;
         they are also in the above): the Gram as in ``grams`` (``fitted`` gives the other batches');
         in an error-feedback pass the stack ``[X^T X, X~^T X~, X~^T X] / rows``, which
-        graphrewrite.rewriting.feedback checks a refit on.
+        graphrewrite.rewriting.calibration.feedback checks a refit on.
       held_rows: the rows behind ``held``.
     """
 
@@ -120,14 +121,14 @@ class Statistics:
     held: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
     held_rows: dict[str, int] = dataclasses.field(default_factory=dict)
     # (common, variants) -> each variant's model errors on the held-out examples, and how many
-    # examples those are (set by ``calibrate``: graphrewrite.rewriting.modelcheck)
+    # examples those are (set by ``calibrate``: graphrewrite.rewriting.calibration.modelcheck)
     check: Callable[[Mapping[str, np.ndarray], Sequence[Mapping[str, np.ndarray]]], list[dict[str, Any]]] | None = (
         dataclasses.field(default=None, repr=False, compare=False))
     held_examples: int = 0
     # the variable keys that --logits would fit up to a shift of each row (their outputs are the
     # signature's up to a bias), where it was not given (set by ``calibrate``; compress hints at it)
     as_logits: list[str] = dataclasses.field(default_factory=list)
-    # (transform, sites, factors, steps, loss, rate, seed, mixup) -> graphrewrite.rewriting.distill's
+    # (transform, sites, factors, steps, loss, rate, seed, mixup) -> graphrewrite.rewriting.calibration.distill's
     # result: the factors trained on the examples not held out (set by ``calibrate``)
     distill: Callable[..., dict[str, Any]] | None = dataclasses.field(default=None, repr=False, compare=False)
     # (replaced, only) -> Statistics: an error-feedback pass over the same data (set by ``calibrate``)
@@ -136,7 +137,7 @@ class Statistics:
 
     def fitted(self, key: str) -> whiten.Gram | None:
         """``key``'s Gram without the held-out batches (None where the pass had none or only those):
-        what factors checked on the held-out batches are fitted to (graphrewrite.rewriting.modelcheck)."""
+        what factors checked on the held-out batches are fitted to (graphrewrite.rewriting.calibration.modelcheck)."""
         rows, held = self.rows[key], self.held_rows.get(key, 0)
         if not 0 < held < rows:
             return None
@@ -166,7 +167,7 @@ def check_method(transform: Transform) -> None:
                          "(low_rank and input_output do)")
 
 
-def calibrate(model: LoadedModel, source: calibration.Calibration, signature: str,
+def calibrate(model: LoadedModel, source: reader.Calibration, signature: str,
               progress: Callable[[str], None], input_dir: str, tags: Sequence[str], object_based: bool,
               limits: sandbox.Limits | None = None, outputs: bool = False,
               logits: bool | Sequence[str] = False) -> Statistics:
@@ -174,7 +175,7 @@ def calibrate(model: LoadedModel, source: calibration.Calibration, signature: st
     sandbox (the calibration pass runs the model's own ops on the data: graphrewrite.rewriting.sandbox), from
     the same model directory loaded there; variable keys are the loader's, stable across loads.
     ``outputs``: output Grams where they are smaller (``collect``). The Grams of weights whose
-    outputs matter only up to a shift of each row (graphrewrite.rewriting.shift; ``logits``: the
+    outputs matter only up to a shift of each row (graphrewrite.rewriting.calibration.shift; ``logits``: the
     signature's outputs are logits, True for all of them or a list of their names) come wrapped in
     whiten.ShiftFree, in this pass and in error feedback's, and the model check then compares
     those outputs with each row's mean removed. An unknown output name is a UsageError, before
@@ -185,9 +186,9 @@ def calibrate(model: LoadedModel, source: calibration.Calibration, signature: st
     if unknown := [name for name in declared if name not in names]:
         raise UsageError(f"--logits-output {unknown[0]!r}: signature {signature!r} has the outputs "
                          f"{', '.join(names)}")
-    data = calibration.read(source, specs)
+    data = reader.read(source, specs)
     progress(f"calibration: {len(next(iter(data.values())))} examples of {signature}, in the sandbox")
-    stats = sandbox.run("graphrewrite.rewriting.statistics:collect_job", input_dir, list(tags), object_based, data,
+    stats = sandbox.run("graphrewrite.rewriting.calibration.statistics:collect_job", input_dir, list(tags), object_based, data,
                         signature, outputs, what=f"{input_dir}: the calibration pass", limits=limits)
     fir = model.functions[f"signature:{signature}"]
     uses = [u for u in match_function(fir, dict(model.infos))[0] if u.variable in stats.grams]
@@ -202,7 +203,7 @@ def calibrate(model: LoadedModel, source: calibration.Calibration, signature: st
     stats.grams = wrap(stats.grams)
 
     def rerun(replaced: Mapping[str, np.ndarray], only: Sequence[str]) -> Statistics:
-        result = sandbox.run("graphrewrite.rewriting.statistics:feedback_job", input_dir, list(tags), object_based,
+        result = sandbox.run("graphrewrite.rewriting.calibration.statistics:feedback_job", input_dir, list(tags), object_based,
                              data, signature, dict(replaced), list(only),
                              what=f"{input_dir}: an error-feedback calibration pass", limits=limits)
         result.grams, result.tilde = wrap(result.grams), wrap(result.tilde)
@@ -212,7 +213,7 @@ def calibrate(model: LoadedModel, source: calibration.Calibration, signature: st
     held = held_out(data, batch)
 
     def check(common: Mapping[str, np.ndarray], variants: Sequence[Mapping[str, np.ndarray]]) -> list[dict[str, Any]]:
-        return sandbox.run("graphrewrite.rewriting.modelcheck:errors_job", input_dir, list(tags), object_based,
+        return sandbox.run("graphrewrite.rewriting.calibration.modelcheck:errors_job", input_dir, list(tags), object_based,
                            held, signature, batch, dict(common), [dict(v) for v in variants], declared,
                            what=f"{input_dir}: the model check on held-out calibration examples", limits=limits)
 
@@ -222,7 +223,7 @@ def calibrate(model: LoadedModel, source: calibration.Calibration, signature: st
         # the job stops itself at an epoch's end past 80% of the sandbox's time (what it had is kept);
         # ``everything``: trains on every example, held-out ones included, all ``steps`` (distill.refit)
         seconds = 0.8 * (limits or sandbox.Limits.from_env()).seconds
-        return sandbox.run("graphrewrite.rewriting.distill:distill_job", input_dir, list(tags), object_based,
+        return sandbox.run("graphrewrite.rewriting.calibration.distill:distill_job", input_dir, list(tags), object_based,
                            data if everything else held_out(data, batch, held=False), held, signature, batch,
                            transform, list(sites), dict(factors), steps, loss, rate, seed, seconds, mixup,
                            not everything,
@@ -260,7 +261,7 @@ def mark_plan(plan: RewritePlan, stats: Statistics, passes: int, distill_steps: 
               logits: bool | Sequence[str] = False, distill_refit: bool = True) -> RewritePlan:
     """The plan with each site whose weight has statistics marked ``factors: calibrated`` (and why
     the others are not), and the calibration (with at most ``passes`` error-feedback passes:
-    graphrewrite.rewriting.feedback) and distillation (graphrewrite.rewriting.distill, where
+    graphrewrite.rewriting.calibration.feedback) and distillation (graphrewrite.rewriting.calibration.distill, where
     ``distill_steps``) recorded in its options; ``logits`` as pipeline.compress normalises it
     (True, False, or a list of output names)."""
     sites = []
@@ -304,7 +305,7 @@ def record_errors(sites: Sequence[dict[str, Any]], model: LoadedModel, plan: Rew
     """Adds to each calibrated site of a manifest ``output_error`` (its factors' relative output
     error on the calibration rows, ``||X (A - W_c)|| / ||X A||``) and ``output_error_plain`` (the
     same for the factors computed from the weight alone). Sites refitted by error feedback
-    (``chained``, from graphrewrite.rewriting.feedback.refine) get the errors given the compressed
+    (``chained``, from graphrewrite.rewriting.calibration.feedback.refine) get the errors given the compressed
     sites before them instead, ``||X A - X~ W_c|| / ||X A||``, and their ``feedback_level``, unless
     distillation (``distilled`` in ``chained``) trained their factors after: its errors are then
     those of the distilled factors on the original rows."""
@@ -361,7 +362,7 @@ def collect(model: LoadedModel, data: Mapping[str, np.ndarray], signature: str,
             batch_size: int = DEFAULT_BATCH, progress: Callable[[str], None] = lambda _: None,
             replaced: Mapping[str, np.ndarray] | None = None, only: Sequence[str] | None = None,
             outputs: bool = False) -> Statistics:
-    """Runs the checked calibration ``data`` (calibration.read) through ``signature`` once.
+    """Runs the checked calibration ``data`` (reader.read) through ``signature`` once.
 
     With ``outputs``, each weight with fewer outputs than inputs whose readers all allow it
     (``_outputs_fit``) gets a whiten.OutputGram (see the module docstring) instead of its Gram.

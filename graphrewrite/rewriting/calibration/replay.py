@@ -1,7 +1,7 @@
 """Part of a function's inlined graph, run again inside a tf.function, some variable reads replaced.
 
-The calibration pass (graphrewrite.rewriting.statistics) needs the tensors that the weights
-multiply; the model check (graphrewrite.rewriting.modelcheck) needs the signature's outputs with
+The calibration pass (graphrewrite.rewriting.calibration.statistics) needs the tensors that the weights
+multiply; the model check (graphrewrite.rewriting.calibration.modelcheck) needs the signature's outputs with
 the weights replaced by their compressed values. Both run the model's own graph (the loader's
 FunctionIR: inlined, its variable reads labelled), pruned to the tensors they want, imported into
 a tf.function with ``tf.graph_util.import_graph_def``: the graph's inputs, variable handles, reads

@@ -36,12 +36,12 @@ from typing import Any
 import numpy as np
 
 from graphrewrite import views, whiten
+from graphrewrite.rewriting.calibration.statistics import without
 from graphrewrite.rewriting.loops import LOOP_OPS
 from graphrewrite.rewriting.match import match_function
 from graphrewrite.rewriting.model import LoadedModel
 from graphrewrite.rewriting.ops import ADAPTERS
 from graphrewrite.rewriting.plan import RewritePlan
-from graphrewrite.rewriting.statistics import without
 from graphrewrite.transforms import Transform
 
 # A weight is refitted only where the first pass saw at least this many rows per feature of its
@@ -141,7 +141,7 @@ def refine(model: LoadedModel, plan: RewritePlan, transform: Transform, initial:
     on the calibration rows, given the compressed sites before it: of its factors, of the first
     pass's and of plain ones) and its level, and per site left out, why (``feedback``); and per
     site id whose refit was kept, that refit fitted without the held-out batches (the trial that
-    graphrewrite.rewriting.modelcheck checks the model with). A refit is kept only where it lowers
+    graphrewrite.rewriting.calibration.modelcheck checks the model with). A refit is kept only where it lowers
     that error (always, up to rounding, for low rank: it is the optimum) and where, fitted without
     the pass's held-out batches, it lowers it on them too. ``plain``: the sites' factors from the
     weight alone where already computed (statistics.plain_factors)."""

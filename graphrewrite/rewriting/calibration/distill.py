@@ -58,12 +58,13 @@ import numpy as np
 
 from graphrewrite import views
 from graphrewrite.errors import GraphrewriteError, first_line
-from graphrewrite.rewriting import loops, replay
+from graphrewrite.rewriting import loops
+from graphrewrite.rewriting.calibration import replay
+from graphrewrite.rewriting.calibration.modelcheck import decide
+from graphrewrite.rewriting.calibration.statistics import HOLD_OUT_EVERY
 from graphrewrite.rewriting.graph import Edge
 from graphrewrite.rewriting.model import FunctionIR, LoadedModel
-from graphrewrite.rewriting.modelcheck import decide
 from graphrewrite.rewriting.plan import RewritePlan
-from graphrewrite.rewriting.statistics import HOLD_OUT_EVERY
 from graphrewrite.transforms import Transform
 
 LOSSES = ("mse", "softmax")

@@ -37,7 +37,7 @@ import numpy as np
 
 from graphrewrite.errors import GraphrewriteError, first_line
 from graphrewrite.rewriting import build as build_lib
-from graphrewrite.rewriting import distill, feedback, modelcheck, statistics
+from graphrewrite.rewriting.calibration import distill, feedback, modelcheck, statistics
 from graphrewrite.rewriting.model import LoadedModel
 from graphrewrite.rewriting.plan import RewritePlan, Selection, Spectrum, make_plan
 from graphrewrite.transforms import Transform

@@ -1,6 +1,6 @@
 """The calibration pass's TensorFlow function: what one batch adds to each weight's statistics.
 
-graphrewrite.rewriting.statistics decides which weights get which statistic and sums the batches;
+graphrewrite.rewriting.calibration.statistics decides which weights get which statistic and sums the batches;
 this module builds the ``tf.function`` that runs a pruned copy of the signature (replay.Pruned) on
 one batch and reduces, inside the graph, each weight's rows ``x`` (``y = x @ W``: a convolution's
 im2col patches, an Einsum's contracted axes) to:
@@ -27,7 +27,8 @@ from typing import Any
 import numpy as np
 
 from graphrewrite import views
-from graphrewrite.rewriting import loops, replay
+from graphrewrite.rewriting import loops
+from graphrewrite.rewriting.calibration import replay
 from graphrewrite.rewriting.graph import Edge
 from graphrewrite.rewriting.match import Use
 from graphrewrite.rewriting.model import FunctionIR, LoadedModel

@@ -43,11 +43,15 @@ from typing import Any
 
 import numpy as np
 
-from graphrewrite.rewriting import replay
-from graphrewrite.rewriting.feedback import compressed_value
+from graphrewrite.rewriting.calibration import replay
+from graphrewrite.rewriting.calibration.feedback import compressed_value
+from graphrewrite.rewriting.calibration.statistics import (
+    HOLD_OUT_EVERY,
+    output_names,
+    plain_factors,
+)
 from graphrewrite.rewriting.model import LoadedModel
 from graphrewrite.rewriting.plan import RewritePlan
-from graphrewrite.rewriting.statistics import HOLD_OUT_EVERY, output_names, plain_factors
 from graphrewrite.transforms import Transform
 
 PLAIN, FIRST_PASS, FEEDBACK = "plain", "first pass", "error feedback"
