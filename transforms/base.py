@@ -115,8 +115,8 @@ class Transform(abc.ABC):
         Args:
           matrix: the weight's m x n matrix view.
           plan: its size plan.
-          gram: ``X^T X / rows`` (m x m) of the rows X that multiply the matrix (graphrewrite.rewriting.calibration.statistics),
-            in any of graphrewrite.whiten's forms (an OutputGram only where ``outputs_suffice``).
+          gram: ``X^T X / rows`` (m x m) of the rows X that multiply the matrix
+            (graphrewrite.rewriting.calibration.statistics), in any of graphrewrite.whiten's forms (an OutputGram only where ``outputs_suffice``).
         """
         return None
 

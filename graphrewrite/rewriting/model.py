@@ -88,7 +88,8 @@ class LoadedModel:
     regularization_losses: list[Any]
     source: Any  # the loaded object (kept alive, used to compute reference outputs)
     signature_functions: dict[str, Any]  # signature key -> callable of the original model
-    calibration: Any = None  # graphrewrite.rewriting.calibration.statistics.Statistics when compress was given calibration data
+    # graphrewrite.rewriting.calibration.statistics.Statistics when compress was given calibration data
+    calibration: Any = None
 
     def matrix(self, key: str, view: Any) -> Any:
         """The float32 matrix that the site reading variable ``key`` through ``view``

@@ -188,8 +188,9 @@ def calibrate(model: LoadedModel, source: reader.Calibration, signature: str,
                          f"{', '.join(names)}")
     data = reader.read(source, specs)
     progress(f"calibration: {len(next(iter(data.values())))} examples of {signature}, in the sandbox")
-    stats = sandbox.run("graphrewrite.rewriting.calibration.statistics:collect_job", input_dir, list(tags), object_based, data,
-                        signature, outputs, what=f"{input_dir}: the calibration pass", limits=limits)
+    stats = sandbox.run("graphrewrite.rewriting.calibration.statistics:collect_job", input_dir, list(tags),
+                        object_based, data, signature, outputs, what=f"{input_dir}: the calibration pass",
+                        limits=limits)
     fir = model.functions[f"signature:{signature}"]
     uses = [u for u in match_function(fir, dict(model.infos))[0] if u.variable in stats.grams]
     shapes = {key: tuple(info.shape) for key, info in model.infos.items()}
@@ -203,8 +204,8 @@ def calibrate(model: LoadedModel, source: reader.Calibration, signature: str,
     stats.grams = wrap(stats.grams)
 
     def rerun(replaced: Mapping[str, np.ndarray], only: Sequence[str]) -> Statistics:
-        result = sandbox.run("graphrewrite.rewriting.calibration.statistics:feedback_job", input_dir, list(tags), object_based,
-                             data, signature, dict(replaced), list(only),
+        result = sandbox.run("graphrewrite.rewriting.calibration.statistics:feedback_job", input_dir, list(tags),
+                             object_based, data, signature, dict(replaced), list(only),
                              what=f"{input_dir}: an error-feedback calibration pass", limits=limits)
         result.grams, result.tilde = wrap(result.grams), wrap(result.tilde)
         return result
@@ -213,8 +214,8 @@ def calibrate(model: LoadedModel, source: reader.Calibration, signature: str,
     held = held_out(data, batch)
 
     def check(common: Mapping[str, np.ndarray], variants: Sequence[Mapping[str, np.ndarray]]) -> list[dict[str, Any]]:
-        return sandbox.run("graphrewrite.rewriting.calibration.modelcheck:errors_job", input_dir, list(tags), object_based,
-                           held, signature, batch, dict(common), [dict(v) for v in variants], declared,
+        return sandbox.run("graphrewrite.rewriting.calibration.modelcheck:errors_job", input_dir, list(tags),
+                           object_based, held, signature, batch, dict(common), [dict(v) for v in variants], declared,
                            what=f"{input_dir}: the model check on held-out calibration examples", limits=limits)
 
     def distill(transform: Transform, sites: Sequence[Any], factors: Mapping[str, Mapping[str, np.ndarray]],
@@ -223,10 +224,10 @@ def calibrate(model: LoadedModel, source: reader.Calibration, signature: str,
         # the job stops itself at an epoch's end past 80% of the sandbox's time (what it had is kept);
         # ``everything``: trains on every example, held-out ones included, all ``steps`` (distill.refit)
         seconds = 0.8 * (limits or sandbox.Limits.from_env()).seconds
-        return sandbox.run("graphrewrite.rewriting.calibration.distill:distill_job", input_dir, list(tags), object_based,
-                           data if everything else held_out(data, batch, held=False), held, signature, batch,
-                           transform, list(sites), dict(factors), steps, loss, rate, seed, seconds, mixup,
-                           not everything,
+        return sandbox.run("graphrewrite.rewriting.calibration.distill:distill_job", input_dir, list(tags),
+                           object_based, data if everything else held_out(data, batch, held=False), held,
+                           signature, batch, transform, list(sites), dict(factors), steps, loss, rate, seed,
+                           seconds, mixup, not everything,
                            what=f"{input_dir}: distilling the factors on the calibration examples", limits=limits)
 
     stats.rerun, stats.check, stats.held_examples = rerun, check, len(next(iter(held.values())))
@@ -381,7 +382,8 @@ def collect(model: LoadedModel, data: Mapping[str, np.ndarray], signature: str,
         uses = [u for u in uses if u.variable in set(only)]
     if replaced is not None:  # a lookup's rows (token ids) do not change with the weights before it;
         # a loop's weights have their rows inside the loop (the second copy does replace them)
-        uses = [u for u in uses if not passgraph.lookup(fir.graph[u.op].op) and fir.graph[u.op].op not in loops.LOOP_OPS]
+        uses = [u for u in uses
+                if not passgraph.lookup(fir.graph[u.op].op) and fir.graph[u.op].op not in loops.LOOP_OPS]
     by_variable: dict[str, list[Use]] = {}
     for use in uses:
         by_variable.setdefault(use.variable, []).append(use)
