@@ -34,25 +34,6 @@ CASES = [pytest.param(name, marks=[] if name in LIGHT else [pytest.mark.heavy]) 
 TIED = "read through different matrix views (a tied lookup table and LM head): no one Gram fits all"
 
 
-def calibration_examples(path: str, count: int, seed: int) -> dict[str, np.ndarray]:
-    """``count`` seeded inputs of the serving signature: token ids below 100, masks all ones, other
-    integers 0 or 1, floats standard normal; unknown dimensions other than the batch 32."""
-    function = tf.saved_model.load(path).signatures["serving_default"]
-    rng = np.random.default_rng(seed)
-    out = {}
-    for name, spec in sorted(function.structured_input_signature[1].items()):
-        shape = [count if i == 0 else 32 if d is None else d for i, d in enumerate(spec.shape.as_list())]
-        if spec.dtype.is_integer:
-            values = (np.ones(shape) if "mask" in name else
-                      rng.integers(0, 100 if "ids" in name and "segment" not in name else 2, shape))
-            out[name] = values.astype(spec.dtype.as_numpy_dtype)
-        elif spec.dtype == tf.bool:
-            out[name] = np.ones(shape, bool)
-        else:
-            out[name] = rng.standard_normal(shape).astype(spec.dtype.as_numpy_dtype)
-    return out
-
-
 def _outputs(path: str, feed: dict[str, np.ndarray], alpha: float | None = None) -> dict[str, np.ndarray]:
     model = tf.saved_model.load(path)
     for site in getattr(model, "graphrewrite_sites", []) if alpha is not None else []:
@@ -63,7 +44,7 @@ def _outputs(path: str, feed: dict[str, np.ndarray], alpha: float | None = None)
 @pytest.mark.parametrize("name", CASES)
 def test_calibrated_compress_on_other_projects_architectures(tmp_path, name):
     src = zoo.ZOO[name].build(tmp_path)
-    data = calibration_examples(src, 128, 0)
+    data = zoo.calibration_inputs(src, 128, 0)
     rule = hparams.resolve(None, {"rank": 300})
     calibrated = compress(src, str(tmp_path / "calibrated"), rule, calibration=data)
     plain = compress(src, str(tmp_path / "plain"), rule)

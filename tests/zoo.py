@@ -242,17 +242,35 @@ def sample_inputs(path: str, seed: int = 0) -> dict[str, dict[str, np.ndarray]]:
 
     loaded = tf.saved_model.load(path)
     rng = np.random.default_rng(seed)
-    out = {}
-    for key, fn in loaded.signatures.items():
-        feed = {}
-        for name, spec in sorted(fn.structured_input_signature[1].items()):
-            shape = [(2 if i == 0 else 32) if d is None else d for i, d in enumerate(spec.shape.as_list())]
-            if spec.dtype.is_integer:  # token ids in the vocabulary; masks, segments 0 or 1
-                high = 100 if "ids" in name and "segment" not in name else 2
-                feed[name] = rng.integers(0, high, shape).astype(spec.dtype.as_numpy_dtype)
-            elif spec.dtype == tf.bool:
-                feed[name] = np.ones(shape, bool)
-            else:
-                feed[name] = rng.standard_normal(shape).astype(spec.dtype.as_numpy_dtype)
-        out[key] = feed
-    return out
+    return {key: _feed(fn, rng, 2, masked=False) for key, fn in loaded.signatures.items()}
+
+
+def calibration_inputs(path: str, count: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """``count`` seeded examples of the serving signature, as ``sample_inputs`` makes them but
+    with masks all ones (every token real, as calibration data would be)."""
+    import tensorflow as tf
+
+    function = tf.saved_model.load(path).signatures["serving_default"]
+    return _feed(function, np.random.default_rng(seed), count, masked=True)
+
+
+def _feed(fn: Any, rng: np.random.Generator, batch: int, masked: bool) -> dict[str, np.ndarray]:
+    """One signature's inputs: the batch dimension ``batch``, other unknown dimensions 32; token
+    ids below 100, masks all ones where ``masked`` (else 0 or 1), other integers (segments) 0 or
+    1, booleans true, floats standard normal."""
+    import tensorflow as tf
+
+    feed = {}
+    for name, spec in sorted(fn.structured_input_signature[1].items()):
+        shape = [(batch if i == 0 else 32) if d is None else d for i, d in enumerate(spec.shape.as_list())]
+        if spec.dtype.is_integer:  # token ids in the vocabulary; masks, segments 0 or 1
+            if masked and "mask" in name:
+                feed[name] = np.ones(shape, spec.dtype.as_numpy_dtype)
+                continue
+            high = 100 if "ids" in name and "segment" not in name else 2
+            feed[name] = rng.integers(0, high, shape).astype(spec.dtype.as_numpy_dtype)
+        elif spec.dtype == tf.bool:
+            feed[name] = np.ones(shape, bool)
+        else:
+            feed[name] = rng.standard_normal(shape).astype(spec.dtype.as_numpy_dtype)
+    return feed
