@@ -88,9 +88,7 @@ def distill(model: LoadedModel, plan: RewritePlan, transform: Transform, initial
         return {"run": False, "why": "no held-out calibration examples to check it on (fewer than "
                                      f"{HOLD_OUT_EVERY} batches)"}, None
     progress(f"calibration: distilling the factors of {len(plan.sites)} sites, {steps} steps ({loss} loss)")
-    sites = [(s.id, s.variable.key, views.to_json(s.view), s.size) for s in plan.sites]
-    result = stats.distill(transform, sites, {sid: dict(f) for sid, f in initial.items()}, steps, loss, rate, seed,
-                           mixup)
+    result = _run(stats, plan, transform, initial, steps, loss, rate, seed, mixup)
     if "why" in result:
         return {"run": False, "why": result["why"]}, None
     # the factors before stand unless the distilled ones are better on the held-out examples beyond
@@ -132,10 +130,9 @@ def refit(model: LoadedModel, plan: RewritePlan, transform: Transform, before: M
     stats = model.calibration
     steps = max(1, int(round(record["best_step"] * stats.examples / record["examples"])))
     progress(f"calibration: distilling again on all {stats.examples} examples, {steps} steps (refit)")
-    sites = [(s.id, s.variable.key, views.to_json(s.view), s.size) for s in plan.sites]
     try:
-        result = stats.distill(transform, sites, {sid: dict(f) for sid, f in before.items()}, steps, record["loss"],
-                               record["rate"], seed, record.get("mixup") is True, everything=True)
+        result = _run(stats, plan, transform, before, steps, record["loss"], record["rate"], seed,
+                      record.get("mixup") is True, everything=True)
     except GraphrewriteError as exc:  # the early-stopped factors stand
         result = {"why": first_line(exc)}
     if "why" in result:
@@ -145,6 +142,15 @@ def refit(model: LoadedModel, plan: RewritePlan, transform: Transform, before: M
         factors[sid] = trained
     record["refit"] = {"run": True, "examples": result["examples"], "steps": steps, "steps_run": result["steps_run"],
                        "loss_on_held_out": float(np.mean(result["scores"][AFTER]))}
+
+
+def _run(stats: Any, plan: RewritePlan, transform: Transform, factors: Mapping[str, Mapping[str, np.ndarray]],
+         steps: int, loss: str, rate: float, seed: int, mixup: bool, everything: bool = False) -> dict[str, Any]:
+    """The sandbox's ``train_factors`` (statistics.calibrate's ``distill``) for the plan's sites from
+    ``factors``; ``everything``: on every example, all ``steps`` (``refit``)."""
+    sites = [(s.id, s.variable.key, views.to_json(s.view), s.size) for s in plan.sites]
+    return stats.distill(transform, sites, {sid: dict(f) for sid, f in factors.items()}, steps, loss, rate, seed,
+                         mixup, everything=everything)
 
 
 def distill_job(input_dir: str, tags: Sequence[str], object_based: bool, train: Mapping[str, np.ndarray],
