@@ -15,7 +15,8 @@ Four parts (``--only`` runs one):
 * ``finetune``: the README's fine-tuning (bench_accuracy.py: gradual schedule, Adam 1e-3, batch 32,
   45 epochs) after plain and calibrated compression (also with ``--logits``) at 0.48 and 0.29 (and, for the CNN, distilled
   as in the one-shot table), the accuracy after 1, 2, 3,
-  5, 10, 20 and 45 epochs, mean of 2 seeds (batch order and calibration draw).
+  5, 10, 20 and 45 epochs, mean of 2 seeds (batch order and calibration draw); with plain among the
+  kinds, each other row's final accuracy minus plain's paired by seed (mean +- standard error).
 * ``zoo``: a transformer encoder (2 layers, width 128, 4 heads, 32 tokens), a two-layer LSTM text
   model (``build_lstm``) and a ResNet50
   (``keras.applications``, random weights, 64 x 64 inputs, no softmax): the relative output error
@@ -24,7 +25,8 @@ Four parts (``--only`` runs one):
   with error feedback; the factor is calibrated (with feedback) / plain; compress's wall time; and
   with distillation (the default then ``--distill-steps`` ZOO_DISTILL, mse loss).
 * ``cost`` (about a minute alone): the calibration pass of 512 examples against the forward pass
-  of the same batches, interleaved, for the digits MLP and CNN and the test zoo's ResNet50 (32 x 32 inputs).
+  of the same batches, interleaved, for the digits MLP and CNN and the test zoo's ResNet50 (32 x 32 inputs);
+  and, counted from ResNet50's layers, the statistics' multiply-adds against the forward pass's.
 
 Targets (issue 14), checked on the ``--logits`` column (the digits models' outputs are logits):
 one-shot calibrated never below plain, and at 20% within 1.5 points of
@@ -204,12 +206,24 @@ def finetune(args, work: str, targets: common.Targets) -> None:
                 ok = targets.check(round(final, 4) >= want, f"{name} at {ratio}: fine-tuned {final:.2%} < {want:.2%}") \
                     if kind.startswith("calibrated") else ""
                 rows.append([name, f"{ratio:g}", kind, *(f"{mean[e]:.2%}" for e in sorted(mean)),
-                             " / ".join(f"{c[max(c)]:.2%}" for c in runs), "-" if reach is None else str(reach), ok])
+                             " / ".join(f"{c[max(c)]:.2%}" for c in runs), paired(runs, curves.get("plain")),
+                             "-" if reach is None else str(reach), ok])
     epochs = [e for e in CURVE if e < args.epochs] + [args.epochs]
     print(f"# test accuracy during the README's fine-tuning (gradual schedule), mean of {args.seeds} seeds; "
           f"'reaches' = first epoch at the README's best-policy figure; {common.machine()}")
     print(common.table(["model", "ratio", "factors", *(f"epoch {e}" for e in epochs), f"epoch {args.epochs}, each seed",
-                        "reaches", "target"], rows))
+                        f"epoch {args.epochs} - plain's, paired by seed", "reaches", "target"], rows))
+
+
+def paired(runs: list[dict[int, float]], plain: list[dict[int, float]] | None) -> str:
+    """The final accuracy minus plain's with the same seed (batch order and draw), in points: mean
+    +- its standard error, and in how many seeds lower / level / higher; "" for plain itself."""
+    if plain is None or runs is plain or len(runs) != len(plain):
+        return ""
+    diff = np.array([(c[max(c)] - p[max(p)]) * 100 for c, p in zip(runs, plain)])
+    error = diff.std(ddof=1) / np.sqrt(len(diff)) if len(diff) > 1 else float("nan")
+    lower, level = int(np.sum(diff < -1e-9)), int(np.sum(np.abs(diff) <= 1e-9))
+    return f"{diff.mean():+.2f} +- {error:.2f} ({lower} lower / {level} level / {len(diff) - lower - level} higher)"
 
 
 def build_encoder(path: str) -> None:
@@ -377,6 +391,35 @@ def cost(args, work: str, targets: common.Targets) -> None:
           f"sampled to {statistics.ROWS_PER_FEATURE} per Gram feature; {common.machine()}")
     print(common.table(["model", "sites", "forward pass (beside each)", "pass, input Grams", "steady, ratio",
                         "pass, output Grams where narrower", "steady, ratio", "target (<= 1x)"], rows))
+    statistics_macs, forward_macs = counted_floor(statistics.ROWS_PER_FEATURE)
+    print(f"# counted, ResNet50 at 32 x 32 ({EXAMPLES} examples): the output and sampled input Grams take "
+          f"{statistics_macs / 1e9:.2f} G multiply-adds, {statistics_macs / forward_macs:.3f} of the forward pass's "
+          f"{forward_macs / 1e9:.2f} G in its convolutions and Dense layers (the pass computes both)")
+
+
+def counted_floor(rows_per_feature: int) -> tuple[int, int]:
+    """Multiply-adds of the statistics ``compress`` collects for low rank (every output row's
+    ``y y^T`` for a weight with fewer outputs than inputs, plus its rows' squared norms, one more
+    convolution with one output; else ``x x^T`` for a sample of ``rows_per_feature`` rows per
+    feature) against those of the forward pass's convolutions and Dense layers, for the test
+    zoo's ResNet50 at 32 x 32 and EXAMPLES examples, from the layers' shapes: what no
+    implementation of these exact statistics by matrix products goes under (a product that forms
+    only one triangle of each symmetric Gram would halve it)."""
+    import keras
+
+    model = keras.applications.ResNet50(weights=None, input_shape=(32, 32, 3), classifier_activation=None)
+    statistics_macs = forward_macs = 0
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.Conv2D):
+            kh, kw, cin, n = layer.kernel.shape
+            rows, m, norms = EXAMPLES * layer.output.shape[1] * layer.output.shape[2], kh * kw * cin, kh * kw
+        elif isinstance(layer, keras.layers.Dense):
+            (m, n), rows, norms = layer.kernel.shape, EXAMPLES, 1
+        else:
+            continue
+        forward_macs += rows * m * n
+        statistics_macs += rows * (n * n + norms) if n < m else min(rows, rows_per_feature * m) * m * m
+    return statistics_macs, forward_macs
 
 
 def main() -> None:
