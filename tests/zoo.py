@@ -4,7 +4,7 @@ Each builder takes a directory to build in (a ``pathlib.Path`` or str) and retur
 SavedModel it wrote there; nothing is downloaded (``weights=None``, keras_hub backbones from small
 configs; their weights get the power-law spectra of trained ones, see ``_trained_like``). ``ZOO``
 maps a name to its ``ZooModel``; ``heavy`` ones take long enough to compress that they run only
-under ``pytest -m heavy``. The module is importable on its own (no pytest, no graphrewrite) so that
+under ``pytest -m heavy`` (tools/run_heavy.py). The module is importable on its own (no pytest, no graphrewrite) so that
 other checks (the op allow-list) can build the same models.
 """
 
