@@ -1,11 +1,10 @@
 """Runs the heavy tests (``pytest -m heavy``) one test file per pytest process.
 
-In one process the heavy set does not fit a 24 GB machine: its files load dozens of models
-(the zoo's fourteen architectures, through compress, training and export) into the test
-process, whose TensorFlow runtime keeps much of what they allocated, and on 2026-12-04 the
+In one process the heavy set does not fit a 24 GB machine: its files build and load dozens of
+models (the zoo's architectures, through compress, training and export), and on 2026-12-04 the
 kernel's OOM killer ended ``pytest -m heavy`` after 95 of 103 tests at 14 GB resident (the zoo's
-46 tests, then the calibrated zoo's). A process per file returns each file's memory when it
-ends. Every file that holds a heavy test runs, whatever an earlier one gave; the exit status is
+46 tests, then the calibrated zoo's; why one process grows that far was not found). A process
+per file returns each file's memory when it ends. Every file that holds a heavy test runs, whatever an earlier one gave; the exit status is
 1 when any failed (pytest's "no tests collected", 5, is not a failure here). Arguments after the
 script's own are passed to each pytest run (``-x``, ``-k zoo``, ``-q``).
 
