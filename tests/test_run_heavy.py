@@ -18,6 +18,9 @@ def test_files_in_order_of_first_appearance_once_each():
     collected = ("tests/test_b.py::test_one\ntests/test_b.py::test_two[x]\ntests/test_a.py::test_three\n"
                  "tests/test_b.py::test_four\n\n3/9 tests collected (6 deselected) in 1.00s\n")
     assert run_heavy.files_of(collected) == ["tests/test_b.py", "tests/test_a.py"]
+    # with -q passed on, the collection is -qq: a count per file
+    assert run_heavy.files_of("tests/test_b.py: 3\ntests/test_a.py: 1\n\n4/9 tests collected") == [
+        "tests/test_b.py", "tests/test_a.py"]
 
 
 def test_every_file_runs_and_any_failure_fails_the_run():

@@ -14,6 +14,7 @@ script's own are passed to each pytest run (``-x``, ``-k zoo``, ``-q``).
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -24,13 +25,13 @@ NO_TESTS = 5  # pytest's exit status when a run collected nothing
 
 
 def files_of(collected: str) -> list[str]:
-    """The test files, in order of first appearance, of ``pytest --collect-only -q`` output."""
+    """The test files, in order of first appearance, of ``pytest --collect-only -q`` output: its
+    ``file::test`` lines, or with one more ``-q`` (from the arguments passed on) its ``file: N``."""
     files: list[str] = []
     for line in collected.splitlines():
-        if "::" in line and not line.startswith(" "):
-            name = line.split("::", 1)[0]
-            if name not in files:
-                files.append(name)
+        found = re.match(r"(\S+\.py)(::|: \d+$)", line)
+        if found and found.group(1) not in files:
+            files.append(found.group(1))
     return files
 
 
