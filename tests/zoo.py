@@ -263,10 +263,9 @@ def _feed(fn: Any, rng: np.random.Generator, batch: int, masked: bool) -> dict[s
     feed = {}
     for name, spec in sorted(fn.structured_input_signature[1].items()):
         shape = [(batch if i == 0 else 32) if d is None else d for i, d in enumerate(spec.shape.as_list())]
-        if spec.dtype.is_integer:  # token ids in the vocabulary; masks, segments 0 or 1
-            if masked and "mask" in name:
-                feed[name] = np.ones(shape, spec.dtype.as_numpy_dtype)
-                continue
+        if spec.dtype.is_integer and masked and "mask" in name:
+            feed[name] = np.ones(shape, spec.dtype.as_numpy_dtype)
+        elif spec.dtype.is_integer:  # token ids in the vocabulary; masks, segments 0 or 1
             high = 100 if "ids" in name and "segment" not in name else 2
             feed[name] = rng.integers(0, high, shape).astype(spec.dtype.as_numpy_dtype)
         elif spec.dtype == tf.bool:

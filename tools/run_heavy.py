@@ -4,9 +4,10 @@ In one process the heavy set does not fit a 24 GB machine: its files build and l
 models (the zoo's architectures, through compress, training and export), and on 2026-12-04 the
 kernel's OOM killer ended ``pytest -m heavy`` after 95 of 103 tests at 14 GB resident (the zoo's
 46 tests, then the calibrated zoo's; why one process grows that far was not found). A process
-per file returns each file's memory when it ends. Every file that holds a heavy test runs, whatever an earlier one gave; the exit status is
-1 when any failed (pytest's "no tests collected", 5, is not a failure here). Arguments after the
-script's own are passed to each pytest run (``-x``, ``-k zoo``, ``-q``).
+per file returns each file's memory when it ends. Every file that holds a heavy test runs,
+whatever an earlier one gave; the exit status is 1 when any failed (pytest's "no tests
+collected", 5, is not a failure here). Arguments after the script's own are passed to each
+pytest run (``-x``, ``-k zoo``, ``-q``).
 
     .venv/bin/python tools/run_heavy.py [pytest arguments]
 """
@@ -41,10 +42,10 @@ def run_all(files: Sequence[str], run: Callable[[str], int], say: Callable[[str]
     for name in files:
         start = time.monotonic()
         status = run(name)
-        if status not in (0, NO_TESTS):
+        passed = status in (0, NO_TESTS)
+        if not passed:
             failed.append(name)
-        say(f"run_heavy: {name}: {'passed' if status in (0, NO_TESTS) else f'FAILED (exit {status})'} "
-            f"in {time.monotonic() - start:.0f} s")
+        say(f"run_heavy: {name}: {'passed' if passed else f'FAILED (exit {status})'} in {time.monotonic() - start:.0f} s")
     say(f"run_heavy: {len(files) - len(failed)} of {len(files)} files passed" +
         (f"; failed: {', '.join(failed)}" if failed else ""))
     return 1 if failed else 0
