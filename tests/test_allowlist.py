@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import subprocess
+import sys
 
 import models
 import pytest
@@ -49,14 +51,17 @@ def test_io_families_are_not_allowed(family):
 
 
 def test_the_list_is_what_the_registry_gives():
-    # tools/allowlist.py --check, in process: a TensorFlow upgrade or a filter edit shows here.
+    # tools/allowlist.py --check in a fresh process, whose registry holds TensorFlow's ops alone:
+    # a TensorFlow upgrade or a filter edit shows here. (In this process a test that imported
+    # keras_hub before this one has added tensorflow_text's ops: 1948 registered, not 1910.)
+    check = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "allowlist.py"), "--check"],
+                           capture_output=True, text=True)
+    assert check.returncode == 0 and "allowed_ops.txt is up to date" in check.stdout, check.stdout[-3000:]
     spec = importlib.util.spec_from_file_location("allowlist_tool", os.path.join(ROOT, "tools", "allowlist.py"))
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)
     ops = tool.registered_ops()
-    allowed, denied, _ = tool.classify(ops)
-    with open(scan_lib.ALLOWED_OPS_FILE, encoding="utf-8") as f:
-        assert f.read() == tool.render(allowed, len(ops))
+    _, denied, _ = tool.classify(ops)
     assert 800 < len(scan_lib.allowed_ops()) < len(ops) / 2 + 100
     assert "SaveV2" in denied["files, checkpoints and savers"] and "WriteFile" in denied["files, checkpoints and savers"]
 
